@@ -1,0 +1,108 @@
+"""The `pgprune` command: a thin layer that parses options and calls the Python API.
+
+Each subcommand is a pair `_add_<name>(subparsers)` / `_run_<name>(args)` listed in COMMANDS.
+Heavy imports happen inside the `_run_*` functions so that `pgprune --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pgprune.errors import PgpruneError
+
+
+def _add_common_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weight dtype (auto: bf16 where the device supports it, else fp32)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... or 'auto' for accelerate's device_map over all GPUs "
+                        "(default: cuda if available, else cpu)")
+
+
+def _add_common_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="local data directory with the canonical layouts (env PGPRUNE_DATA_DIR); "
+                        "used instead of the Hugging Face hub")
+
+
+# --- eval -------------------------------------------------------------------------------------
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity (and more)",
+                       description="Evaluate a model's perplexity on one or more datasets. MODEL is a "
+                                   "hub id, a local Hugging Face folder (dense or pruned), a .gguf file, "
+                                   "or the alias smollm2-135m (offline default).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--ppl", default="wikitext2",
+                   help="comma-separated datasets for perplexity (default: wikitext2); known: "
+                        "wikitext2, c4, ptb, wiki-sample, text:PATH")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--seqlen", type=int, default=128, help="window length in tokens (default: 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="evaluate only the first N tokens of each dataset (quick checks)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
+    _add_common_model_options(p)
+    _add_common_data_options(p)
+
+
+def _run_eval(args) -> int:
+    from pgprune.evaluate.perplexity import evaluate_perplexity, format_ppl_table
+    from pgprune.models.load import load_model
+    from pgprune import atomic
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    results = []
+    for name in [n.strip() for n in args.ppl.split(",") if n.strip()]:
+        res = evaluate_perplexity(model, tokenizer, name, split=args.split, seqlen=args.seqlen,
+                                  batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                  data_dir=args.data_dir, progress=True)
+        results.append(res)
+    print(format_ppl_table(args.model, results))
+    if args.json_out:
+        atomic.write_json(args.json_out, {"model": args.model, "perplexity": [r.to_dict() for r in results]})
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+COMMANDS = [
+    ("eval", _add_eval, _run_eval),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgprune",
+        description="Structural pruning of LLMs with forward passes only: learn which channels, "
+                    "heads and layers to remove by policy-gradient optimisation of the pruned "
+                    "model's loss, then export a smaller model that reloads with standard Hugging "
+                    "Face calls.",
+    )
+    from pgprune import __version__
+
+    parser.add_argument("--version", action="version", version=f"pgprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _, add, _ in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    run = {name: run for name, _, run in COMMANDS}[args.command]
+    try:
+        return run(args) or 0
+    except PgpruneError as e:
+        print(f"pgprune {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
