@@ -1,0 +1,152 @@
+"""Export and reload pruned models as Hugging Face folders.
+
+A folder written by `save_pruned` holds
+  config.json           the family's own config (model_type unchanged, e.g. "llama"), with
+                        num_hidden_layers = kept layers, layer_types sliced to them, the structure
+                        record `pgprune` (per-layer widths, removed blocks / layers, output biases,
+                        dense sizes) and auto_map -> modeling_pgprune.Pgprune<Family>ForCausalLM
+  model.safetensors     the pruned weights (same tensor names as the dense model, fewer of them)
+  modeling_pgprune.py   a copy of pgprune/models/pruned_modeling.py (torch + transformers only)
+  generation_config.json, tokenizer files (when a tokenizer is given)
+  masks.safetensors     the mask that produced the model (when given; in dense coordinates)
+  pgprune.json          provenance: versions, parameter counts, sparsity, and the caller's `extra`
+
+It loads anywhere with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`;
+pgprune itself reloads it with `load_pruned` (same code, imported from the package), and
+`pgprune.models.load.load_model` routes such folders here. Because model_type is unchanged, the
+pgprune adapter of the family works on the reloaded model as is (widths are read from weights);
+pruning is detected by the `pgprune` entry of the config. Without trust_remote_code, transformers
+would build the dense family class and refuse the smaller weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pgprune import atomic
+from pgprune.errors import ConfigError, ModelLoadError
+from pgprune.masks import Masks, UnitCosts
+from pgprune.models import pruned_modeling as pm
+from pgprune.models.adapter import get_adapter
+from pgprune.surgery import is_pruned, layer_widths, prune_model
+
+MODELING_FILE = "modeling_pgprune.py"
+PROVENANCE_FILE = "pgprune.json"
+MASKS_FILE = "masks.safetensors"
+
+
+def structure_summary(model: nn.Module) -> dict:
+    """Parameter counts and sparsity of a (pruned or dense) model, per DESIGN.md: sparsity is the
+    fraction of the dense model's prunable parameters (inside the decoder layers) removed; the
+    fraction of all parameters removed is reported beside it."""
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    spec = getattr(model.config, pm.CONFIG_KEY, None) or {}
+    dense = spec.get("dense", {})
+    prunable = costs.prunable_params
+    total = prunable + costs.outside_params
+    dense_prunable = int(dense.get("prunable_params", prunable))
+    dense_total = int(dense.get("total_params", total))
+    widths = layer_widths(model)
+    return {
+        "model_type": model.config.model_type,
+        "pruned": bool(spec),
+        "num_layers": adapter.num_layers,
+        "dense_num_layers": int(dense.get("num_hidden_layers", adapter.num_layers)),
+        "removed_layers": list(spec.get("removed_layers", [])),
+        "prunable_params": prunable,
+        "dense_prunable_params": dense_prunable,
+        "sparsity": 1.0 - prunable / dense_prunable,
+        "total_params": total,
+        "dense_total_params": dense_total,
+        "total_sparsity": 1.0 - total / dense_total,
+        "layers": widths,
+    }
+
+
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, masks: Masks | None = None,
+                extra: dict | None = None, *, overwrite: bool = False) -> Path:
+    """Write `model` as a reloadable Hugging Face folder at `out_dir` (atomically).
+
+    If the model is not pruned yet, it is pruned IN PLACE with `masks` first (a dense model
+    without masks is exported with a trivial structure record). `masks`, when given, is also
+    saved as masks.safetensors. `extra` (JSON-serialisable) goes into pgprune.json.
+    """
+    from pgprune import __version__
+    import transformers
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"{out_dir} already exists; choose another folder or pass overwrite=True "
+                          "(--overwrite) to replace it")
+    if not is_pruned(model):
+        prune_model(model, masks if masks is not None else Masks({}))
+    summary = structure_summary(model)
+    with atomic.temp_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copyfile(pm.__file__, tmp / MODELING_FILE)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        class_name = type(model).__name__
+        cfg["architectures"] = [class_name]
+        cfg["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
+        atomic.write_json(cfg_path, cfg)
+        if masks is not None:
+            masks.save(tmp / MASKS_FILE)
+        atomic.write_json(tmp / PROVENANCE_FILE, {
+            "pgprune_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "load_with": "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) "
+                         "or pgprune.export.load_pruned(folder)",
+            "sparsity_definition": "fraction of the dense model's decoder-layer parameters removed",
+            **{k: v for k, v in summary.items() if k != "layers"},
+            "extra": extra or {},
+        })
+    return out_dir
+
+
+def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | None = None):
+    """Load a folder written by `save_pruned`: (model in eval mode, tokenizer or None).
+
+    `dtype`: auto / bf16 / fp16 / fp32 or a torch dtype; `device`: cpu, cuda, cuda:N, or 'auto'
+    (accelerate's device_map). Uses pgprune's copy of the modeling code, not the folder's.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pgprune.models.load import resolve_device, resolve_dtype
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} is not a model folder (no config.json); pass a folder written by "
+                             "`pgprune apply` / save_pruned")
+    if pm.CONFIG_KEY not in json.loads(cfg_file.read_text()):
+        raise ModelLoadError(f"{path} holds no pgprune structure record in config.json; it is not a pruned "
+                             "model: load it with pgprune.models.load.load_model")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        cls = pm.pruned_causal_lm_class(pm.family_causal_lm_class(config))
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        model = cls.from_pretrained(str(path), config=config, dtype=torch_dtype, **placement)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load the pruned model in {path} ({type(e).__name__}: {str(e)[:400]}); "
+                             "re-export it with `pgprune apply`") from e
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

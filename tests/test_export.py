@@ -1,0 +1,162 @@
+"""Export / reload: the saved folder reproduces the pruned model in pgprune and in a fresh Python
+process where pgprune cannot be imported (torch + transformers only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pgprune.errors import ConfigError, ModelLoadError
+from pgprune.export import load_pruned, save_pruned, structure_summary
+from pgprune.masks import Masks, UnitCosts
+from pgprune.models.adapter import get_adapter
+from pgprune.surgery import prune_model
+from structure_helpers import (CASES, NUM_LAYERS, costs_of, logits, make_model, random_ids, structured_mask,
+                               tiny_tokenizer)
+
+GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+def _bias(model):
+    g = torch.Generator().manual_seed(3)
+    b = {k: torch.randn(NUM_LAYERS, model.config.hidden_size, generator=g) for k in ("attn", "mlp")}
+    b["attn"][2] = b["mlp"][2] = 0  # layer 2 is removed by structured_mask
+    return b
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every case pruned with every kind of removal and exported; llama-bias also carries
+    FLAP-style output biases (on kept blocks and as constants for removed ones)."""
+    root = tmp_path_factory.mktemp("export")
+    ids = random_ids(2, 12, seed=5)
+    out = {}
+    for case in CASES:
+        model = make_model(case)
+        costs = costs_of(model)
+        masks = structured_mask(costs)
+        bias = _bias(model) if case == "llama-bias" else None
+        pruned = prune_model(model, masks, output_bias=bias)
+        folder = root / case
+        save_pruned(pruned, tiny_tokenizer() if case == "llama" else None, folder, masks=masks, extra={"case": case})
+        with torch.no_grad():
+            gen = pruned.generate(ids, **GEN)
+        out[case] = dict(folder=folder, model=pruned, masks=masks, costs=costs, logits=logits(pruned, ids), gen=gen)
+    torch.save(ids, root / "ids.pt")
+    return root, ids, out
+
+
+def test_reload_in_process(exported):
+    root, ids, out = exported
+    for case, item in out.items():
+        model, tok = load_pruned(item["folder"], dtype="fp32", device="cpu")
+        assert type(model).__name__.startswith("Pgprune")
+        assert (logits(model, ids) - item["logits"]).abs().max() <= 1e-4, case
+        with torch.no_grad():
+            cached = model.generate(ids, use_cache=True, **GEN)
+            uncached = model.generate(ids, use_cache=False, **GEN)
+        assert torch.equal(cached, uncached) and torch.equal(cached, item["gen"]), case
+        # the adapter works on the reloaded model and sees the same structure
+        a, b = UnitCosts.from_adapter(get_adapter(model)), UnitCosts.from_adapter(get_adapter(item["model"]))
+        assert torch.equal(a.num_kv_heads, b.num_kv_heads) and torch.equal(a.intermediate, b.intermediate)
+        assert a.prunable_params == b.prunable_params
+        assert (tok is not None) == (case == "llama")
+
+
+def test_reload_without_pgprune(exported):
+    """AutoModelForCausalLM + trust_remote_code in a subprocess whose sys.path cannot reach pgprune."""
+    root, ids, out = exported
+    script = textwrap.dedent(f"""
+        import importlib.util, os, sys
+        sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'pgprune'))]
+        assert importlib.util.find_spec('pgprune') is None, 'pgprune is still importable'
+        import torch
+        from transformers import AutoModelForCausalLM
+        root = {str(root)!r}
+        ids = torch.load(os.path.join(root, 'ids.pt'))
+        results = {{}}
+        for case in {list(out)!r}:
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(root, case), trust_remote_code=True,
+                                                         dtype=torch.float32).eval()
+            with torch.no_grad():
+                lg = model(input_ids=ids, use_cache=False).logits
+                kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+                cached = model.generate(ids, use_cache=True, **kw)
+                uncached = model.generate(ids, use_cache=False, **kw)
+            results[case] = dict(logits=lg, cached=cached, uncached=uncached, cls=type(model).__module__)
+        assert 'pgprune' not in sys.modules
+        torch.save(results, os.path.join(root, 'subprocess_results.pt'))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(root / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = torch.load(root / "subprocess_results.pt")
+    for case, item in out.items():
+        r = results[case]
+        assert r["cls"].startswith("transformers_modules"), r["cls"]
+        assert (r["logits"] - item["logits"]).abs().max() <= 1e-4, case
+        assert torch.equal(r["cached"], r["uncached"]) and torch.equal(r["cached"], item["gen"]), case
+
+
+def test_folder_contents(exported):
+    _, _, out = exported
+    item = out["qwen2"]
+    folder = item["folder"]
+    names = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "modeling_pgprune.py", "pgprune.json", "masks.safetensors"} <= names
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2"
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_pgprune.PgpruneQwen2ForCausalLM"
+    assert cfg["num_hidden_layers"] == 3 and len(cfg["layer_types"]) == 3
+    spec = cfg["pgprune"]
+    assert spec["removed_layers"] == [2]
+    assert [ls["num_key_value_heads"] == 0 for ls in spec["layers"]] == [True, False, False]
+    assert [ls["intermediate_size"] == 0 for ls in spec["layers"]] == [False, False, True]
+    prov = json.loads((folder / "pgprune.json").read_text())
+    assert abs(prov["sparsity"] - item["masks"].sparsity(item["costs"])) < 1e-12
+    assert prov["extra"] == {"case": "qwen2"}
+    saved = Masks.load(folder / "masks.safetensors")
+    assert all(torch.equal(saved[k], item["masks"][k]) for k in item["masks"].kinds)
+    # the modeling file imports nothing from pgprune
+    source = (folder / "modeling_pgprune.py").read_text()
+    assert "import pgprune" not in source and "from pgprune" not in source
+
+
+def test_dense_export_and_summary(tmp_path):
+    model = make_model("llama")
+    ids = random_ids(2, 8)
+    dense = logits(model, ids)
+    save_pruned(model, None, tmp_path / "dense")  # no masks: a trivial structure record
+    reloaded, _ = load_pruned(tmp_path / "dense", dtype="fp32", device="cpu")
+    assert torch.equal(logits(reloaded, ids), dense)
+    s = structure_summary(reloaded)
+    assert s["sparsity"] == 0.0 and s["total_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_atomic_and_errors(tmp_path, monkeypatch):
+    model = make_model("llama")
+    target = tmp_path / "out"
+    save_pruned(model, None, target, masks=structured_mask(costs_of(model)))
+    with pytest.raises(ConfigError, match="overwrite"):
+        save_pruned(model, None, target)
+    save_pruned(model, None, target, overwrite=True)
+
+    class Broken:
+        def save_pretrained(self, path):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pruned(model, Broken(), tmp_path / "broken")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no half-written folder, no temp leftovers
+
+    with pytest.raises(ModelLoadError, match="not a pruned model"):
+        make_model("llama").save_pretrained(tmp_path / "plain")
+        load_pruned(tmp_path / "plain", dtype="fp32", device="cpu")
