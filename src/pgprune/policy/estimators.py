@@ -1,0 +1,79 @@
+"""Score-function (REINFORCE) gradient estimators of E_{m ~ Bernoulli(s)}[L(m)] with respect to s.
+
+Each takes the K sampled masks m [K, N] (0/1), the probabilities s [N], the K losses L [K] and a
+baseline state, and returns the gradient estimate g [N] (the loop steps s <- s - lr * g).
+
+- `paper`: the reference code's estimator. Moving-average baseline b over the last `window` mean
+  losses; per-unit term (m - s) / sqrt(s (1 - s)); sum over samples divided by (K - 1).
+- `loo`: the exact Bernoulli score (m - s) / (s (1 - s)) with the leave-one-out baseline
+  b_k = mean of the other K - 1 losses (unbiased, needs K >= 2); mean over samples.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from pgprune.errors import ConfigError
+
+# Probabilities are kept away from {0, 1} in the denominators: a unit at exactly 0 or 1 is
+# deterministic (m == s), so its numerator is 0 anyway.
+_EPS = 1e-6
+
+
+@dataclass
+class BaselineState:
+    window: int = 5
+    history: deque = field(default_factory=deque)
+
+    def value(self, current_mean: float) -> float:
+        return sum(self.history) / len(self.history) if self.history else current_mean
+
+    def push(self, mean_loss: float) -> None:
+        self.history.append(mean_loss)
+        while len(self.history) > self.window:
+            self.history.popleft()
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "history": list(self.history)}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "BaselineState":
+        return cls(window=d["window"], history=deque(d["history"]))
+
+
+def paper_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
+                    baseline: BaselineState) -> tuple[torch.Tensor, float]:
+    k = m.shape[0]
+    b = baseline.value(float(losses.mean()))
+    adv = (losses.double() - b)[:, None]
+    score = (m.double() - s.double()) / torch.sqrt((s.double() * (1 - s.double())).clamp_min(_EPS))
+    g = (adv * score).sum(0) / max(k - 1, 1)
+    baseline.push(float(losses.mean()))
+    return g.float(), b
+
+
+def loo_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
+                  baseline: BaselineState) -> tuple[torch.Tensor, float]:
+    k = m.shape[0]
+    total = losses.double().sum()
+    b_k = (total - losses.double()) / (k - 1)
+    adv = (losses.double() - b_k)[:, None]
+    score = (m.double() - s.double()) / (s.double() * (1 - s.double())).clamp_min(_EPS)
+    g = (adv * score).mean(0)
+    baseline.push(float(losses.mean()))
+    return g.float(), float(b_k.mean())
+
+
+ESTIMATORS = {"paper": paper_estimator, "loo": loo_estimator}
+MIN_SAMPLES = {"paper": 1, "loo": 2}
+
+
+def get_estimator(name: str, k: int):
+    if name not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
+    if k < MIN_SAMPLES[name]:
+        raise ConfigError(f"the {name!r} estimator needs K >= {MIN_SAMPLES[name]} masks per step (got K={k})")
+    return ESTIMATORS[name]

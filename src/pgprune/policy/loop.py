@@ -1,0 +1,217 @@
+"""The policy-gradient mask optimisation, top to bottom.
+
+    for each step:
+        batch  <- B calibration windows            (seeded by (seed, step): resumable exactly)
+        m_1..K <- Bernoulli(s)                      (same generator)
+        L_1..K <- masked_losses(model, batch, m)    (one gated forward, no gradients)
+        g      <- estimator(m, s, L, baseline)      (REINFORCE)
+        s      <- project(s - lr_t * g)             (back onto the parameter budget)
+    hard mask <- the most probable units that fit the budget
+
+Every `eval_every` steps the current hard mask is evaluated (perplexity on held-out text) and a
+checkpoint is written atomically; `resume` continues a run to the same result as an
+uninterrupted one. NaN / inf losses skip the step (counted) and never touch `s`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from pgprune import atomic
+from pgprune.errors import CheckpointError, ConfigError
+from pgprune.gating import masked_losses
+from pgprune.masks import Masks, UnitCosts
+from pgprune.metrics.init import hard_mask
+from pgprune.policy.budget import PROJECTIONS, project
+from pgprune.policy.estimators import BaselineState, get_estimator
+from pgprune.policy.probabilities import UnitLayout, mean_entropy, sample_masks
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+@dataclass
+class PGConfig:
+    sparsity: float
+    kinds: tuple[str, ...] = ("channel", "head")
+    steps: int = 15000
+    k: int = 2
+    batch_size: int = 8
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"  # cosine | constant
+    estimator: str = "paper"
+    projection: str = "cost"
+    per_kind_budget: bool = False
+    baseline_window: int = 5
+    seed: int = 0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr < 0:
+            raise ConfigError("steps must be >= 0, batch size >= 1 and lr >= 0")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"lr schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}")
+        get_estimator(self.estimator, self.k)
+
+    def lr_at(self, step: int) -> float:
+        if self.lr_schedule == "constant" or self.steps == 0:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+
+
+@dataclass
+class PGResult:
+    probs: torch.Tensor  # final s, flat [N]
+    masks: Masks  # hard mask under the budget
+    history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+    seconds: float = 0.0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # One generator per step, derived from (seed, step): a resumed run draws the same batches
+    # and masks as an uninterrupted one without saving RNG states.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def read_hard_mask(s: torch.Tensor, layout: UnitLayout, costs: UnitCosts, sparsity: float) -> Masks:
+    return hard_mask(layout.split(s.double()), costs, sparsity)
+
+
+def run_policy_gradient(
+    model,
+    calib_windows: torch.Tensor,
+    s0: torch.Tensor,
+    layout: UnitLayout,
+    costs: UnitCosts,
+    config: PGConfig,
+    *,
+    out_dir: str | Path | None = None,
+    eval_fn: Callable[[Masks], float] | None = None,
+    fingerprint: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    loss_fn: Callable = masked_losses,
+) -> PGResult:
+    """Optimise keep-probabilities starting at `s0` (flat, see UnitLayout).
+
+    `calib_windows` [P, T]: the pool each step draws `batch_size` windows from.
+    `eval_fn(masks) -> perplexity` evaluates a hard mask (None: no periodic evaluation).
+    `fingerprint`: what a resumed run must share with the checkpoint (model, data, ...).
+    `stop_after`: stop (with a checkpoint) after this many steps of this call: for tests of resume.
+    `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss).
+    """
+    config.validate()
+    if calib_windows.shape[0] < config.batch_size:
+        raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
+                          f"of {config.batch_size}; raise --nsamples or lower --batch-size")
+    estimator = get_estimator(config.estimator, config.k)
+    keep = 1.0 - config.sparsity
+    out = Path(out_dir) if out_dir is not None else None
+    fingerprint = {**(fingerprint or {}), "config": asdict(config), "units": layout.size}
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))
+
+    s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget)
+    baseline = BaselineState(window=config.baseline_window)
+    start, skipped, history = 0, 0, []
+    if resume:
+        s, baseline, start, skipped, history = _load_checkpoint(out, fingerprint)
+
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    consecutive_skips = 0
+    bar = tqdm(total=config.steps, initial=start, desc="pg", unit="step", disable=None if progress else True)
+    last_ppl = None
+    if start == 0 and eval_fn is not None:
+        last_ppl = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
+        history.append({"step": 0, "forward_passes": 0, "hard_ppl": last_ppl, "entropy": mean_entropy(s, layout.present)})
+        _append_log(out, history[-1])
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    for step in range(start, end):
+        gen = step_generator(config.seed, step)
+        idx = torch.randperm(calib_windows.shape[0], generator=gen)[: config.batch_size]
+        batch = calib_windows[idx].to(device)
+        m = sample_masks(s, config.k, gen)
+        losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()
+        record = {"step": step + 1, "forward_passes": (step + 1) * config.k, "lr": config.lr_at(step)}
+        if not torch.isfinite(losses).all():
+            skipped += 1
+            consecutive_skips += 1
+            record.update(skipped=True, losses=[float(x) for x in losses])
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise ConfigError(f"{consecutive_skips} consecutive steps gave NaN/inf losses (step {step + 1}); "
+                                  "the model may overflow in this dtype (try --dtype fp32) or the budget may "
+                                  "remove whole layers it cannot do without")
+        else:
+            consecutive_skips = 0
+            g, b = estimator(m, s, losses, baseline)
+            s = project(s - config.lr_at(step) * g, layout, costs, keep, config.projection, config.per_kind_budget)
+            record.update(loss=float(losses.mean()), baseline=b)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            record["entropy"] = mean_entropy(s, layout.present)
+            if eval_fn is not None:
+                last_ppl = record["hard_ppl"] = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
+        history.append(record)
+        _append_log(out, record)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in (("loss", record.get("loss")), ("base", record.get("baseline")),
+                                                   ("ent", record.get("entropy")), ("ppl", last_ppl)) if v is not None})
+        if out is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == end):
+            _save_checkpoint(out, s, baseline, step + 1, skipped, history, fingerprint)
+    bar.close()
+    return PGResult(probs=s, masks=read_hard_mask(s, layout, costs, config.sparsity), history=history,
+                    skipped_steps=skipped, seconds=time.perf_counter() - t0)
+
+
+def _append_log(out: Path | None, record: dict) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoint(out: Path, s, baseline, step, skipped, history, fingerprint) -> None:
+    state = {"step": step, "probs": s, "baseline": baseline.state_dict(), "skipped": skipped,
+             "history": history, "fingerprint": fingerprint}
+    with atomic.temp_path(out / CHECKPOINT_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(out: Path | None, fingerprint: dict):
+    path = None if out is None else out / CHECKPOINT_FILE
+    if path is None or not path.is_file():
+        raise CheckpointError(f"no checkpoint to resume in {out}; start a new run without --resume")
+    state = torch.load(path, weights_only=False)
+    diffs = _differences(state["fingerprint"], fingerprint)
+    if diffs:
+        raise CheckpointError(f"refusing to resume {out}: the run was started with different settings: "
+                              + "; ".join(diffs) + ". Resume with the original settings or start a new run.")
+    history = state["history"]
+    # The log may hold records written after the checkpoint: rewrite it to the checkpoint's.
+    atomic.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+    return (state["probs"], BaselineState.from_state(state["baseline"]), state["step"], state["skipped"], history)
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"]

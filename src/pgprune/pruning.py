@@ -1,0 +1,214 @@
+"""`prune()`: one call from a model name to a pruned, exported, evaluated model.
+
+    load -> calibration windows -> dense perplexity
+         -> metric method (scores, allocation)            [method != "pg"]
+         -> metric init -> policy-gradient optimisation   [method == "pg"]
+         -> optional FLAP-style bias compensation
+         -> perplexity of the gated hard mask -> surgery -> export -> perplexity of the pruned model
+         -> run.json (config, versions, machine, results), masks.safetensors, metrics.jsonl
+
+The CLI's `pgprune prune` is a thin layer over this function.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pgprune import atomic
+from pgprune.data import get_calibration_windows, get_eval_tokens, get_source
+from pgprune.errors import ConfigError
+from pgprune.evaluate.perplexity import perplexity_of_tokens
+from pgprune.gating import gated
+from pgprune.masks import Masks, UnitCosts, parse_unit_kinds
+from pgprune.models.adapter import get_adapter
+
+RUN_FILE = "run.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class PruneOptions:
+    model: str = "smollm2-135m"
+    method: str = "pg"  # pg | a metric method (wanda-sp, flap, magnitude, random, block-influence)
+    sparsity: float = 0.3
+    units: str = "channel,head"
+    allocation: str = "uniform"  # for metric methods and the metric init of pg
+    calib: str = "wiki-sample"
+    nsamples: int | None = None  # default: 128 for metrics, 1024 for pg's pool
+    seqlen: int = 128
+    seed: int = 0
+    data_dir: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    # policy gradient
+    init: str = "wanda-sp"  # a metric method, or "constant"
+    init_mapping: str = "sigmoid"  # sigmoid | constant (how metric scores become probabilities)
+    steps: int = 500
+    k: int = 2
+    batch_size: int = 8
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"
+    estimator: str = "paper"
+    projection: str = "cost"
+    per_kind_budget: bool = False
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    # evaluation
+    eval: str = "wikitext2"  # comma-separated perplexity datasets
+    eval_seqlen: int = 128
+    eval_max_tokens: int | None = 32768  # per dataset, for the dense / init / final numbers
+    track: str | None = None  # dataset of the periodic hard-mask perplexity (default: first of eval)
+    track_max_tokens: int = 8192
+    compensate: bool = False  # FLAP-style bias compensation after the masks are chosen
+    metric_batch_size: int = 8
+    extra: dict = field(default_factory=dict)
+
+
+def _ppl(model, tokens, o: PruneOptions, masks: Masks | None, costs: UnitCosts, max_tokens) -> float:
+    if masks is None:
+        return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens).ppl
+    with gated(model, masks, costs=costs):
+        return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens).ppl
+
+
+def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Run the whole pipeline into `out_dir`; returns the run record (also written as run.json)."""
+    from pgprune.export import save_pruned
+    from pgprune.metrics.prune import run_metric
+    from pgprune.models.load import load_model
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"{out} exists and is not empty; pass --resume to continue a run there, "
+                          "--overwrite to replace it, or choose another --out")
+    if not 0.0 <= o.sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {o.sparsity}")
+    kinds = parse_unit_kinds(o.units)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = load_model(o.model, dtype=o.dtype, device=o.device)
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    eval_sets = [n.strip() for n in o.eval.split(",") if n.strip()]
+    eval_tokens = {n: get_eval_tokens(tokenizer, n, "test", o.data_dir) for n in eval_sets}
+    for n in eval_sets:
+        cap = get_source(n).eval_max_windows
+        if cap is not None:
+            eval_tokens[n] = eval_tokens[n][:, : cap * o.eval_seqlen]
+    record: dict = {"options": asdict(o), "model": adapter.describe(), "machine": _machine(),
+                    "perplexity_protocol": {"seqlen": o.eval_seqlen, "max_tokens": o.eval_max_tokens,
+                                            "split": "test"}}
+    ppl = {"dense": {n: _ppl(model, t, o, None, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}}
+    _print_ppl("dense", ppl["dense"])
+
+    nsamples = o.nsamples or (1024 if o.method == "pg" else 128)
+    calib = get_calibration_windows(tokenizer, o.calib, nsamples, o.seqlen, seed=o.seed, data_dir=o.data_dir)
+    metric_name = o.init if o.method == "pg" else o.method
+    metric = None
+    if metric_name != "constant":
+        metric = run_metric(model, calib[:128] if o.method == "pg" else calib, metric_name, o.sparsity, kinds,
+                            o.allocation, batch_size=o.metric_batch_size, seed=o.seed,
+                            bias_compensation=False if o.method == "pg" else None, progress=progress)
+        record["metric"] = metric.info
+    masks, bias = (metric.masks, metric.output_bias) if metric is not None else (None, None)
+
+    if o.method == "pg":
+        masks, pg_info, init_masks = _run_pg(model, calib, costs, kinds, metric, o, out, eval_tokens, resume, progress)
+        record["pg"] = pg_info
+        ppl["init"] = {n: _ppl(model, t, o, init_masks, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+        _print_ppl("init", ppl["init"])
+        if o.compensate:
+            bias = _compensation(model, calib[:128], masks, costs, o)
+    ppl["gated"] = {n: _ppl(model, t, o, masks, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+    _print_ppl("final (gated)", ppl["gated"])
+
+    masks.save(out / "masks.safetensors", metadata={"model": o.model, "method": o.method})
+    from pgprune.surgery import prune_model
+
+    prune_model(model, masks, output_bias=bias)
+    ppl["pruned"] = {n: _ppl(model, t, o, None, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+    _print_ppl("final (pruned model)", ppl["pruned"])
+    save_pruned(model, tokenizer, out / MODEL_DIR, masks=masks, overwrite=True,
+                extra={"method": o.method, "sparsity_target": o.sparsity})
+    record.update(masks=masks.summary(costs), perplexity=ppl, seconds=time.perf_counter() - t_start,
+                  pruned_model=str(out / MODEL_DIR))
+    atomic.write_json(out / RUN_FILE, record)
+    return record
+
+
+def _run_pg(model, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume, progress):
+    from pgprune.metrics.init import init_probabilities
+    from pgprune.policy.loop import PGConfig, read_hard_mask, run_policy_gradient
+    from pgprune.policy.probabilities import UnitLayout
+
+    layout = UnitLayout.build(costs, kinds)
+    sparsity = o.sparsity
+    if metric is not None:
+        init = init_probabilities(metric.allocation, costs, o.init_mapping)
+        s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
+        sparsity = init.sparsity  # the reachable budget closest to the request (± one unit)
+    else:
+        s0 = layout.present.float() * (1.0 - o.sparsity)
+    config = PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
+                      lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
+                      per_kind_budget=o.per_kind_budget, seed=o.seed, eval_every=o.eval_every,
+                      checkpoint_every=o.checkpoint_every)
+    print(f"[pgprune] policy gradient: {config}")
+    track = o.track or next(iter(eval_tokens))
+    if track not in eval_tokens:
+        raise ConfigError(f"--track {track} must be one of the --eval datasets ({', '.join(eval_tokens)})")
+    track_tokens = eval_tokens[track]
+
+    def eval_fn(masks: Masks) -> float:
+        return _ppl(model, track_tokens, o, masks, costs, o.track_max_tokens)
+
+    fingerprint = {"model": o.model, "calib": o.calib, "nsamples": calib.shape[0], "seqlen": o.seqlen,
+                   "init": o.init, "init_mapping": o.init_mapping, "allocation": o.allocation,
+                   "dtype": str(next(model.parameters()).dtype), "track": track,
+                   "track_max_tokens": o.track_max_tokens}
+    init_masks = metric.masks if metric is not None else read_hard_mask(s0, layout, costs, sparsity)
+    result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
+                                 fingerprint=fingerprint, resume=resume, progress=progress)
+    atomic.write_bytes(out / "probabilities.pt", _tensor_bytes(layout.split(result.probs)))
+    info = {"config": asdict(config), "skipped_steps": result.skipped_steps, "seconds": result.seconds,
+            "track": {"dataset": track, "max_tokens": o.track_max_tokens},
+            "history_tail": result.history[-3:]}
+    return result.masks, info, init_masks
+
+
+def _compensation(model, calib, masks, costs, o: PruneOptions):
+    from pgprune.metrics.calibration import collect_layer_stats
+    from pgprune.metrics.prune import compensation_biases
+
+    adapter = get_adapter(model)
+    stats = collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense", adapter=adapter)
+    return compensation_biases(adapter, stats, masks, costs)
+
+
+def _tensor_bytes(tensors: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in tensors.items()}, buf)
+    return buf.getvalue()
+
+
+def _print_ppl(label: str, values: dict) -> None:
+    print(f"[pgprune] perplexity {label}: " + ", ".join(f"{n} {v:.3f}" for n, v in values.items()), flush=True)
+
+
+def _machine() -> dict:
+    import transformers
+
+    from pgprune import __version__
+
+    return {"pgprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

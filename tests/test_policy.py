@@ -1,0 +1,179 @@
+import math
+
+import pytest
+import torch
+
+from pgprune.errors import CheckpointError, ConfigError
+from pgprune.masks import UnitCosts
+from pgprune.metrics.init import expected_keep_ratio
+from pgprune.models.adapter import get_adapter
+from pgprune.models.synthetic import synthetic_model
+from pgprune.policy.budget import project
+from pgprune.policy.estimators import BaselineState, get_estimator, loo_estimator, paper_estimator
+from pgprune.policy.loop import PGConfig, run_policy_gradient
+from pgprune.policy.probabilities import UnitLayout
+
+
+def _setup(kinds=("channel", "head"), **sizes):
+    model = synthetic_model("llama", seed=0, **sizes)
+    costs = UnitCosts.from_adapter(get_adapter(model))
+    return model, costs, UnitLayout.build(costs, kinds)
+
+
+@pytest.mark.parametrize("mode", ["cost", "uniform"])
+@pytest.mark.parametrize("kinds", [("channel",), ("channel", "head"), ("layer",), ("channel", "head", "layer")])
+def test_projection_meets_the_budget(mode, kinds):
+    _, costs, layout = _setup(kinds)
+    s = torch.rand(layout.size, generator=torch.Generator().manual_seed(0))
+    for keep in (0.65, 0.8, 0.9):  # reachable by every kind set (MLP alone is ~60 % here)
+        p = project(s, layout, costs, keep, mode)
+        assert float(expected_keep_ratio(layout.split(p.double()), costs)) == pytest.approx(keep, abs=1e-5)
+        assert p.min() >= 0 and p.max() <= 1
+        # projecting a feasible point again changes (almost) nothing
+        assert torch.allclose(project(p, layout, costs, keep, mode), p, atol=1e-5)
+
+
+def test_cost_projection_is_a_shift_proportional_to_cost():
+    _, costs, layout = _setup(("channel", "head"))
+    s = torch.full((layout.size,), 0.5)
+    p = project(s, layout, costs, 0.45, "cost")
+    delta = (s - p).double()
+    ratio = delta / layout.cost
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)  # no clamping at 0.5 +- small
+
+
+def test_per_kind_budget_holds_each_kind():
+    _, costs, layout = _setup(("channel", "head"))
+    s = torch.rand(layout.size, generator=torch.Generator().manual_seed(1))
+    p = layout.split(project(s, layout, costs, 0.6, "uniform", per_kind=True).double())
+    c = layout.split(layout.cost)
+    for kind in ("channel", "head"):
+        assert float((p[kind] * c[kind]).sum() / c[kind].sum()) == pytest.approx(0.6, abs=1e-5)
+
+
+def test_unreachable_budget_is_refused():
+    _, costs, layout = _setup(("head",))
+    with pytest.raises(ConfigError, match="rest of the model"):
+        project(torch.full((layout.size,), 0.5), layout, costs, 0.1)
+
+
+def _mc_gradient(estimator, s, w, k, n=20000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = BaselineState()
+    total = torch.zeros_like(s, dtype=torch.float64)
+    for _ in range(n):
+        m = torch.bernoulli(s.expand(k, -1), generator=gen)
+        losses = (m * w).sum(-1)  # E[L] = w . s, so dE/ds = w
+        g, _ = estimator(m, s, losses, base)
+        total += g.double()
+    return total / n
+
+
+def test_loo_estimator_is_unbiased():
+    s = torch.tensor([0.2, 0.5, 0.9])
+    w = torch.tensor([1.0, -2.0, 0.5])
+    g = _mc_gradient(loo_estimator, s, w, k=4)
+    assert torch.allclose(g, w.double(), atol=0.12)
+
+
+def test_paper_estimator_direction():
+    # The reference estimator follows w * sqrt(s(1-s)) * K/(K-1) (a rescaled gradient), with a
+    # baseline that lags behind; its sign agrees with the true gradient.
+    s = torch.tensor([0.2, 0.5, 0.9])
+    w = torch.tensor([1.0, -2.0, 0.5])
+    g = _mc_gradient(paper_estimator, s, w, k=2)
+    expected = w.double() * torch.sqrt(s.double() * (1 - s.double())) * 2
+    assert torch.allclose(g, expected, atol=0.15)
+
+
+def test_estimator_needs_enough_samples():
+    with pytest.raises(ConfigError, match="K >= 2"):
+        get_estimator("loo", 1)
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        get_estimator("nope", 2)
+
+
+def _importance_loss(weights):
+    """A stand-in for the LM loss: removing channel j costs weights[j] (known optimum)."""
+    def loss_fn(model, batch, masks, costs=None):
+        m = masks["channel"].float()  # [K, L, I]
+        return ((1 - m) * weights).sum((-1, -2))
+    return loss_fn
+
+
+@pytest.mark.parametrize("estimator", ["paper", "loo"])
+def test_pg_learns_to_keep_the_important_units(estimator):
+    model, costs, layout = _setup(("channel",), num_hidden_layers=2, intermediate_size=16)
+    L, I = costs.num_layers, costs.units_per_layer("channel")
+    weights = torch.rand(L, I, generator=torch.Generator().manual_seed(5))
+    config = PGConfig(sparsity=0.1, kinds=("channel",), steps=400, k=4, batch_size=1, lr=0.02,
+                      estimator=estimator, eval_every=1000, checkpoint_every=1000)
+    calib = torch.zeros(4, 8, dtype=torch.long)
+    s0 = torch.full((layout.size,), 0.5)
+    res = run_policy_gradient(model, calib, s0, layout, costs, config, loss_fn=_importance_loss(weights),
+                              progress=False)
+    kept = res.masks["channel"].reshape(-1)
+    ideal = torch.zeros_like(kept)
+    ideal[weights.reshape(-1).topk(int(kept.sum())).indices] = True
+    assert (kept == ideal).float().mean() >= 0.85  # a random mask agrees on about half
+    assert abs(res.masks.sparsity(costs) - 0.1) < 0.01
+
+
+def test_resume_gives_the_same_result_and_refuses_other_settings(tmp_path):
+    model, costs, layout = _setup(("channel", "head"), num_hidden_layers=2, intermediate_size=32)
+    calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    s0 = torch.full((layout.size,), 0.6)
+    config = PGConfig(sparsity=0.4, kinds=("channel", "head"), steps=6, k=2, batch_size=4, lr=0.05,
+                      eval_every=3, checkpoint_every=2)
+    full = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "a", progress=False)
+    run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "b", progress=False,
+                        stop_after=3)
+    resumed = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "b",
+                                  progress=False, resume=True)
+    assert torch.equal(full.probs, resumed.probs)
+    assert full.history == resumed.history
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    other = PGConfig(**{**config.__dict__, "lr": 0.1})
+    with pytest.raises(CheckpointError, match="lr"):
+        run_policy_gradient(model, calib, s0, layout, costs, other, out_dir=tmp_path / "b", resume=True,
+                            progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "c", resume=True,
+                            progress=False)
+
+
+def test_nan_losses_are_skipped_and_counted():
+    model, costs, layout = _setup(("channel",))
+    calls = {"n": 0}
+
+    def flaky(model, batch, masks, costs=None):
+        calls["n"] += 1
+        k = masks["channel"].shape[0]
+        return torch.full((k,), math.nan) if calls["n"] % 2 else torch.rand(k)
+
+    config = PGConfig(sparsity=0.3, kinds=("channel",), steps=10, k=2, batch_size=1, lr=0.01)
+    s0 = torch.full((layout.size,), 0.7)
+    res = run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), s0, layout, costs, config,
+                              loss_fn=flaky, progress=False)
+    assert res.skipped_steps == 5
+    assert torch.isfinite(res.probs).all()
+
+    def always_nan(model, batch, masks, costs=None):
+        return torch.full((2,), math.nan)
+
+    with pytest.raises(ConfigError, match="NaN"):
+        run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), s0, layout, costs,
+                            PGConfig(sparsity=0.3, kinds=("channel",), steps=30, k=2, batch_size=1),
+                            loss_fn=always_nan, progress=False)
+
+
+def test_bad_settings():
+    model, costs, layout = _setup(("channel",))
+    s0 = torch.full((layout.size,), 0.5)
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), s0, layout, costs,
+                            PGConfig(sparsity=0.3, kinds=("channel",), batch_size=8), progress=False)
+    with pytest.raises(ConfigError, match="sparsity"):
+        PGConfig(sparsity=1.0).validate()
+    with pytest.raises(ConfigError, match="K >= 2"):
+        PGConfig(sparsity=0.3, estimator="loo", k=1).validate()
