@@ -1,0 +1,357 @@
+"""Calibration statistics, collected one decoder layer at a time.
+
+`collect_layer_stats(model, calib_ids)` runs the calibration windows through the model layer by
+layer, so that memory holds the model plus one layer's inputs and outputs for all windows:
+
+1. `capture_layer_inputs` runs the model once per mini-batch with every decoder layer replaced by
+   a pass-through, recording the hidden states entering layer 0 and the keyword arguments each
+   layer receives (rotary embeddings, causal / sliding-window masks, ...). Whatever the family's
+   forward passes to its layers is recorded as is, so no family knowledge is needed here.
+2. For each layer in turn, the stored inputs are pushed through that layer alone in mini-batches
+   while hooks on the inputs of o_proj / down_proj and on the residual stream accumulate
+   per-feature statistics (`LayerStats`). The outputs become the next layer's inputs: either the
+   dense layer's outputs, or (`propagate="pruned"`, as Wanda and FLAP's uniform variant do) the
+   outputs of the layer after an `on_layer` callback has decided what to prune in it.
+
+Module names come from the adapter only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from pgprune.errors import ConfigError, DataError
+from pgprune.models.adapter import ModelAdapter, get_adapter
+
+PROPAGATE_CHOICES = ("dense", "pruned")
+
+
+# --- statistics ----------------------------------------------------------------------------------
+@dataclass
+class FeatureStats:
+    """Running per-feature mean and sum of squared deviations over tokens (float64).
+
+    Batches are merged with Chan et al.'s parallel update, which stays accurate when a feature's
+    mean is large compared with its spread (a plain sum / sum-of-squares would cancel)."""
+
+    count: int
+    mean: torch.Tensor  # [F] float64
+    m2: torch.Tensor  # [F] float64: sum of squared deviations from the mean
+
+    @classmethod
+    def empty(cls, features: int, device=None) -> "FeatureStats":
+        z = torch.zeros(features, dtype=torch.float64, device=device)
+        return cls(0, z, z.clone())
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = (x - mean_b).pow(2).sum(0).double()
+        mean_b = mean_b.double()
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.pow(2) * (n_a * n_b / n)
+        self.count = n
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance per feature (denominator count - 1)."""
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Mean of x^2 per feature: ||X_j||^2 / tokens."""
+        return self.m2 / max(self.count, 1) + self.mean.pow(2)
+
+    def to(self, device) -> "FeatureStats":
+        return FeatureStats(self.count, self.mean.to(device), self.m2.to(device))
+
+
+@dataclass
+class LayerStats:
+    """What one decoder layer saw on the calibration windows.
+
+    attn_in / mlp_in: statistics of the inputs of o_proj / down_proj (None if the block is absent).
+    cos_*: sum over tokens of the cosine similarity between the residual stream before and after
+    the attention block, the MLP block and the whole layer (ShortGPT's block influence)."""
+
+    layer: int
+    tokens: int
+    attn_in: FeatureStats | None
+    mlp_in: FeatureStats | None
+    cos_attn: float
+    cos_mlp: float
+    cos_layer: float
+
+    def mean_cos(self, block: str) -> float:
+        return {"attn": self.cos_attn, "mlp": self.cos_mlp, "layer": self.cos_layer}[block] / max(self.tokens, 1)
+
+
+@dataclass
+class LayerEdit:
+    """What to remove from one layer while propagating calibration data (`propagate="pruned"`).
+
+    head_keep: [G] bool over KV-head groups; channel_keep: [I] bool over MLP channels (None: keep
+    all). attn_bias / mlp_bias: [hidden] vectors added to the outputs of o_proj / down_proj
+    (FLAP's compensation). A block with nothing kept is removed; its compensation vector stays
+    as a constant added to the residual stream (as `pgprune.surgery.prune_model` does)."""
+
+    head_keep: torch.Tensor | None = None
+    channel_keep: torch.Tensor | None = None
+    attn_bias: torch.Tensor | None = None
+    mlp_bias: torch.Tensor | None = None
+
+
+# --- inputs of the first layer ---------------------------------------------------------------------
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering layer 0 for all windows, and per mini-batch the keyword arguments
+    every layer receives (tensors shared between layers are stored once)."""
+
+    hidden: torch.Tensor  # [N, T, H]
+    batches: list[slice]
+    kwargs: list[list[dict[str, Any]]]  # [batch][layer] -> kwargs
+
+
+def check_calibration_ids(calib_ids: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2:
+        raise DataError("calibration windows must be a LongTensor [nsamples, seqlen] of token ids; "
+                        "get them from pgprune.data.get_calibration_windows(...)")
+    if calib_ids.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"calibration windows must hold integer token ids, got dtype {calib_ids.dtype}")
+    if calib_ids.numel() == 0:
+        raise DataError("calibration windows are empty; ask for at least one window of at least one token")
+    vocab = getattr(adapter.config, "vocab_size", None)
+    if vocab is not None and (int(calib_ids.max()) >= vocab or int(calib_ids.min()) < 0):
+        raise DataError(f"calibration token ids fall outside the model's vocabulary [0, {vocab}); "
+                        "were the windows made with this model's tokenizer?")
+    return calib_ids.long()
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: int = 8,
+                         storage_device: torch.device | str | None = None,
+                         adapter: ModelAdapter | None = None) -> LayerInputs:
+    """Run the model with pass-through decoder layers and record what enters each layer."""
+    adapter = adapter or get_adapter(model)
+    calib_ids = check_calibration_ids(calib_ids, adapter)
+    layers = adapter.decoder_layers()
+    n_layers = len(layers)
+    device = adapter.embed_tokens().weight.device
+    storage = torch.device(storage_device) if storage_device is not None else device
+
+    batches = _batches(calib_ids.shape[0], batch_size)
+    hidden: torch.Tensor | None = None
+    all_kwargs: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+
+    def passthrough(index: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:  # positional extras are not expected from the families we support
+                raise ConfigError("a decoder layer received positional arguments besides the hidden "
+                                  "states; layer-by-layer calibration does not support this family yet")
+            kwargs = dict(kwargs)
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            kwargs["use_cache"] = False
+            current.append(kwargs)
+            if index == 0:
+                current_hidden.append(hidden_states)
+            return hidden_states
+        return forward
+
+    def stop(_module, _args):
+        raise _StopForward
+
+    current_hidden: list[torch.Tensor] = []
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    handle = adapter.final_norm().register_forward_pre_hook(stop)
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = passthrough(i)
+        for b in batches:
+            current, current_hidden = [], []
+            try:
+                model(input_ids=calib_ids[b].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if len(current) != n_layers or len(current_hidden) != 1:
+                raise ConfigError(f"expected each of the {n_layers} decoder layers to be called once "
+                                  f"per forward pass, saw {len(current)} calls")
+            h = current_hidden[0]
+            if hidden is None:
+                hidden = torch.empty(calib_ids.shape[0], *h.shape[1:], dtype=h.dtype, device=storage)
+            hidden[b] = h.to(storage)
+            all_kwargs.append(current)
+    finally:
+        handle.remove()
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = fwd
+    assert hidden is not None
+    return LayerInputs(hidden=hidden, batches=batches, kwargs=all_kwargs)
+
+
+# --- the layer walk --------------------------------------------------------------------------------
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).double().sum())
+
+
+def _layer_device(layer: nn.Module, fallback: torch.device) -> torch.device:
+    p = next(layer.parameters(), None)
+    return fallback if p is None else p.device
+
+
+@torch.no_grad()
+def collect_layer_stats(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    propagate: str = "dense",
+    on_layer: Callable[[int, LayerStats], LayerEdit | None] | None = None,
+    storage_device: torch.device | str | None = None,
+    progress: bool = True,
+    adapter: ModelAdapter | None = None,
+) -> list[LayerStats]:
+    """Per-layer calibration statistics, one decoder layer at a time.
+
+    on_layer(i, stats_i) is called once the statistics of layer i are complete; with
+    propagate="pruned" the `LayerEdit` it returns is applied to layer i (through temporary hooks,
+    the weights are not touched) before its outputs are computed for layer i+1. With
+    propagate="dense" the outputs of the unmodified layer are passed on and the return value of
+    on_layer is ignored."""
+    if propagate not in PROPAGATE_CHOICES:
+        raise ConfigError(f"propagate must be one of {', '.join(PROPAGATE_CHOICES)}, got {propagate!r}")
+    adapter = adapter or get_adapter(model)
+    inputs = capture_layer_inputs(model, calib_ids, batch_size=batch_size,
+                                  storage_device=storage_device, adapter=adapter)
+    inps = inputs.hidden
+    outs = torch.empty_like(inps)
+    stats: list[LayerStats] = []
+    iterator: Iterator[int] = range(adapter.num_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="calibration (layer by layer)", unit="layer")
+    for i in iterator:
+        mods = adapter.layer(i)
+        dev = _layer_device(mods.layer, inps.device)
+        st = _layer_pass(mods, i, inps, outs, inputs, dev, collect=True)
+        edit = on_layer(i, st) if on_layer is not None else None
+        if propagate == "pruned" and edit is not None:
+            handles = _apply_edit(mods, adapter, edit)
+            try:
+                _layer_pass(mods, i, inps, outs, inputs, dev, collect=False)
+            finally:
+                for h in handles:
+                    h.remove()
+        stats.append(st)
+        inps, outs = outs, inps
+    return stats
+
+
+def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: LayerInputs,
+                dev: torch.device, *, collect: bool) -> LayerStats:
+    """Push all windows through layer i; write its outputs to `outs`; optionally collect stats."""
+    attn_stats = mlp_stats = None
+    cos = {"attn": 0.0, "mlp": 0.0, "layer": 0.0}
+    tokens = 0
+    handles = []
+    mid: list[torch.Tensor] = []
+    if collect:
+        if mods.o_proj is not None:
+            attn_stats = FeatureStats.empty(mods.o_proj.in_features, dev)
+            handles.append(mods.o_proj.register_forward_pre_hook(
+                lambda _m, args: attn_stats.update(args[0])))
+        if mods.down_proj is not None:
+            mlp_stats = FeatureStats.empty(mods.down_proj.in_features, dev)
+            handles.append(mods.down_proj.register_forward_pre_hook(
+                lambda _m, args: mlp_stats.update(args[0])))
+        # The residual stream between the two blocks is the input of the post-attention norm.
+        handles.append(mods.post_attention_norm.register_forward_pre_hook(
+            lambda _m, args: mid.append(args[0])))
+    try:
+        for b, kwargs in zip(inputs.batches, inputs.kwargs):
+            x = inps[b].to(dev)
+            mid.clear()
+            y = _first(mods.layer(x, **_to(kwargs[i], dev)))
+            outs[b] = y.to(outs.device)
+            if collect:
+                tokens += x.shape[0] * x.shape[1]
+                cos["layer"] += _cos_sum(x, y)
+                if len(mid) == 1:
+                    cos["attn"] += _cos_sum(x, mid[0])
+                    cos["mlp"] += _cos_sum(mid[0], y)
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerStats(layer=i, tokens=tokens, attn_in=attn_stats, mlp_in=mlp_stats,
+                      cos_attn=cos["attn"], cos_mlp=cos["mlp"], cos_layer=cos["layer"])
+
+
+def features_per_head_group(adapter: ModelAdapter) -> int:
+    """Input features of o_proj that belong to one KV-head group (its query heads' dims)."""
+    return adapter.queries_per_kv * adapter.head_dim
+
+
+def _apply_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
+    """Temporary hooks that make layer `mods` behave as if `edit` had been applied by surgery:
+    removed units contribute nothing, compensation biases are added, empty blocks vanish."""
+    handles = []
+    for proj, keep, bias, per_unit in (
+        (mods.o_proj, edit.head_keep, edit.attn_bias, features_per_head_group(adapter)),
+        (mods.down_proj, edit.channel_keep, edit.mlp_bias, 1),
+    ):
+        if proj is None or (keep is None and bias is None):
+            continue
+        feat = None if keep is None else keep.to(proj.weight.device).repeat_interleave(per_unit)
+        empty = feat is not None and not bool(feat.any())
+        add = None if bias is None else bias.to(proj.weight.device, proj.weight.dtype)
+        if feat is not None and not empty:
+            handles.append(proj.register_forward_pre_hook(
+                lambda _m, args, feat=feat: (args[0] * feat.to(args[0].dtype),) + tuple(args[1:])))
+
+        def hook(_module, _args, output, empty=empty, add=add):
+            if empty:  # the block is removed as a whole: only a compensation constant remains
+                output = torch.zeros_like(output)
+            return output if add is None else output + add
+
+        handles.append(proj.register_forward_hook(hook))
+    return handles

@@ -1,0 +1,148 @@
+"""Initial keep-probabilities for the policy-gradient method, from a metric allocation.
+
+Contract (DESIGN.md, "Lessons already measured"): the hard mask read off the initial
+probabilities is the metric method's own mask. Two things make that hold:
+
+1. Order: every unit the allocation keeps gets a higher probability than every unit it removes.
+   Within each group the order of the allocation's scores is kept (rank-preserving), but a
+   uniform allocation keeps some units that score below removed units of other layers, so the
+   two groups are pulled apart in logit space by just enough (plus `gap`) to separate them.
+2. Budget: the probabilities are calibrated to the allocation's *true* sparsity (which may be
+   off the requested one by up to half a unit), and `hard_mask` reads them off with the same
+   closest-prefix rule the allocations use. Reading off at that sparsity removes exactly the
+   allocation's units, whatever rule breaks ties inside the groups.
+
+The budget is an expectation: under independent Bernoulli(p) sampling of every unit, the
+expected kept fraction of the prunable parameters (`expected_keep_ratio`, nesting included:
+a head counts only if its attention block and layer are kept) equals 1 - sparsity. For a single
+kind this is the cost-weighted mean of p plus the share of parameters no unit owns (norms).
+
+Methods: `sigmoid` (standardised scores times `scale` through a sigmoid, shifted to meet the
+budget; DESIGN.md's reference recipe plus the separation above) and `constant` (every kept
+unit at one value, every removed unit at a slightly lower one: a flat start that still reads
+off the metric mask; `eps=0` gives a truly flat start whose hard mask is arbitrary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pgprune.errors import ConfigError
+from pgprune.masks import Masks, UnitCosts
+from pgprune.metrics.allocation import (Allocation, check_sparsity, closest_prefix, global_positions,
+                                        masks_from_positions, present_units)
+
+INIT_METHODS = ("sigmoid", "constant")
+
+
+@dataclass
+class InitProbabilities:
+    probs: dict[str, torch.Tensor]  # kind -> [L, units] float32 in (0, 1); 0 where no unit exists
+    logits: dict[str, torch.Tensor]  # kind -> [L, units] float64 (the same, before the sigmoid)
+    sparsity: float  # the budget the probabilities are calibrated to (the allocation's true sparsity)
+    masks: Masks  # the allocation's mask == hard_mask(probs, costs, sparsity)
+    method: str
+
+    @property
+    def keep_ratio(self) -> float:
+        return 1.0 - self.sparsity
+
+
+def expected_keep_ratio(probs: dict[str, torch.Tensor], costs: UnitCosts) -> torch.Tensor:
+    """Expected kept fraction of the prunable parameters when each unit is kept independently
+    with its probability (kinds absent from `probs` are kept). Accepts [L, units] tensors or
+    [..., L, units] stacks (returns [...]). Ignores the rule that a block whose units are all
+    removed loses its own small fixed parameters (biases, norms)."""
+    ref = next(iter(probs.values()))
+    lead = ref.shape[:-2]
+    L = costs.num_layers
+    dt = torch.float64
+
+    def p(kind: str) -> torch.Tensor:
+        if kind not in probs:
+            return torch.ones(*lead, L, costs.units_per_layer(kind), dtype=dt)
+        return probs[kind].to(dt) * present_units(costs, kind)
+
+    heads = p("head").sum(-1) * costs.head_cost
+    chans = p("channel").sum(-1) * costs.channel_cost
+    attn = p("attn")[..., 0] * (costs.attn_fixed + heads) * (costs.num_kv_heads > 0)
+    mlp = p("mlp")[..., 0] * (costs.mlp_fixed + chans) * (costs.intermediate > 0)
+    layer = p("layer")[..., 0] * (costs.layer_fixed * ((costs.num_kv_heads > 0) | (costs.intermediate > 0)) + attn + mlp)
+    return layer.sum(-1) / costs.prunable_params
+
+
+def _solve_shift(logits: dict[str, torch.Tensor], costs: UnitCosts, keep: float) -> float:
+    """b such that expected_keep_ratio(sigmoid(logits + b)) == keep (monotone: bisection)."""
+    f = lambda b: float(expected_keep_ratio({k: torch.sigmoid(z + b) for k, z in logits.items()}, costs))  # noqa: E731
+    lo, hi = -60.0, 60.0
+    if not (f(lo) < keep < f(hi)):
+        raise ConfigError(f"keep ratio {keep:.4f} cannot be an expectation over these units: it must lie "
+                          f"between {f(lo):.4f} (every unit dropped) and {f(hi):.4f} (every unit kept)")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if f(mid) < keep:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return 0.5 * (lo + hi)
+
+
+def init_probabilities(allocation: Allocation, costs: UnitCosts, method: str = "sigmoid", *,
+                       scale: float = 1.0, gap: float = 0.1, eps: float = 0.01) -> InitProbabilities:
+    """Keep-probabilities whose hard mask (`hard_mask(probs, costs, result.sparsity)`) is the
+    allocation's mask and whose expected kept fraction is 1 - result.sparsity.
+
+    sigmoid: logit = scale * standardised score, groups separated by `gap`, plus a common shift.
+    constant: logit = +eps for kept units, -eps for removed ones, plus a common shift."""
+    if method not in INIT_METHODS:
+        raise ConfigError(f"init method must be one of {', '.join(INIT_METHODS)}, got {method!r}")
+    if scale <= 0 or gap < 0 or eps < 0:
+        raise ConfigError("init needs scale > 0, gap >= 0 and eps >= 0")
+    kinds = allocation.masks.kinds
+    present = {k: present_units(costs, k) for k in kinds}
+    kept = {k: allocation.masks[k] & present[k] for k in kinds}
+    removed = {k: ~allocation.masks[k] & present[k] for k in kinds}
+
+    if method == "constant":
+        z = {k: torch.where(kept[k], eps, -eps).double() for k in kinds}
+    else:
+        z = {k: scale * torch.nan_to_num(allocation.keys[k].double(), nan=0.0) for k in kinds}
+        hi_removed = max([float(z[k][removed[k]].max()) for k in kinds if removed[k].any()], default=None)
+        lo_kept = min([float(z[k][kept[k]].min()) for k in kinds if kept[k].any()], default=None)
+        if hi_removed is not None and lo_kept is not None:
+            delta = max(0.0, hi_removed - lo_kept + gap)
+            z = {k: z[k] + torch.where(kept[k], delta / 2, -delta / 2) for k in kinds}
+    keep = 1.0 - allocation.sparsity
+    b = _solve_shift(z, costs, keep)
+    logits = {k: torch.where(present[k], z[k] + b, torch.tensor(float("-inf"), dtype=torch.float64))
+              for k in kinds}
+    probs = {k: torch.sigmoid(v).float() for k, v in logits.items()}
+    _check_separated(probs, kept, removed, method, eps)
+    return InitProbabilities(probs=probs, logits=logits, sparsity=allocation.sparsity,
+                             masks=allocation.masks, method=method)
+
+
+def _check_separated(probs, kept, removed, method, eps) -> None:
+    if method == "constant" and eps == 0:
+        return
+    hi_removed = max([float(probs[k][removed[k]].max()) for k in probs if removed[k].any()], default=-1.0)
+    lo_kept = min([float(probs[k][kept[k]].min()) for k in probs if kept[k].any()], default=2.0)
+    if not hi_removed < lo_kept:
+        raise ConfigError("the initial probabilities saturate in float32 so that kept and removed units "
+                          "tie; use a smaller scale (or a larger eps for constant)")
+
+
+def hard_mask(probs: dict[str, torch.Tensor], costs: UnitCosts, sparsity: float, *,
+              tolerance: float | None = None) -> Masks:
+    """Top-k under the budget: keep the most probable units, removing the least probable prefix
+    whose true sparsity is closest to `sparsity` (the same rule as the metric allocations; ties
+    in (kind, layer, unit) order)."""
+    target = check_sparsity(sparsity)
+    positions = global_positions({k: v.double() for k, v in probs.items()}, costs)
+    pre = closest_prefix(positions, costs, target, tolerance=tolerance,
+                         what="+".join(probs) + " units by probability")
+    return masks_from_positions(positions, pre.n)

@@ -1,0 +1,217 @@
+"""Prune with a metric, end to end: calibration -> scores -> allocation (-> FLAP biases).
+
+`prune_with_metric(...) -> (masks, output_bias or None, info)` is the one-call API; the masks and
+biases go straight into `pgprune.surgery.prune_model(model, masks, output_bias=...)`.
+`run_metric(...)` returns the same plus the `Allocation` and `Scores`, which the
+policy-gradient method needs to build its initial probabilities (`metrics.init`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pgprune.errors import ConfigError, DataError
+from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
+from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, check_sparsity, lowest_in_layer,
+                                        uniform_plan)
+from pgprune.metrics.calibration import (LayerEdit, LayerStats, collect_layer_stats, features_per_head_group)
+from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
+from pgprune.models.adapter import ModelAdapter, get_adapter
+
+
+@dataclass
+class MetricResult:
+    masks: Masks
+    output_bias: dict[str, torch.Tensor] | None  # {"attn"|"mlp": [L, hidden]} for surgery, or None
+    allocation: Allocation
+    scores: Scores
+    info: dict
+
+
+def compensation_biases(adapter: ModelAdapter, stats: list[LayerStats], masks: Masks,
+                        costs: UnitCosts | None = None) -> dict[str, torch.Tensor]:
+    """FLAP's bias compensation: for every kept layer, the removed input features of o_proj /
+    down_proj are replaced by their calibration mean, i.e. W[:, removed] @ mean[removed] is added
+    to the projection's output. A removed block of a kept layer becomes that constant (its mean
+    output); a removed layer gets zeros. Returns {"attn": [L, hidden], "mlp": [L, hidden]} float32."""
+    costs = costs or UnitCosts.from_adapter(adapter)
+    eff = masks.effective(costs)
+    L, H = costs.num_layers, adapter.hidden_size
+    out = {"attn": torch.zeros(L, H), "mlp": torch.zeros(L, H)}
+    per_head = features_per_head_group(adapter)
+    for i in range(L):
+        if not bool(eff["layer"][i]):
+            continue
+        m = adapter.layer(i)
+        for block, proj, fs, keep, per_unit in (
+            ("attn", m.o_proj, stats[i].attn_in, eff["head"][i], per_head),
+            ("mlp", m.down_proj, stats[i].mlp_in, eff["channel"][i], 1),
+        ):
+            if proj is None:
+                continue
+            width = proj.in_features // per_unit
+            removed = ~keep[:width].repeat_interleave(per_unit)
+            if not bool(removed.any()):
+                continue
+            w = proj.weight.detach().double()
+            mean = fs.mean.to(w.device) * removed.to(w.device)
+            out[block][i] = (w @ mean).float().cpu()
+    return out
+
+
+def _default_propagate(method, allocation: str, kinds) -> str:
+    if allocation == "uniform" and not any(k in BLOCK_KINDS for k in kinds):
+        return method.uniform_propagate
+    return "dense"
+
+
+def run_metric(
+    model: nn.Module,
+    calib_ids: torch.Tensor | None,
+    method: str,
+    sparsity: float,
+    kinds=("channel", "head"),
+    allocation: str = "uniform",
+    *,
+    batch_size: int = 8,
+    propagate: str | None = None,
+    bias_compensation: bool | None = None,
+    seed: int = 0,
+    tolerance: float | None = None,
+    nsamples: int | None = None,
+    storage_device=None,
+    progress: bool = True,
+    stats: list[LayerStats] | None = None,
+) -> MetricResult:
+    """Scores, allocation and (for FLAP) compensation biases; the model is not modified.
+
+    propagate: "dense" (each layer's statistics come from the unpruned model) or "pruned" (each
+    layer sees the outputs of the already pruned layers before it, as in Wanda; only with a
+    uniform allocation of channel/head units, whose per-layer counts are known up front).
+    Default: the method's reference recipe (wanda-sp + uniform: pruned; otherwise dense).
+    bias_compensation: default True for flap, False otherwise; needs calibration windows.
+    stats: dense statistics from an earlier `collect_layer_stats(model, calib_ids)` to reuse (they
+    do not depend on the method or the budget); only with propagate="dense"."""
+    t0 = time.perf_counter()
+    m = get_method(method)
+    kinds = check_kinds(m, kinds)
+    target = check_sparsity(sparsity)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    propagate = propagate or _default_propagate(m, allocation, kinds)
+    if propagate == "pruned" and (allocation != "uniform" or any(k in BLOCK_KINDS for k in kinds)):
+        raise ConfigError("propagate='pruned' needs allocation='uniform' with channel/head units only: "
+                          "a global or block allocation is known only after every layer is scored; "
+                          "use propagate='dense'")
+    compensate = m.bias_compensation if bias_compensation is None else bool(bias_compensation)
+    if calib_ids is not None and nsamples is not None:
+        if nsamples < 1 or nsamples > calib_ids.shape[0]:
+            raise DataError(f"nsamples={nsamples} but only {calib_ids.shape[0]} calibration windows were "
+                            "given; ask get_calibration_windows for more windows or lower nsamples")
+        calib_ids = calib_ids[:nsamples]
+    need_stats = m.needs_calibration or compensate
+    if stats is not None:
+        if propagate != "dense":
+            raise ConfigError("precomputed stats are dense statistics; they cannot serve propagate='pruned'")
+        if len(stats) != get_adapter(model).num_layers:
+            raise ConfigError(f"stats cover {len(stats)} layers, the model has {get_adapter(model).num_layers}")
+    if need_stats and calib_ids is None and stats is None:
+        why = f"method {method!r}" if m.needs_calibration else "bias compensation"
+        raise ConfigError(f"{why} needs calibration windows (calib_ids); get them from "
+                          "pgprune.data.get_calibration_windows(...)")
+
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    reused = stats is not None
+    walk_masks: dict[int, dict[str, torch.Tensor]] = {}
+    if need_stats and stats is None:
+        on_layer = None
+        if propagate == "pruned":
+            plan = uniform_plan(costs, kinds, target, tolerance=tolerance)  # fails fast if unreachable
+
+            def on_layer(i: int, st: LayerStats) -> LayerEdit:
+                sc = layer_scores(m, adapter, i, st if m.needs_calibration else None, kinds, seed)
+                keep = {}
+                for kind in kinds:
+                    width = adapter.num_kv_heads(i) if kind == "head" else adapter.intermediate_size(i)
+                    keep[kind] = lowest_in_layer(sc[kind], int(plan.counts[kind][i]), width)
+                walk_masks[i] = keep
+                edit = LayerEdit(head_keep=keep.get("head"), channel_keep=keep.get("channel"))
+                if compensate:
+                    edit.attn_bias, edit.mlp_bias = _layer_compensation(adapter, i, st, keep)
+                return edit
+
+        stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, propagate=propagate,
+                                    on_layer=on_layer, storage_device=storage_device, progress=progress,
+                                    adapter=adapter)
+    scores = scores_from_stats(adapter, stats if m.needs_calibration else None, method, kinds, seed)
+    alloc = allocate(scores, costs, target, allocation, tolerance=tolerance)
+    if walk_masks:  # the walk pruned with the same plan and scores; make sure nothing drifted
+        for i, keep in walk_masks.items():
+            for kind, k in keep.items():
+                if not torch.equal(alloc.masks[kind][i, : k.numel()], k):
+                    raise RuntimeError(f"internal error: layer {i} {kind} mask differs between the walk "
+                                       "and the final allocation")
+    bias = compensation_biases(adapter, stats, alloc.masks, costs) if compensate else None
+    masks = alloc.masks
+    info = {
+        "method": method,
+        "allocation": allocation,
+        "unit_kinds": list(kinds),
+        "target_sparsity": target,
+        "sparsity": alloc.sparsity,
+        "propagate": propagate if need_stats else None,
+        "bias_compensation": compensate,
+        "bias_params_added": _bias_params_added(adapter, masks, costs, bias),
+        "calibration": None if not need_stats else {
+            "nsamples": None if calib_ids is None else int(calib_ids.shape[0]),
+            "seqlen": None if calib_ids is None else int(calib_ids.shape[1]),
+            "tokens": stats[0].tokens, "batch_size": batch_size, "reused_stats": reused},
+        "seed": seed,
+        "removed_units": alloc.removed,
+        "masks": masks.summary(costs),
+        "seconds": time.perf_counter() - t0,
+    }
+    return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info)
+
+
+def _layer_compensation(adapter, i, st: LayerStats, keep: dict[str, torch.Tensor]):
+    m = adapter.layer(i)
+    out = []
+    for proj, fs, k, per_unit in ((m.o_proj, st.attn_in, keep.get("head"), features_per_head_group(adapter)),
+                                  (m.down_proj, st.mlp_in, keep.get("channel"), 1)):
+        if proj is None or k is None or bool(k.all()):
+            out.append(None)
+            continue
+        removed = ~k.repeat_interleave(per_unit)
+        w = proj.weight.detach().double()
+        out.append((w @ (fs.mean.to(w.device) * removed.to(w.device))).float())
+    return out[0], out[1]
+
+
+def _bias_params_added(adapter, masks: Masks, costs: UnitCosts, bias) -> int:
+    """Parameters surgery adds for the compensation: a new bias vector for every kept block whose
+    projection had none (and a residual constant for removed blocks of kept layers)."""
+    if bias is None:
+        return 0
+    eff = masks.effective(costs)
+    n = 0
+    for i in range(costs.num_layers):
+        lm = adapter.layer(i)
+        for block, proj in (("attn", lm.o_proj), ("mlp", lm.down_proj)):
+            if bool(bias[block][i].ne(0).any()) and (proj is None or proj.bias is None
+                                                     or not bool(eff[block][i])):
+                n += adapter.hidden_size
+    return n
+
+
+def prune_with_metric(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
+                      kinds=("channel", "head"), allocation: str = "uniform", **kwargs):
+    """(masks, output_bias or None, info): see `run_metric` for the options. Feed the first two
+    to `pgprune.surgery.prune_model(model, masks, output_bias=output_bias)`."""
+    r = run_metric(model, calib_ids, method, sparsity, kinds, allocation, **kwargs)
+    return r.masks, r.output_bias, r.info
