@@ -160,3 +160,45 @@ def test_atomic_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="not a pruned model"):
         make_model("llama").save_pretrained(tmp_path / "plain")
         load_pruned(tmp_path / "plain", dtype="fp32", device="cpu")
+
+
+def test_cli_apply_and_info(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from pgprune.cli import main
+    from pgprune.gating import gated_logits
+
+    model = make_model("qwen3")
+    dense_dir = tmp_path / "dense"
+    model.save_pretrained(dense_dir)
+    tiny_tokenizer().save_pretrained(dense_dir)
+    costs = costs_of(model)
+    masks = structured_mask(costs, seed=4)
+    masks.save(tmp_path / "masks.safetensors")
+    bias = _bias(model)
+    save_file({k: v.contiguous() for k, v in bias.items()}, str(tmp_path / "bias.safetensors"))
+    ids = random_ids(2, 9)
+    want = logits(prune_model(model, masks, output_bias=bias, copy=True), ids)
+    gated = gated_logits(model, ids, masks)
+
+    out = tmp_path / "pruned"
+    assert main(["apply", str(dense_dir), "--masks", str(tmp_path / "masks.safetensors"), "--out", str(out),
+                 "--dtype", "fp32", "--output-bias", str(tmp_path / "bias.safetensors")]) == 0
+    reloaded, tok = load_pruned(out, dtype="fp32", device="cpu")
+    assert tok is not None
+    assert (logits(reloaded, ids) - want).abs().max() <= 1e-4
+    assert (want - gated).abs().max() > 1e-3  # the bias file was applied
+
+    assert main(["info", str(out), "--json", str(tmp_path / "info.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "sparsity" in printed and "removed layers (dense indices): [2]" in printed
+    info = json.loads((tmp_path / "info.json").read_text())
+    n_bias = 6 * model.config.hidden_size  # non-zero vectors on the 3 kept layers, both blocks
+    assert info["prunable_params"] == int(masks.kept_prunable_params(costs)) + n_bias
+    assert info["dense_prunable_params"] == costs.prunable_params
+    assert [r["source_layer"] for r in info["layers"]] == [0, 1, 3]
+
+    assert main(["info", str(dense_dir)]) == 0
+    assert "sparsity 0.00%" in capsys.readouterr().out
+    assert main(["apply", str(dense_dir), "--masks", str(tmp_path / "missing.safetensors"), "--out",
+                 str(tmp_path / "x")]) == 1

@@ -65,8 +65,69 @@ def _run_eval(args) -> int:
     return 0
 
 
+# --- apply / info ------------------------------------------------------------------------------
+def _add_apply(sub) -> None:
+    p = sub.add_parser("apply", help="apply a mask file to a model and export the pruned model",
+                       description="Physically remove the units that a mask file drops and write a Hugging "
+                                   "Face folder that reloads with AutoModelForCausalLM.from_pretrained(DIR, "
+                                   "trust_remote_code=True) or `pgprune eval DIR`.")
+    p.add_argument("model", metavar="MODEL", help="hub id, local folder, .gguf file, or smollm2-135m")
+    p.add_argument("--masks", required=True, help="masks.safetensors (as written by `pgprune prune`)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--output-bias", default=None,
+                   help="optional safetensors with 'attn' and/or 'mlp' tensors [layers, hidden]: FLAP-style "
+                        "bias compensation added to o_proj / down_proj")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weight dtype of the exported model (auto: bf16 where the device supports it, else fp32)")
+    p.add_argument("--device", default="cpu", help="where to do the surgery (default: cpu)")
+
+
+def _run_apply(args) -> int:
+    from safetensors.torch import load_file
+
+    from pgprune.export import format_summary, save_pruned, structure_summary
+    from pgprune.masks import Masks
+    from pgprune.models.load import load_model
+    from pgprune.surgery import prune_model
+
+    masks = Masks.load(args.masks)
+    bias = load_file(args.output_bias) if args.output_bias else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    prune_model(model, masks, output_bias=bias)
+    out = save_pruned(model, tokenizer, args.out, masks=masks, overwrite=args.overwrite,
+                      extra={"source_model": args.model, "masks_file": str(args.masks),
+                             "output_bias_file": args.output_bias})
+    print(format_summary(structure_summary(model), str(out)))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="per-layer widths, parameter counts and sparsity of a model",
+                       description="Show each decoder layer's KV heads, query heads, MLP channels and "
+                                   "parameters, and the sparsity (fraction of the dense model's decoder-layer "
+                                   "parameters removed) of a pruned folder or a dense model.")
+    p.add_argument("model", metavar="DIR_OR_MODEL")
+    p.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON here")
+
+
+def _run_info(args) -> int:
+    from pgprune import atomic
+    from pgprune.export import format_summary, inspect_model
+
+    summary = inspect_model(args.model)
+    print(format_summary(summary, args.model))
+    if args.json_out:
+        atomic.write_json(args.json_out, {"model": args.model, **summary})
+        print(f"wrote {args.json_out}")
+    return 0
+
+
 COMMANDS = [
     ("eval", _add_eval, _run_eval),
+    ("apply", _add_apply, _run_apply),
+    ("info", _add_info, _run_info),
 ]
 
 

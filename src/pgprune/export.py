@@ -8,7 +8,7 @@ A folder written by `save_pruned` holds
   model.safetensors     the pruned weights (same tensor names as the dense model, fewer of them)
   modeling_pgprune.py   a copy of pgprune/models/pruned_modeling.py (torch + transformers only)
   generation_config.json, tokenizer files (when a tokenizer is given)
-  masks.safetensors     the mask that produced the model (when given; in dense coordinates)
+  masks.safetensors     the mask that produced the model (when given; units of the model it was applied to)
   pgprune.json          provenance: versions, parameter counts, sparsity, and the caller's `extra`
 
 It loads anywhere with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`;
@@ -150,3 +150,43 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", devi
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def inspect_model(name: str) -> dict:
+    """`structure_summary` of a model folder (pruned or dense), hub id, .gguf file or alias.
+    Folders are built on the meta device from their config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    from pgprune.models.load import load_model, resolve_model_source
+
+    source, kwargs = resolve_model_source(name)
+    if not kwargs and (Path(source) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(source)
+        cls = pm.family_causal_lm_class(config)
+        if getattr(config, pm.CONFIG_KEY, None):
+            cls = pm.pruned_causal_lm_class(cls)
+        with torch.device("meta"):
+            model = cls(config)
+    else:
+        model, _ = load_model(name, dtype="fp32", device="cpu")
+    return structure_summary(model)
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    """A per-layer table and the totals, with the sparsity definition spelled out."""
+    lines = [f"{title}  ({summary['model_type']}, {summary['num_layers']} of {summary['dense_num_layers']} layers)"
+             if title else f"{summary['model_type']}: {summary['num_layers']} of {summary['dense_num_layers']} layers"]
+    lines.append(f"{'layer':>5} {'src':>4} {'kv_heads':>8} {'heads':>5} {'channels':>8} {'attn_params':>12} "
+                 f"{'mlp_params':>12} {'layer_params':>12}")
+    for r in summary["layers"]:
+        lines.append(f"{r['layer']:>5} {r['source_layer']:>4} {r['kv_heads']:>8} {r['heads']:>5} {r['channels']:>8} "
+                     f"{r['attn_params']:>12,} {r['mlp_params']:>12,} {r['params']:>12,}")
+    if summary["removed_layers"]:
+        lines.append(f"removed layers (dense indices): {summary['removed_layers']}")
+    lines.append(f"prunable params (decoder layers): {summary['prunable_params']:,} of "
+                 f"{summary['dense_prunable_params']:,} dense -> sparsity {summary['sparsity']:.2%}")
+    lines.append(f"all params: {summary['total_params']:,} of {summary['dense_total_params']:,} dense -> "
+                 f"{summary['total_sparsity']:.2%} of all parameters removed")
+    lines.append("sparsity = fraction of the dense model's decoder-layer parameters (attention, MLP, norms) "
+                 "removed; embeddings and LM head excluded")
+    return "\n".join(lines)

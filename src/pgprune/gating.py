@@ -58,24 +58,45 @@ def _expand_heads(heads: torch.Tensor, width: int) -> torch.Tensor:
 
 class _Multiplier:
     """A [K, D] keep-mask applied to a [K*B, ..., D] activation (mask k scales rows k*B..(k+1)*B-1).
-    The mask is moved to the activation's device and dtype once and cached."""
 
-    def __init__(self, keep: torch.Tensor, num_masks: int):
+    `prepared` is the mask already on the module's device and dtype (see `_prepare`), so a hook
+    never copies from the host in the middle of a forward (a synchronous copy would stall the GPU
+    queue at every layer). Other devices / dtypes are converted on first use and cached."""
+
+    def __init__(self, keep: torch.Tensor, num_masks: int, device: torch.device | None, dtype: torch.dtype | None):
         self.keep = keep  # [K, D] bool, on the CPU
         self.k = num_masks
+        self.device, self.dtype = device, dtype
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    def set_prepared(self, m: torch.Tensor) -> None:
+        self._cache[(m.device, m.dtype)] = m
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if n % self.k:
             raise ConfigError(f"a gated forward with K={self.k} masks needs a batch of K*B rows; got {n} rows")
-        key = (x.device, x.dtype, x.dim())
-        m = self._cache.get(key)
+        m = self._cache.get((x.device, x.dtype))
         if m is None:
-            shape = (self.k,) + (1,) * (x.dim() - 1) + (x.shape[-1],)
-            m = self.keep.to(device=x.device, dtype=x.dtype).view(shape)
-            self._cache[key] = m
+            m = self.keep.to(device=x.device, dtype=x.dtype)
+            self._cache[(x.device, x.dtype)] = m
+        m = m.view((self.k,) + (1,) * (x.dim() - 1) + (x.shape[-1],))
         return (x.view(self.k, n // self.k, *x.shape[1:]) * m).view(x.shape)
+
+
+def _prepare(mults: list[_Multiplier]) -> None:
+    """Move all masks to their modules' devices in one copy per (device, dtype)."""
+    groups: dict[tuple, list[_Multiplier]] = {}
+    for mult in mults:
+        if mult.device is not None and mult.device.type != "meta":
+            groups.setdefault((mult.device, mult.dtype), []).append(mult)
+    for (device, dtype), members in groups.items():
+        flat = torch.cat([mult.keep.reshape(-1) for mult in members]).to(device=device).to(dtype)
+        offset = 0
+        for mult in members:
+            n = mult.keep.numel()
+            mult.set_prepared(flat[offset:offset + n].view(mult.keep.shape))
+            offset += n
 
 
 def _pre_hook(mult: _Multiplier):
@@ -111,29 +132,36 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
     eff = masks.effective(costs)
     if masks.batch_size is None:
         eff = {kind: t.unsqueeze(0) for kind, t in eff.items()}  # [1, L, ...]
+    hooks: list[tuple[nn.Module, str, _Multiplier]] = []
+
+    def add(module: nn.Linear, where: str, keep: torch.Tensor) -> None:
+        w = module.weight
+        hooks.append((module, where, _Multiplier(keep.contiguous(), k, w.device, w.dtype)))
+
+    for i in range(costs.num_layers):
+        m = adapter.layer(i)
+        if m.o_proj is not None:
+            heads = eff["head"][:, i, : int(costs.num_kv_heads[i])]
+            if not bool(heads.all()):
+                add(m.o_proj, "pre", _expand_heads(heads, m.o_proj.in_features))
+            attn = eff["attn"][:, i]
+            if m.o_proj.bias is not None and not bool(attn.all()):
+                add(m.o_proj, "post", attn[:, None].expand(k, m.o_proj.out_features))
+        if m.down_proj is not None:
+            chans = eff["channel"][:, i, : int(costs.intermediate[i])]
+            if not bool(chans.all()):
+                add(m.down_proj, "pre", chans)
+            mlp = eff["mlp"][:, i]
+            if m.down_proj.bias is not None and not bool(mlp.all()):
+                add(m.down_proj, "post", mlp[:, None].expand(k, m.down_proj.out_features))
+    _prepare([mult for _, _, mult in hooks])
     handles = []
     try:
-        for i in range(costs.num_layers):
-            m = adapter.layer(i)
-            if m.o_proj is not None:
-                width = m.o_proj.in_features
-                groups = int(costs.num_kv_heads[i])
-                heads = eff["head"][:, i, :groups]
-                if not bool(heads.all()):
-                    keep = _expand_heads(heads, width)
-                    handles.append(m.o_proj.register_forward_pre_hook(_pre_hook(_Multiplier(keep, k))))
-                attn = eff["attn"][:, i]
-                if m.o_proj.bias is not None and not bool(attn.all()):
-                    keep = attn[:, None].expand(k, m.o_proj.out_features)
-                    handles.append(m.o_proj.register_forward_hook(_post_hook(_Multiplier(keep, k))))
-            if m.down_proj is not None:
-                chans = eff["channel"][:, i, : int(costs.intermediate[i])]
-                if not bool(chans.all()):
-                    handles.append(m.down_proj.register_forward_pre_hook(_pre_hook(_Multiplier(chans, k))))
-                mlp = eff["mlp"][:, i]
-                if m.down_proj.bias is not None and not bool(mlp.all()):
-                    keep = mlp[:, None].expand(k, m.down_proj.out_features)
-                    handles.append(m.down_proj.register_forward_hook(_post_hook(_Multiplier(keep, k))))
+        for module, where, mult in hooks:
+            if where == "pre":
+                handles.append(module.register_forward_pre_hook(_pre_hook(mult)))
+            else:
+                handles.append(module.register_forward_hook(_post_hook(mult)))
         yield model
     finally:
         for h in handles:
