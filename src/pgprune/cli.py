@@ -42,6 +42,16 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="evaluate only the first N tokens of each dataset (quick checks)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks through lm-evaluation-harness, or 'all': boolq, "
+                        "piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, lambada_openai "
+                        "(with --data-dir they read local files; tasks without local data are skipped "
+                        "and listed). Use --ppl none for zero-shot only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="zero-shot: evaluate only the first N examples of each task (quick runs)")
+    p.add_argument("--speed", action="store_true",
+                   help="also measure prefill / decode speed and memory (batch 1, 128-token prompt, "
+                        "32 decode steps; see `pgprune bench` for options)")
     _add_common_model_options(p)
     _add_common_data_options(p)
 
@@ -50,17 +60,78 @@ def _run_eval(args) -> int:
     from pgprune.evaluate.perplexity import evaluate_perplexity, format_ppl_table
     from pgprune.models.load import load_model
     from pgprune import atomic
+    from pgprune.evaluate.record import evaluation_record
 
+    if args.tasks is not None:  # check the options before loading the model
+        from pgprune.evaluate.zeroshot import _check_limit, parse_tasks
+
+        parse_tasks(args.tasks)
+        _check_limit(args.limit)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     results = []
-    for name in [n.strip() for n in args.ppl.split(",") if n.strip()]:
+    ppl_names = [] if args.ppl.strip().lower() == "none" else [n.strip() for n in args.ppl.split(",") if n.strip()]
+    for name in ppl_names:
         res = evaluate_perplexity(model, tokenizer, name, split=args.split, seqlen=args.seqlen,
                                   batch_size=args.batch_size, max_tokens=args.max_tokens,
                                   data_dir=args.data_dir, progress=True)
         results.append(res)
-    print(format_ppl_table(args.model, results))
+    if results:
+        print(format_ppl_table(args.model, results))
+    zeroshot = speed = None
+    if args.tasks is not None:
+        from pgprune.evaluate.zeroshot import evaluate_zeroshot, format_zeroshot_table
+
+        zeroshot = evaluate_zeroshot(model, tokenizer, args.tasks, data_dir=args.data_dir, limit=args.limit,
+                                     batch_size=args.batch_size).to_dict()
+        print(format_zeroshot_table(zeroshot))
+    if args.speed:
+        from pgprune.evaluate.speed import compare_speed, format_speed_table
+
+        speed = compare_speed({args.model: model}, progress=True).to_dict()
+        print(format_speed_table(speed))
     if args.json_out:
-        atomic.write_json(args.json_out, {"model": args.model, "perplexity": [r.to_dict() for r in results]})
+        atomic.write_json(args.json_out, evaluation_record(
+            args.model, perplexity=[r.to_dict() for r in results] if ppl_names else None,
+            zeroshot=zeroshot, speed=speed))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+# --- bench ------------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure inference speed and memory (optionally against a dense model)",
+                       description="Time prefill and cached greedy decoding of MODEL_OR_DIR (a pruned folder, "
+                                   "hub id, .gguf or smollm2-135m). With --vs DENSE both models run "
+                                   "interleaved in one process and the speed-ups are medians of paired "
+                                   "per-repeat ratios.")
+    p.add_argument("model", metavar="MODEL_OR_DIR")
+    p.add_argument("--vs", default=None, metavar="DENSE", help="baseline model to compare against")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: 1)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for the prefill (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps with the KV cache (default: 32)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (default: 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per model (default: 5)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
+    _add_common_model_options(p)
+
+
+def _run_bench(args) -> int:
+    from pgprune import atomic
+    from pgprune.evaluate.record import evaluation_record
+    from pgprune.evaluate.speed import compare_speed, format_speed_table
+    from pgprune.models.load import load_model
+
+    models = {}
+    if args.vs:
+        models[args.vs] = load_model(args.vs, dtype=args.dtype, device=args.device)[0]
+    name = args.model if args.model != args.vs else f"{args.model} (2)"
+    models[name] = load_model(args.model, dtype=args.dtype, device=args.device)[0]
+    cmp = compare_speed(models, baseline=args.vs or name, batch_size=args.batch_size,
+                        prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
+                        repeats=args.repeats, progress=True).to_dict()
+    print(format_speed_table(cmp))
+    if args.json_out:
+        atomic.write_json(args.json_out, evaluation_record(name, speed=cmp, baseline=args.vs))
         print(f"wrote {args.json_out}")
     return 0
 
@@ -126,6 +197,7 @@ def _run_info(args) -> int:
 
 COMMANDS = [
     ("eval", _add_eval, _run_eval),
+    ("bench", _add_bench, _run_bench),
     ("apply", _add_apply, _run_apply),
     ("info", _add_info, _run_info),
 ]

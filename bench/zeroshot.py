@@ -1,0 +1,75 @@
+"""Zero-shot accuracy of the dense model on every task that has local data (lm-eval prompts/metrics).
+
+    python bench/zeroshot.py [--model smollm2-135m] [--limit 20] [--tasks all] [--data-dir ../shared/data]
+
+Each task runs on its own so its time is recorded; `--limit N` takes the first N examples of each
+task (the full sets take hours on two shared CPU cores). Prints a table and writes
+bench/results/zeroshot.json in the pgprune.eval/1 schema (docs/evaluation.md), with the limit,
+the per-task seconds and the machine (including its load average: CPU timings here are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save  # noqa: E402
+
+from pgprune.errors import DataError  # noqa: E402
+from pgprune.evaluate.record import evaluation_record  # noqa: E402
+from pgprune.evaluate.zeroshot import (ZeroShotResult, evaluate_zeroshot, format_zeroshot_table,  # noqa: E402
+                                       parse_tasks)
+from pgprune.models.load import load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tasks", default="all")
+    ap.add_argument("--limit", type=int, default=20,
+                    help="first N examples per task (default 20: about 10 minutes on 2 busy CPU cores); "
+                         "0 = all examples")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--name", default="zeroshot", help="results file name under bench/results/")
+    args = ap.parse_args()
+    limit = args.limit or None
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    names = parse_tasks(args.tasks)
+    parts, skipped, seconds = {}, {}, {}
+    for name in names:
+        t = time.perf_counter()
+        try:
+            r = evaluate_zeroshot(model, tok, [name], data_dir=args.data_dir, limit=limit,
+                                  batch_size=args.batch_size)
+        except DataError as e:
+            skipped[name] = str(e)
+            continue
+        seconds[name] = round(time.perf_counter() - t, 1)
+        parts[name] = r
+        res = r.tasks[name]
+        print(f"{name}: acc {res.acc:.4f} (n={res.n}, {seconds[name]} s)", flush=True)
+    any_part = next(iter(parts.values()))
+    merged = ZeroShotResult(tasks={n: p.tasks[n] for n, p in parts.items()}, skipped=skipped, limit=limit,
+                            batch_size=args.batch_size, data_dir=any_part.data_dir,
+                            seconds=sum(p.seconds for p in parts.values()),
+                            lm_eval_version=any_part.lm_eval_version, requested=names)
+    title = f"{args.model} ({args.dtype}, {args.device}), first {limit or 'all'} examples per task"
+    print(format_zeroshot_table(merged, title=title))
+    print("seconds per task: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
+    record = evaluation_record(args.model, zeroshot=merged.to_dict(), extra={
+        "command": "python " + " ".join(sys.argv), "dtype": args.dtype, "device": args.device,
+        "seconds_per_task": seconds, "model_load_seconds": round(load_s, 1)})
+    save(args.name, record)
+
+
+if __name__ == "__main__":
+    main()
