@@ -195,7 +195,84 @@ def _run_info(args) -> int:
     return 0
 
 
+# --- prune ------------------------------------------------------------------------------------
+def _add_prune(sub) -> None:
+    from pgprune.pruning import PruneOptions
+
+    d = PruneOptions()
+    p = sub.add_parser(
+        "prune", help="prune a model (policy gradient, or a metric method) and export it",
+        description="Prune MODEL to the given sparsity (fraction of the decoder layers' parameters removed) "
+                    "and write the pruned Hugging Face folder, masks, run.json and metrics.jsonl into --out. "
+                    "--method pg learns the masks with forward passes only (policy gradient), starting from "
+                    "--init; the other methods are metric baselines.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=d.model,
+                   help=f"hub id, local folder, .gguf file or smollm2-135m (default: {d.model})")
+    p.add_argument("--method", default=d.method,
+                   help="pg (default), wanda-sp, flap, magnitude, random, block-influence")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"fraction of prunable parameters to remove (default {d.sparsity})")
+    p.add_argument("--units", default=d.units, help="unit kinds: channel,head,attn,mlp,layer (default channel,head)")
+    p.add_argument("--allocation", default=d.allocation, choices=["uniform", "global"],
+                   help="metric methods / pg init: same fraction per layer, or one global threshold")
+    p.add_argument("--calib", default=d.calib, help=f"calibration data (default {d.calib}; c4, wikitext2, text:PATH)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; pg: a pool of 1024)")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"calibration window length (default {d.seqlen})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("policy gradient (--method pg)")
+    g.add_argument("--init", default=d.init, help="metric method for the initial probabilities, or constant (default wanda-sp)")
+    g.add_argument("--init-mapping", default=d.init_mapping, choices=["sigmoid", "constant"])
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}; the paper: ~15000)")
+    g.add_argument("--k", type=int, default=d.k, help="masks sampled per step (default 2)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities (default {d.lr})")
+    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
+    g.add_argument("--estimator", default=d.estimator, choices=["paper", "loo"])
+    g.add_argument("--projection", default=d.projection, choices=["cost", "uniform"],
+                   help="budget projection shift: proportional to unit cost (default) or equal")
+    g.add_argument("--per-kind-budget", action="store_true", help="hold each unit kind to the budget separately (paper)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between hard-mask evaluations / checkpoints")
+    g.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation after the masks are chosen")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", default=d.eval, help=f"perplexity datasets (default {d.eval})")
+    e.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens,
+                   help=f"tokens per dataset for dense/init/final perplexity (default {d.eval_max_tokens}; 0 = all)")
+    e.add_argument("--track-max-tokens", type=int, default=d.track_max_tokens,
+                   help="tokens for the periodic hard-mask perplexity during pg")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the pg run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common_model_options(p)
+    _add_common_data_options(p)
+
+
+def _run_prune(args) -> int:
+    from pgprune.pruning import PruneOptions, prune
+
+    opts = PruneOptions(
+        model=args.model, method=args.method, sparsity=args.sparsity, units=args.units, allocation=args.allocation,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
+        dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, steps=args.steps,
+        k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
+        projection=args.projection, per_kind_budget=args.per_kind_budget, eval_every=args.eval_every,
+        checkpoint_every=args.eval_every, eval=args.eval, eval_max_tokens=args.eval_max_tokens or None,
+        track_max_tokens=args.track_max_tokens, compensate=args.compensate)
+    record = prune(opts, args.out, resume=args.resume, overwrite=args.overwrite)
+    ppl = record["perplexity"]
+    m = record["masks"]
+    print(f"\npruned {args.model} with {args.method}: sparsity {m['sparsity']:.4f} of prunable parameters "
+          f"({m['total_sparsity']:.4f} of all), perplexity at seqlen {opts.eval_seqlen}"
+          + (f" on the first {opts.eval_max_tokens} tokens" if opts.eval_max_tokens else "") + ":")
+    stages = [s for s in ("dense", "init", "gated", "pruned") if s in ppl]
+    print("  " + "dataset".ljust(12) + "".join(s.rjust(12) for s in stages))
+    for name in ppl["dense"]:
+        print("  " + name.ljust(12) + "".join(f"{ppl[s][name]:12.3f}" for s in stages))
+    print(f"wrote {record['pruned_model']} (reload: pgprune.load_pruned or AutoModelForCausalLM.from_pretrained("
+          "..., trust_remote_code=True))")
+    return 0
+
+
 COMMANDS = [
+    ("prune", _add_prune, _run_prune),
     ("eval", _add_eval, _run_eval),
     ("bench", _add_bench, _run_bench),
     ("apply", _add_apply, _run_apply),
