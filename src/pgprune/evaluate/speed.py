@@ -90,6 +90,17 @@ def _rss_bytes(field_name: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    """glibc keeps freed memory mapped; without a trim a timed run after the warm-up reuses it and
+    its working memory reads as ~0."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _MemoryProbe:
     def __init__(self, device: torch.device):
         self.device = device
@@ -107,6 +118,7 @@ class _MemoryProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
             return torch.cuda.memory_allocated(self.device)
         if self.method == "cpu_peak_rss":
+            _malloc_trim()  # hand freed heap pages back, so this run's allocations show up in the RSS
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS
