@@ -1,0 +1,161 @@
+"""Policy-gradient pruning quality on SmolLM2-135M against the metric methods, in one run.
+
+For each sparsity: the metric baselines (wanda-sp, flap, magnitude, random for channel,head;
+block-influence for layer) and PG runs started from the wanda-sp mask (block-influence for
+layer), one per estimator, with the paper's K=2 and batch 8 x 128 from the Wikipedia sample.
+Every PG run logs the hard-mask perplexity against forward passes (the curve). Final numbers:
+WikiText-2 test perplexity at seqlen 128 on the first --max-tokens tokens (DESIGN.md protocol).
+
+    python bench/pg_quality.py --sparsities 0.3,0.5 --steps 300 --estimators paper,loo
+
+Writes bench/results/pg_quality.json (after every run) and bench/results/pg_quality.png if
+matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, save, table  # noqa: E402
+
+from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
+from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
+from pgprune.gating import gated  # noqa: E402
+from pgprune.masks import UnitCosts, parse_unit_kinds  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats  # noqa: E402
+from pgprune.metrics.init import init_probabilities  # noqa: E402
+from pgprune.metrics.prune import run_metric  # noqa: E402
+from pgprune.models.adapter import get_adapter  # noqa: E402
+from pgprune.models.load import load_model  # noqa: E402
+from pgprune.policy.loop import PGConfig, run_policy_gradient  # noqa: E402
+from pgprune.policy.probabilities import UnitLayout  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--sparsities", default="0.3,0.5")
+    ap.add_argument("--units", default="channel,head", help="unit kinds; 'layer' compares with block-influence")
+    ap.add_argument("--methods", default="wanda-sp,flap,magnitude,random")
+    ap.add_argument("--init", default="wanda-sp")
+    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--estimators", default="paper,loo")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lrs", default=None, help="per-estimator lr, e.g. paper:0.05,loo:0.01")
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
+    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the metric methods")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--track-max-tokens", type=int, default=16384)
+    ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--tag", default="pg_quality")
+    args = ap.parse_args()
+
+    kinds = parse_unit_kinds(args.units)
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    layout = UnitLayout.build(costs, kinds)
+    test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
+    track = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)  # held out from the final test
+    pool = get_calibration_windows(tok, "wiki-sample", args.pool, args.seqlen, seed=0)
+    calib = pool[: args.nsamples]
+    lrs = dict(x.split(":") for x in args.lrs.split(",")) if args.lrs else {}
+
+    def ppl(masks, tokens=test, max_tokens=args.max_tokens):
+        if masks is None:
+            return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
+        with gated(model, masks, costs=costs):
+            return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
+
+    rows, runs = [], []
+    payload = {"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "runs": runs}
+    dense = ppl(None)
+    rows.append({"sparsity": 0.0, "method": "dense", "true_sparsity": 0.0, "wikitext2_ppl": dense})
+    print(f"dense: {dense:.3f}", flush=True)
+    stats = collect_layer_stats(model, calib, batch_size=8, propagate="dense", adapter=adapter, progress=False)
+    methods = [m for m in args.methods.split(",") if m]
+    if "layer" in kinds and args.init == "wanda-sp":
+        args.init = "block-influence"
+    for sp in [float(x) for x in args.sparsities.split(",")]:
+        metric_results = {}
+        for method in dict.fromkeys(methods + [args.init]):
+            t0 = time.perf_counter()
+            alloc = "global" if method in ("flap", "block-influence") else args.allocation
+            r = run_metric(model, calib, method, sp, kinds, alloc, seed=0, progress=False,
+                           stats=stats if method != "wanda-sp" or alloc != "uniform" else None,
+                           propagate="dense" if method != "wanda-sp" or alloc != "uniform" else None,
+                           bias_compensation=False)
+            metric_results[method] = r
+            value = ppl(r.masks)
+            rows.append({"sparsity": sp, "method": f"{method} ({alloc})", "true_sparsity": r.info["sparsity"],
+                         "wikitext2_ppl": value, "seconds": time.perf_counter() - t0})
+            print(rows[-1], flush=True)
+            save(args.tag, payload)
+        init = init_probabilities(metric_results[args.init].allocation, costs, "sigmoid")
+        s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
+        for est in args.estimators.split(","):
+            lr = float(lrs.get(est, args.lr))
+            config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
+                              batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
+                              checkpoint_every=10**9)
+            t0 = time.perf_counter()
+            res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
+                                      eval_fn=lambda m: ppl(m, track, args.track_max_tokens))
+            seconds = time.perf_counter() - t0
+            final = ppl(res.masks)
+            step_times = seconds / max(args.steps, 1)
+            rows.append({"sparsity": sp, "method": f"pg-{est} (init {args.init}, lr {lr})",
+                         "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
+            runs.append({"sparsity": sp, "estimator": est, "lr": lr, "steps": args.steps,
+                         "seconds_per_step_incl_eval": step_times,
+                         "curve": [{"forward_passes": h["forward_passes"], "hard_ppl_valid": h["hard_ppl"]}
+                                   for h in res.history if "hard_ppl" in h],
+                         "final_test_ppl": final})
+            runs[-1]["init_test_ppl"] = next(r["wikitext2_ppl"] for r in rows
+                                              if r["sparsity"] == sp and r["method"].startswith(args.init))
+            print(rows[-1], flush=True)
+            save(args.tag, payload)
+    print(table(rows, ["sparsity", "method", "true_sparsity", "wikitext2_ppl", "seconds"]))
+    print(f"(WikiText-2 test, seqlen 128, first {args.max_tokens} tokens; PG curve on WikiText-2 validation, "
+          f"first {args.track_max_tokens} tokens)")
+    save(args.tag, payload)
+    _plot(runs, RESULTS_DIR / f"{args.tag}.png")
+
+
+def _plot(runs, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs = [c["forward_passes"] for c in r["curve"]]
+        ys = [c["hard_ppl_valid"] for c in r["curve"]]
+        ax.plot(xs, ys, marker="o", label=f"{r['estimator']} lr={r['lr']} sparsity={r['sparsity']}")
+    ax.set_xlabel("forward passes (masked models evaluated)")
+    ax.set_ylabel("hard-mask perplexity (WikiText-2 valid, seqlen 128)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
