@@ -10,7 +10,9 @@ median of per-repeat ratios, so drifting machine load cancels. Target: masked_lo
 <= 1.10.
 
     python bench/gating_cost.py                       # smollm2-135m, bf16 and fp32, on cuda if present
-    python bench/gating_cost.py --device cpu --repeats 3
+    OMP_NUM_THREADS=1 python bench/gating_cost.py --repeats 3        # results/ run (CPU)
+
+On a CPU shared with other work, OMP_NUM_THREADS=1 gives much steadier ratios.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ def bench_dtype(model_name: str, dtype: str, device: str | None, batch: int, seq
     return out
 
 
+def _env_prefix() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={threads} " if threads else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
               "k": k, "repeats": args.repeats, "warmup": args.warmup, "target_ratio_masked_vs_plain": 1.10,
               "masks": "random, 50% of KV groups and MLP channels kept per mask",
               "machine": machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "command": "python bench/gating_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": _env_prefix() + "python bench/gating_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "results": rows}
     atomic.write_json(args.out, record)
     print(f"wrote {args.out}")

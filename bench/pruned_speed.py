@@ -14,8 +14,10 @@ per attention layer (scores and weighted sum), at the mean causal context of the
 of the decode steps; decoding also runs the LM head for every token, prefill only for the last one
 (not counted). ideal speedup = dense FLOPs / pruned FLOPs; efficiency = measured / ideal.
 
-    python bench/pruned_speed.py                        # smollm2-135m, cuda+bf16 if present, else cpu+fp32
-    python bench/pruned_speed.py --batch 1 --new-tokens 16 --repeats 3
+    python bench/pruned_speed.py        # smollm2-135m; cuda if present; dtype auto (bf16 where native)
+    OMP_NUM_THREADS=1 python bench/pruned_speed.py --batch 1 --new-tokens 8 --repeats 7   # results/ run
+
+On a CPU shared with other work, OMP_NUM_THREADS=1 gives much steadier ratios.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ def flops_per_token(model, context: float, with_head: bool) -> float:
     return total
 
 
+def _env_prefix() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={threads} " if threads else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
               "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
               "sparsity_definition": "fraction of the dense model's decoder-layer parameters removed",
               "machine": machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "command": "python bench/pruned_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": _env_prefix() + "python bench/pruned_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows, "speed": cmp.to_dict()}
     atomic.write_json(args.out, record)
     print(f"wrote {args.out}")
