@@ -241,6 +241,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the pg run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--report", action="store_true",
+                   help="write report.md, report.json and plots into --out at the end (needs matplotlib)")
     _add_common_model_options(p)
     _add_common_data_options(p)
 
@@ -248,6 +250,10 @@ def _add_prune(sub) -> None:
 def _run_prune(args) -> int:
     from pgprune.pruning import PruneOptions, prune
 
+    if args.report:  # fail now, not after a long run, when matplotlib is missing
+        from pgprune.report import require_matplotlib
+
+        require_matplotlib()
     opts = PruneOptions(
         model=args.model, method=args.method, sparsity=args.sparsity, units=args.units, allocation=args.allocation,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
@@ -268,6 +274,36 @@ def _run_prune(args) -> int:
         print("  " + name.ljust(12) + "".join(f"{ppl[s][name]:12.3f}" for s in stages))
     print(f"wrote {record['pruned_model']} (reload: pgprune.load_pruned or AutoModelForCausalLM.from_pretrained("
           "..., trust_remote_code=True))")
+    if args.report:
+        from pgprune.report import REPORT_MD, write_report
+
+        write_report(args.out)
+        print(f"wrote {args.out}/{REPORT_MD}")
+    return 0
+
+
+# --- report -----------------------------------------------------------------------------------
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="summarise a run folder: report.md, report.json and plots",
+                       description="Read a run folder written by `pgprune prune --out RUN_DIR` and write into it "
+                                   "report.md (model, method, sparsity, perplexity table, PG settings, plots), "
+                                   "report.json (the same numbers) and PNG plots: kept heads / channels per "
+                                   "layer, and for policy-gradient runs the keep-probability histograms and "
+                                   "the loss / hard-mask perplexity curves. Needs matplotlib (pgprune[plot]).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+
+
+def _run_report(args) -> int:
+    from pgprune.report import REPORT_JSON, REPORT_MD, write_report
+
+    s = write_report(args.run_dir)
+    sp = s["sparsity"]
+    print(f"{s['model']['name']} pruned with {s['method']}: sparsity {sp['prunable']:.2%} of prunable parameters "
+          f"({sp['total']:.2%} of all)")
+    for name, why in s["skipped_plots"].items():
+        print(f"no {name} plot: {why}")
+    files = [REPORT_MD, REPORT_JSON] + [p["file"] for p in s["plots"].values()]
+    print(f"wrote {', '.join(files)} in {args.run_dir}")
     return 0
 
 
@@ -277,6 +313,7 @@ COMMANDS = [
     ("bench", _add_bench, _run_bench),
     ("apply", _add_apply, _run_apply),
     ("info", _add_info, _run_info),
+    ("report", _add_report, _run_report),
 ]
 
 

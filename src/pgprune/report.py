@@ -1,0 +1,492 @@
+"""Run reports: `write_report(run_dir)` turns a run folder into report.md, report.json and plots.
+
+A run folder is what `pgprune.pruning.prune` (CLI `pgprune prune ... --out DIR`) writes:
+
+    run.json            options, model, machine, masks summary, perplexity per stage, pg info
+    metrics.jsonl       one record per PG step (pg only)
+    probabilities.pt    final keep-probabilities {kind: [L, units]} (pg only)
+    masks.safetensors   the final hard mask
+    model/              the pruned Hugging Face folder
+
+The report reads only these files (no model weights are loaded), and writes into the same folder,
+each file atomically:
+
+    report.md           model, method, sparsity, perplexity table, PG settings, plots embedded
+    report.json         the numbers the markdown shows, plus the plot files and their panel titles
+    structure.png       kept KV heads / MLP channels per layer, dense vs pruned
+    probabilities.png   histograms of the final keep-probabilities per kind (pg only)
+    training.png        loss and baseline, hard-mask perplexity, entropy vs forward passes (pg only)
+
+Plots use matplotlib's Agg canvas directly (no pyplot), so the caller's backend is untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+from pgprune import atomic
+from pgprune.errors import CheckpointError, ConfigError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+PROBS_FILE = "probabilities.pt"
+MASKS_FILE = "masks.safetensors"
+MODEL_DIR = "model"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+SCHEMA = "pgprune.report/1"
+
+STAGES = {
+    "dense": "dense model",
+    "init": "PG start: the initial (metric) mask, gated",
+    "gated": "final mask, gated (weights untouched)",
+    "pruned": "exported pruned model (after surgery)",
+}
+KIND_LABEL = {"head": "KV-head groups", "channel": "MLP channels", "attn": "attention blocks",
+              "mlp": "MLP blocks", "layer": "layers"}
+
+
+def write_report(run_dir: str | Path, *, inspect_export: bool = True) -> dict:
+    """Write report.md, report.json and PNG plots into `run_dir`; returns the report.json dict.
+
+    `inspect_export`: also read the exported model's config (no weights) and check that its
+    per-layer widths and parameter counts match the mask summary in run.json.
+    """
+    run_dir = Path(run_dir)
+    record = _read_run(run_dir)
+    plt = require_matplotlib()
+    pg = record.get("method") == "pg" or "pg" in record
+    steps, bad_lines = _read_metrics(run_dir / METRICS_FILE)
+    probs, hard = _read_probabilities(run_dir)
+    summary = _summary(record, run_dir, steps, bad_lines)
+    export = _check_export(run_dir, record) if inspect_export else None
+    if export is not None:
+        summary["export_check"] = export
+
+    plots: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    plots["structure"] = _plot_structure(plt, run_dir, summary)
+    if not pg:
+        why = f"method {summary['method']!r} is a metric method: no policy-gradient run"
+        skipped["probabilities"] = skipped["training"] = why
+    else:
+        if probs:
+            plots["probabilities"] = _plot_probabilities(plt, run_dir, probs, hard, summary)
+        else:
+            skipped["probabilities"] = f"{PROBS_FILE} is missing"
+        if any(r.get("loss") is not None or r.get("hard_ppl") is not None for r in steps):
+            plots["training"] = _plot_training(plt, run_dir, steps)
+        else:
+            skipped["training"] = f"{METRICS_FILE} is missing or holds no step records"
+    summary["plots"] = plots
+    summary["skipped_plots"] = skipped
+    atomic.write_text(run_dir / REPORT_MD, _markdown(summary))
+    atomic.write_json(run_dir / REPORT_JSON, summary)
+    return summary
+
+
+# --- reading the run folder -----------------------------------------------------------------------
+def _read_run(run_dir: Path) -> dict:
+    how = ("a run folder is written by `pgprune prune MODEL --out DIR` "
+           "(Python: pgprune.pruning.prune(PruneOptions(...), DIR))")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist; {how}")
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        unfinished = (run_dir / "checkpoint.pt").is_file() or (run_dir / METRICS_FILE).is_file()
+        hint = (" It holds a PG checkpoint / metrics log, so the run did not finish: continue it with "
+                "`pgprune prune ... --resume --out DIR` using the original options." if unfinished else "")
+        raise CheckpointError(f"{run_dir} has no {RUN_FILE}, so it is not a finished run folder; {how}.{hint}")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-run `pgprune prune` into a new folder") from e
+    missing = [k for k in ("options", "model", "masks", "perplexity") if k not in record]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it was not written by a finished "
+                              "`pgprune prune` of this version: re-run it")
+    record.setdefault("method", record["options"].get("method"))
+    return record
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], int]:
+    """Step records of metrics.jsonl, and the count of unreadable lines (a run killed mid-append
+    can leave half a line)."""
+    if not path.is_file():
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(r, dict) and "step" in r:
+            records.append(r)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _read_probabilities(run_dir: Path) -> tuple[dict, dict]:
+    """({kind: [L, units] float}, {kind: [L, units] bool final hard mask or None})."""
+    path = run_dir / PROBS_FILE
+    if not path.is_file():
+        return {}, {}
+    import torch
+
+    try:
+        probs = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: report it instead of a traceback
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e}); re-run the pg run") from e
+    hard: dict = {}
+    if (run_dir / MASKS_FILE).is_file():
+        from pgprune.masks import Masks
+
+        masks = Masks.load(run_dir / MASKS_FILE)
+        hard = {k: masks[k] for k in masks.kinds if k in probs and masks[k].shape == probs[k].shape}
+    return {k: v.float() for k, v in probs.items()}, hard
+
+
+def _dense_widths(record: dict) -> dict[str, list[int]]:
+    """Per-layer KV heads / channels of the model the run started from. A uniform dense model
+    is described by run.json; an input that was itself a pruned folder carries per-layer widths
+    in its config (pgprune record), which win when the layer count matches."""
+    desc = record["model"]
+    L = int(desc["num_layers"])
+    widths = {"head": [int(desc["num_kv_heads"])] * L, "channel": [int(desc["intermediate_size"])] * L}
+    cfg = Path(str(record["options"].get("model", ""))) / "config.json"
+    try:
+        layers = json.loads(cfg.read_text()).get("pgprune", {}).get("layers") if cfg.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        layers = None
+    if layers and len(layers) == L:
+        widths = {"head": [int(x["num_key_value_heads"]) for x in layers],
+                  "channel": [int(x["intermediate_size"]) for x in layers]}
+    return widths
+
+
+def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> dict:
+    o, m, desc = record["options"], record["masks"], record["model"]
+    proto = record.get("perplexity_protocol", {})
+    dense = _dense_widths(record)
+    out = {
+        "schema": SCHEMA,
+        "run_dir": str(run_dir),
+        "model": {"name": o.get("model"), **desc},
+        "method": record["method"],
+        "units": m.get("kinds", []),
+        "sparsity": {
+            "target": o.get("sparsity"),
+            "prunable": m["sparsity"],
+            "total": m["total_sparsity"],
+            "prunable_params": m["prunable_params"],
+            "kept_prunable_params": m["kept_prunable_params"],
+            "total_params": m["total_params"],
+            "kept_total_params": m["kept_total_params"],
+            "definition": "fraction of the dense model's prunable parameters (inside the decoder layers: "
+                          "attention, MLP, norms) removed; 'total' = fraction of all parameters removed",
+        },
+        "layers": {
+            "kept": m.get("layers_kept"),
+            "dense_kv_heads": dense["head"], "kv_heads": m["kv_heads_per_layer"],
+            "dense_channels": dense["channel"], "channels": m["channels_per_layer"],
+        },
+        "perplexity": record["perplexity"],
+        "perplexity_protocol": {"seqlen": proto.get("seqlen", o.get("eval_seqlen")),
+                                "max_tokens": proto.get("max_tokens", o.get("eval_max_tokens")),
+                                "split": proto.get("split", "test")},
+        "calibration": {"source": o.get("calib"), "nsamples": o.get("nsamples"), "seqlen": o.get("seqlen")},
+        "wall_seconds": record.get("seconds"),
+        "machine": record.get("machine", {}),
+        "pg": None,
+    }
+    if "metric" in record:
+        out["metric"] = {k: record["metric"].get(k) for k in ("method", "allocation", "sparsity", "removed_units")}
+    if "pg" in record:
+        pg = record["pg"]
+        cfg = pg.get("config", {})
+        tracked = [r for r in steps if r.get("hard_ppl") is not None]
+        last = steps[-1] if steps else {}
+        out["pg"] = {
+            "init": o.get("init"), "init_mapping": o.get("init_mapping"), "allocation": o.get("allocation"),
+            **{k: cfg.get(k) for k in ("steps", "k", "batch_size", "lr", "lr_schedule", "estimator", "projection",
+                                      "per_kind_budget", "baseline_window", "seed", "eval_every", "sparsity")},
+            "steps_logged": sum(1 for r in steps if r.get("step", 0) > 0),
+            "forward_passes": last.get("forward_passes"),
+            "skipped_steps": pg.get("skipped_steps"),
+            "skipped_in_log": [r["step"] for r in steps if r.get("skipped")],
+            "unreadable_log_lines": bad_lines,
+            "seconds": pg.get("seconds"),
+            "track": pg.get("track"),
+            "hard_ppl_start": tracked[0]["hard_ppl"] if tracked and tracked[0].get("step") == 0 else None,
+            "hard_ppl_best": min((r["hard_ppl"] for r in tracked if _finite(r["hard_ppl"])), default=None),
+            "hard_ppl_final": tracked[-1]["hard_ppl"] if tracked else None,
+            "entropy_final": next((r["entropy"] for r in reversed(steps) if r.get("entropy") is not None), None),
+        }
+    return out
+
+
+def _check_export(run_dir: Path, record: dict) -> dict | None:
+    """Compare the exported model's structure (config only) with the masks summary."""
+    folder = run_dir / MODEL_DIR
+    if not (folder / "config.json").is_file():
+        return {"ok": None, "note": f"no exported model in {folder}"}
+    from pgprune.errors import PgpruneError
+    from pgprune.export import inspect_model
+
+    try:
+        s = inspect_model(str(folder))
+    except (PgpruneError, OSError, ValueError, KeyError) as e:
+        return {"ok": None, "note": f"could not inspect {folder}: {type(e).__name__}: {e}"}
+    m = record["masks"]
+    L = len(m["kv_heads_per_layer"])
+    heads, chans = [0] * L, [0] * L
+    for r in s["layers"]:
+        heads[r["source_layer"]], chans[r["source_layer"]] = r["kv_heads"], r["channels"]
+    problems = []
+    if s["prunable_params"] != m["kept_prunable_params"]:
+        problems.append(f"prunable params {s['prunable_params']} in the export, {m['kept_prunable_params']} "
+                        "predicted by the masks")
+    if heads != list(m["kv_heads_per_layer"]) or chans != list(m["channels_per_layer"]):
+        problems.append("per-layer widths of the export differ from the masks summary")
+    return {"ok": not problems, "problems": problems, "prunable_params": s["prunable_params"],
+            "total_params": s["total_params"], "sparsity": s["sparsity"], "total_sparsity": s["total_sparsity"],
+            "num_layers": s["num_layers"], "kv_heads": heads, "channels": chans}
+
+
+def _effective(kind: str, raw, layers: dict):
+    """What the final model really keeps: a unit of a block or layer that was removed as a whole
+    counts as removed (the per-layer counts in run.json are already after nesting)."""
+    import torch
+
+    heads = torch.tensor(layers["kv_heads"]) > 0
+    chans = torch.tensor(layers["channels"]) > 0
+    alive = {"head": heads, "attn": heads, "channel": chans, "mlp": chans, "layer": heads | chans}[kind]
+    return raw.bool() & alive[: raw.shape[0], None]
+
+
+# --- plots -------------------------------------------------------------------------------------
+def require_matplotlib():
+    """(Figure, FigureCanvasAgg), or a ConfigError that says how to install matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ConfigError("reports need matplotlib: pip install 'pgprune[plot]' (or pip install matplotlib)") from e
+    return Figure, FigureCanvasAgg
+
+
+def _save(plt, fig, path: Path, **info) -> dict:
+    """Render `fig` to `path` atomically; the panel titles and y scales are read back off the figure."""
+    _, Canvas = plt
+    Canvas(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic.write_bytes(path, buf.getvalue())
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    return {"file": path.name, **info, "axes": [ax.get_title() for ax in axes],
+            "yscales": [ax.get_yscale() for ax in axes]}
+
+
+def _plot_structure(plt, run_dir: Path, s: dict) -> dict:
+    from matplotlib.ticker import MaxNLocator
+
+    Figure, _ = plt
+    lay = s["layers"]
+    panels = [("Kept KV heads per layer", "KV heads", lay["dense_kv_heads"], lay["kv_heads"]),
+              ("Kept MLP channels per layer", "channels", lay["dense_channels"], lay["channels"])]
+    L = len(lay["kv_heads"])
+    fig = Figure(figsize=(max(7.0, 0.28 * L + 3), 6.4), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    x = list(range(L))
+    for ax, (title, ylabel, dense, kept) in zip(axes, panels):
+        ax.bar([i - 0.2 for i in x], dense, width=0.4, color="#c7c7c7", label="dense")
+        ax.bar([i + 0.2 for i in x], kept, width=0.4, color="#1f77b4", label="pruned")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(dense + kept + [1]) * 1.15)
+        ax.legend(loc="upper right", fontsize="small", ncols=2)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].set_xlabel("layer")
+    axes[-1].set_xticks(x if L <= 40 else x[:: max(1, L // 20)])
+    sp = s["sparsity"]
+    fig.suptitle(f"{s['method']}: sparsity {sp['prunable']:.2%} of prunable params ({sp['total']:.2%} of all)")
+    return _save(plt, fig, run_dir / "structure.png", heading="Structure: kept units per layer")
+
+
+def _plot_probabilities(plt, run_dir: Path, probs: dict, hard: dict, s: dict) -> dict:
+    import torch
+    from matplotlib.ticker import MaxNLocator
+
+    Figure, _ = plt
+    dense = {"head": s["layers"]["dense_kv_heads"], "channel": s["layers"]["dense_channels"]}
+    kinds = [k for k in ("channel", "head", "attn", "mlp", "layer") if k in probs]
+    fig = Figure(figsize=(4.2 * len(kinds) + 0.5, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    counts = {}
+    bins = [i / 20 for i in range(21)]
+    for ax, kind in zip(axes, kinds):
+        p = probs[kind]
+        present = torch.ones_like(p, dtype=torch.bool)
+        if kind in dense and p.dim() == 2:  # units beyond a layer's real width are padding
+            widths = torch.tensor(dense[kind][: p.shape[0]])
+            present[: len(widths)] = torch.arange(p.shape[1])[None, :] < widths[:, None]
+        if kind in hard:
+            keep = _effective(kind, hard[kind], s["layers"])
+            kept, removed = p[present & keep], p[present & ~keep]
+            counts[kind] = {"kept": kept.numel(), "removed": removed.numel()}
+            ax.hist([removed.tolist(), kept.tolist()], bins=bins, stacked=True, color=["#d62728", "#1f77b4"],
+                    label=[f"removed ({removed.numel()})", f"kept ({kept.numel()})"])
+            ax.legend(loc="upper left", fontsize="small")
+        else:
+            ax.hist(p[present].tolist(), bins=bins, color="#1f77b4")
+            counts[kind] = {"units": int(present.sum())}
+        ax.set_title(f"Final keep-probabilities: {KIND_LABEL.get(kind, kind)}", fontsize="medium")
+        ax.set_xlabel("keep probability")
+        ax.set_ylabel("units")
+        ax.set_xlim(0, 1)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(plt, fig, run_dir / "probabilities.png", heading="Final keep-probabilities", units=counts)
+
+
+def _plot_training(plt, run_dir: Path, steps: list[dict]) -> dict:
+    Figure, _ = plt
+    fig = Figure(figsize=(8.0, 8.4), layout="constrained")
+    ax_loss, ax_ppl, ax_ent = fig.subplots(3, 1, sharex=True)
+    loss = [(r["forward_passes"], r["loss"], r.get("baseline")) for r in steps
+            if r.get("loss") is not None and "forward_passes" in r]
+    base = [(a, c) for a, _, c in loss if c is not None]
+    if loss:
+        ax_loss.plot([a for a, _, _ in loss], [b for _, b, _ in loss], lw=0.8, color="#1f77b4",
+                     label="loss (mean of K)")
+        ax_loss.plot([a for a, _ in base], [c for _, c in base], lw=1.4, color="#ff7f0e", label="baseline")
+    skipped = [r["forward_passes"] for r in steps if r.get("skipped") and "forward_passes" in r]
+    for i, fp in enumerate(skipped):  # steps whose losses were NaN/inf: no update
+        ax_loss.axvline(fp, color="#d62728", lw=0.6, ls=":", label="skipped step" if i == 0 else None)
+    ax_loss.set_title("Loss and baseline vs forward passes")
+    ax_loss.set_ylabel("calibration loss (nats/token)")
+    if loss or skipped:
+        ax_loss.legend(loc="upper right", fontsize="small")
+    ppl = [(r["forward_passes"], r["hard_ppl"]) for r in steps
+           if r.get("hard_ppl") is not None and _finite(r["hard_ppl"]) and r["hard_ppl"] > 0]
+    if ppl:
+        ax_ppl.plot([a for a, _ in ppl], [b for _, b in ppl], marker="o", ms=3, color="#2ca02c")
+        ax_ppl.set_yscale("log")
+    ax_ppl.set_title("Hard-mask perplexity vs forward passes")
+    ax_ppl.set_ylabel("perplexity (log)")
+    ent = [(r["forward_passes"], r["entropy"]) for r in steps if r.get("entropy") is not None]
+    ax_ent.plot([a for a, _ in ent], [b for _, b in ent], marker="o", ms=3, color="#9467bd")
+    ax_ent.axhline(math.log(2), color="#7f7f7f", lw=0.6, ls="--")  # log 2: undecided units
+    ax_ent.set_title("Mean keep-probability entropy vs forward passes")
+    ax_ent.set_ylabel("entropy (nats)")
+    ax_ent.set_xlabel("forward passes (steps x K)")
+    points = {"loss": len(loss), "baseline": len(base), "hard_ppl": len(ppl), "entropy": len(ent),
+              "skipped": len(skipped)}
+    return _save(plt, fig, run_dir / "training.png", heading="Training curves", points=points)
+
+
+# --- markdown ----------------------------------------------------------------------------------
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (int, float)) and not math.isfinite(x):
+        return str(x)
+    return format(x, fmt)
+
+
+def _markdown(s: dict) -> str:
+    m, sp, proto = s["model"], s["sparsity"], s["perplexity_protocol"]
+    lines = [f"# pgprune run: {m['name']} pruned with {s['method']}", ""]
+    lines += [f"- **Model**: `{m['name']}` ({m.get('model_type')}, {m.get('num_layers')} layers, hidden "
+              f"{m.get('hidden_size')}, {m.get('num_heads')} heads / {m.get('num_kv_heads')} KV heads, "
+              f"intermediate {m.get('intermediate_size')}; {m.get('total_params'):,} parameters)",
+              f"- **Method**: {s['method']}, units: {', '.join(s['units'])}",
+              f"- **Sparsity**: {sp['prunable']:.2%} of prunable parameters (target {_num(sp['target'], '.2%')}); "
+              f"{sp['total']:.2%} of all parameters",
+              "  - prunable = decoder-layer parameters (attention, MLP, norms); embeddings and LM head excluded",
+              f"  - kept {sp['kept_prunable_params']:,} of {sp['prunable_params']:,} prunable, "
+              f"{sp['kept_total_params']:,} of {sp['total_params']:,} in all; "
+              f"{s['layers']['kept']} of {len(s['layers']['kv_heads'])} layers kept",
+              f"- **Calibration**: {s['calibration']['source']}, {s['calibration']['nsamples'] or 'default'} "
+              f"windows of {s['calibration']['seqlen']} tokens",
+              f"- **Wall time**: {_num(s['wall_seconds'], '.1f')} s for the whole run"]
+    if s.get("metric"):
+        mt = s["metric"]
+        lines.append(f"- **Metric{' init' if s['pg'] else ''}**: {mt['method']}, {mt['allocation']} allocation, "
+                     f"sparsity {_num(mt['sparsity'], '.2%')}, removed units {mt['removed_units']}")
+    ex = s.get("export_check")
+    if ex is not None:
+        if ex.get("ok") is None:
+            lines.append(f"- **Exported model**: not checked ({ex['note']})")
+        elif ex["ok"]:
+            lines.append(f"- **Exported model** (`model/`): {ex['num_layers']} layers, {ex['prunable_params']:,} "
+                         f"prunable parameters, sparsity {ex['sparsity']:.2%}: matches the masks")
+        else:
+            lines.append("- **Exported model MISMATCH**: " + "; ".join(ex["problems"]))
+
+    lines += ["", "## Perplexity", "",
+              f"Non-overlapping windows of **seqlen {proto['seqlen']}** tokens, split {proto['split']}, "
+              + (f"first **{proto['max_tokens']} tokens** of each dataset" if proto["max_tokens"]
+                 else "**all tokens** of each dataset")
+              + ". Numbers at different seqlen are not comparable.", ""]
+    ppl = s["perplexity"]
+    stages = [st for st in STAGES if st in ppl] + [st for st in ppl if st not in STAGES]
+    datasets = list(dict.fromkeys(d for st in stages for d in ppl[st]))
+    lines.append("| stage | " + " | ".join(f"`{d}`" for d in datasets) + " |")
+    lines.append("|---|" + "---:|" * len(datasets))
+    for st in stages:
+        lines.append(f"| {st} | " + " | ".join(_num(ppl[st].get(d)) for d in datasets) + " |")
+    lines.append("")
+    lines += [f"- {st}: {STAGES[st]}" for st in stages if st in STAGES]
+
+    if s["pg"]:
+        p = s["pg"]
+        tr = p.get("track") or {}
+        lines += ["", "## Policy gradient", "",
+                  "| setting | value |", "|---|---|"]
+        for key, label in (("init", "init"), ("init_mapping", "init mapping"), ("allocation", "init allocation"),
+                           ("steps", "steps"), ("k", "masks per step (K)"), ("batch_size", "batch (windows)"),
+                           ("lr", "learning rate"), ("lr_schedule", "lr schedule"), ("estimator", "estimator"),
+                           ("projection", "budget projection"), ("per_kind_budget", "per-kind budget"),
+                           ("baseline_window", "baseline window"), ("eval_every", "eval every (steps)"),
+                           ("seed", "seed")):
+            lines.append(f"| {label} | {p.get(key)} |")
+        lines.append(f"| budget (sparsity, nearest reachable) | {_num(p.get('sparsity'), '.4%')} |")
+        lines += ["",
+                  f"- steps logged: {p['steps_logged']}, forward passes: {p['forward_passes']}, "
+                  f"PG time: {_num(p['seconds'], '.1f')} s",
+                  f"- **skipped steps** (NaN/inf loss, no update): {p['skipped_steps']}"
+                  + (f" (steps {p['skipped_in_log'][:20]}{' …' if len(p['skipped_in_log']) > 20 else ''})"
+                     if p["skipped_in_log"] else ""),
+                  f"- hard-mask perplexity on `{tr.get('dataset')}` (first {tr.get('max_tokens')} tokens, seqlen "
+                  f"{proto['seqlen']}): step 0 {_num(p['hard_ppl_start'])}, best {_num(p['hard_ppl_best'])}, "
+                  f"final {_num(p['hard_ppl_final'])}",
+                  f"- final mean entropy of the keep-probabilities: {_num(p['entropy_final'], '.4f')} nats "
+                  f"(log 2 = {math.log(2):.4f}: undecided)"]
+        if p["unreadable_log_lines"]:
+            lines.append(f"- {p['unreadable_log_lines']} unreadable line(s) in {METRICS_FILE} were ignored")
+
+    lines += ["", "## Plots", ""]
+    for name, plot in s["plots"].items():
+        lines += [f"### {plot['heading']}", "", "Panels: " + "; ".join(plot["axes"]) + ".", "",
+                  f"![{name}]({plot['file']})", ""]
+    for name, why in s["skipped_plots"].items():
+        lines.append(f"- no {name} plot: {why}")
+    mc = s.get("machine") or {}
+    if mc:
+        lines += ["", "## Machine", "",
+                  ", ".join(f"{k} {v}" for k, v in mc.items() if v is not None)]
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.rstrip() + "\n"
