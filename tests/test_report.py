@@ -206,6 +206,8 @@ def test_damaged_log_skipped_steps_and_nan_perplexity(pg_run, tmp_path):
     run = json.loads((out / "run.json").read_text())
     name = next(iter(run["perplexity"]["gated"]))
     run["perplexity"]["gated"][name] = math.nan
+    for values in run["perplexity"].values():  # a capped dataset: the table must say so
+        values["c4"] = values[name]
     run["pg"]["skipped_steps"] = 1
     (out / "run.json").write_text(json.dumps(run))
     with open(out / "metrics.jsonl", "a") as f:
@@ -216,7 +218,11 @@ def test_damaged_log_skipped_steps_and_nan_perplexity(pg_run, tmp_path):
     md = (out / "report.md").read_text()
     assert rep["pg"]["skipped_in_log"] == [7] and rep["pg"]["unreadable_log_lines"] == 1
     assert "1 unreadable line(s)" in md and "(steps [7])" in md
-    assert re.search(r"^\| gated \| nan \|$", md, re.M)
+    assert re.search(r"^\| gated \| nan \| nan \|$", md, re.M)
+    from pgprune.data import SOURCES
+
+    assert f"`c4`: at most its recipe's {SOURCES['c4'].eval_max_windows} windows" in md
+    assert rep["perplexity_protocol"]["window_caps"] == {"c4": SOURCES["c4"].eval_max_windows}
     assert rep["plots"]["training"]["points"]["skipped"] == 1
     read_png(out / "training.png")
 

@@ -200,7 +200,8 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
         "perplexity": record["perplexity"],
         "perplexity_protocol": {"seqlen": proto.get("seqlen", o.get("eval_seqlen")),
                                 "max_tokens": proto.get("max_tokens", o.get("eval_max_tokens")),
-                                "split": proto.get("split", "test")},
+                                "split": proto.get("split", "test"),
+                                "window_caps": _window_caps(record["perplexity"])},
         "calibration": {"source": o.get("calib"), "nsamples": o.get("nsamples"), "seqlen": o.get("seqlen")},
         "wall_seconds": record.get("seconds"),
         "machine": record.get("machine", {}),
@@ -230,6 +231,15 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "entropy_final": next((r["entropy"] for r in reversed(steps) if r.get("entropy") is not None), None),
         }
     return out
+
+
+def _window_caps(ppl: dict) -> dict[str, int]:
+    """Datasets whose evaluation recipe caps the windows (C4: 256), as prune() applies them."""
+    from pgprune.data import SOURCES
+
+    names = {d for stage in ppl.values() for d in stage}
+    return {n: SOURCES[n].eval_max_windows for n in sorted(names)
+            if n in SOURCES and SOURCES[n].eval_max_windows is not None}
 
 
 def _check_export(run_dir: Path, record: dict) -> dict | None:
@@ -438,6 +448,7 @@ def _markdown(s: dict) -> str:
               f"Non-overlapping windows of **seqlen {proto['seqlen']}** tokens, split {proto['split']}, "
               + (f"first **{proto['max_tokens']} tokens** of each dataset" if proto["max_tokens"]
                  else "**all tokens** of each dataset")
+              + "".join(f"; `{n}`: at most its recipe's {w} windows" for n, w in proto["window_caps"].items())
               + ". Numbers at different seqlen are not comparable.", ""]
     ppl = s["perplexity"]
     stages = [st for st in STAGES if st in ppl] + [st for st in ppl if st not in STAGES]
