@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import datetime
-import os
-import platform
-import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    import torch
+    from pgprune.evaluate.speed import machine_info
 
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    return info
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **machine_info()}
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -154,15 +154,16 @@ class Masks:
         removed too."""
         lead = () if self.batch_size is None else (self.batch_size,)
         L = costs.num_layers
+        device = next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
 
         def get(kind: str) -> torch.Tensor:
             if kind in self.tensors:
                 return self.tensors[kind]
-            return torch.ones(*lead, L, costs.units_per_layer(kind), dtype=torch.bool)
+            return torch.ones(*lead, L, costs.units_per_layer(kind), dtype=torch.bool, device=device)
 
         layer = get("layer")[..., 0]
-        heads = get("head") & _present(costs.num_kv_heads, costs.units_per_layer("head"))
-        chans = get("channel") & _present(costs.intermediate, costs.units_per_layer("channel"))
+        heads = get("head") & _present(costs.num_kv_heads, costs.units_per_layer("head")).to(device)
+        chans = get("channel") & _present(costs.intermediate, costs.units_per_layer("channel")).to(device)
         attn = get("attn")[..., 0] & layer & heads.any(-1)
         mlp = get("mlp")[..., 0] & layer & chans.any(-1)
         heads = heads & attn[..., None]
@@ -172,7 +173,7 @@ class Masks:
 
     def kept_prunable_params(self, costs: UnitCosts) -> torch.Tensor:
         """Exact prunable parameters of the pruned model (a scalar, or [K] for a stack)."""
-        e = self.effective(costs)
+        e = {k: v.cpu() for k, v in self.effective(costs).items()}
         per_layer = (
             e["layer"] * costs.layer_fixed
             + e["attn"] * costs.attn_fixed

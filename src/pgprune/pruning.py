@@ -12,7 +12,6 @@ The CLI's `pgprune prune` is a thin layer over this function.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,10 +204,7 @@ def _print_ppl(label: str, values: dict) -> None:
 
 
 def _machine() -> dict:
-    import transformers
-
     from pgprune import __version__
+    from pgprune.evaluate.speed import machine_info
 
-    return {"pgprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {"pgprune": __version__, **machine_info()}

@@ -1,0 +1,143 @@
+"""Cost of one policy-gradient step against plain inference, on SmolLM2-135M.
+
+Time: a PG step (sample K masks, one gated forward of the batch repeated K times, estimator,
+budget projection, bookkeeping) vs K plain dense forwards `model(ids, labels=ids)` of the same
+batch. Measured in alternating blocks of steps; the ratio is the median of per-block ratios.
+Target: <= 1.15.
+
+Memory: peak resident memory of a fresh process that runs PG steps vs one that runs a plain
+inference forward of the K*B rows (`model(ids).logits`, as any inference would), each after
+loading the model the same way. Target: <= 1.3.
+
+    python bench/pg_step_cost.py [--dtype bf16] [--blocks 5] [--steps-per-block 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save, table  # noqa: E402
+
+
+def _setup(args):
+    from pgprune.masks import UnitCosts, parse_unit_kinds
+    from pgprune.models.adapter import get_adapter
+    from pgprune.models.load import load_model
+    from pgprune.policy.probabilities import UnitLayout
+
+    model, _ = load_model(args.model, dtype=args.dtype, device="cpu")
+    costs = UnitCosts.from_adapter(get_adapter(model))
+    layout = UnitLayout.build(costs, parse_unit_kinds(args.units))
+    ids = torch.randint(0, model.config.vocab_size, (max(args.batch_size, 16), args.seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    return model, costs, layout, ids
+
+
+def _pg(model, costs, layout, pool, args, steps, seed):
+    from pgprune.policy.loop import PGConfig, run_policy_gradient
+
+    config = PGConfig(sparsity=args.sparsity, kinds=layout.kinds, steps=steps, k=args.k,
+                      batch_size=args.batch_size, seed=seed, eval_every=10**9, checkpoint_every=10**9)
+    s0 = layout.present.float() * (1 - args.sparsity)
+    return run_policy_gradient(model, pool, s0, layout, costs, config, progress=False)
+
+
+def _plain(model, ids, k):
+    with torch.no_grad():
+        for _ in range(k):
+            model(input_ids=ids, labels=ids)
+
+
+def measure_time(args) -> dict:
+    model, costs, layout, pool = _setup(args)
+    batch = pool[: args.batch_size]
+    _pg(model, costs, layout, pool, args, 1, seed=99)  # warm-up
+    _plain(model, batch, 1)
+    pg_times, plain_times, ratios = [], [], []
+    for b in range(args.blocks):
+        order = ("pg", "plain") if b % 2 == 0 else ("plain", "pg")
+        t = {}
+        for what in order:
+            start = time.perf_counter()
+            if what == "pg":
+                _pg(model, costs, layout, pool, args, args.steps_per_block, seed=b)
+            else:
+                for _ in range(args.steps_per_block):
+                    _plain(model, batch, args.k)
+            t[what] = (time.perf_counter() - start) / args.steps_per_block
+        pg_times.append(t["pg"])
+        plain_times.append(t["plain"])
+        ratios.append(t["pg"] / t["plain"])
+    return {"pg_step_s": statistics.median(pg_times), "k_plain_forwards_s": statistics.median(plain_times),
+            "ratio": statistics.median(ratios), "ratios": ratios}
+
+
+def child(args) -> None:
+    """One memory measurement in this (fresh) process; prints JSON."""
+    model, costs, layout, pool = _setup(args)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.child == "pg":
+        _pg(model, costs, layout, pool, args, 2, seed=0)
+    else:
+        ids = pool[: args.batch_size].repeat(args.k, 1)
+        with torch.no_grad():
+            model(input_ids=ids).logits.float().sum()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_rss": peak, "after_load_rss": base}))
+
+
+def measure_memory(args) -> dict:
+    out = {}
+    for mode in ("plain", "pg"):
+        cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--dtype", args.dtype,
+               "--k", str(args.k), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
+               "--units", args.units, "--sparsity", str(args.sparsity)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["ratio_peak"] = out["pg"]["peak_rss"] / out["plain"]["peak_rss"]
+    out["ratio_above_load"] = ((out["pg"]["peak_rss"] - out["pg"]["after_load_rss"])
+                               / max(1, out["plain"]["peak_rss"] - out["plain"]["after_load_rss"]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--units", default="channel,head")
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--steps-per-block", type=int, default=3)
+    ap.add_argument("--child", choices=["pg", "plain"], default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    timing = measure_time(args)
+    memory = measure_memory(args)
+    rows = [{"what": "step time", "pg": timing["pg_step_s"], "plain": timing["k_plain_forwards_s"],
+             "ratio": timing["ratio"], "target": 1.15},
+            {"what": "peak RSS (bytes)", "pg": memory["pg"]["peak_rss"], "plain": memory["plain"]["peak_rss"],
+             "ratio": memory["ratio_peak"], "target": 1.3}]
+    print(table(rows, ["what", "pg", "plain", "ratio", "target"]))
+    print(f"(K={args.k}, batch {args.batch_size} x {args.seqlen}, {args.dtype}, units {args.units}; "
+          f"memory above the loaded model: ratio {memory['ratio_above_load']:.3f})")
+    save(f"pg_step_cost_{args.dtype}", {"command": " ".join(sys.argv), "args": vars(args), "timing": timing,
+                                        "memory": memory, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
