@@ -234,6 +234,8 @@ def _add_prune(sub) -> None:
     g.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation after the masks are chosen")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default=d.eval, help=f"perplexity datasets (default {d.eval})")
+    e.add_argument("--eval-seqlen", type=int, default=d.eval_seqlen,
+                   help=f"perplexity window length (default {d.eval_seqlen}, as the paper, LLM-Pruner and FLAP)")
     e.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens,
                    help=f"tokens per dataset for dense/init/final perplexity (default {d.eval_max_tokens}; 0 = all)")
     e.add_argument("--track-max-tokens", type=int, default=d.track_max_tokens,
@@ -260,7 +262,8 @@ def _run_prune(args) -> int:
         dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, steps=args.steps,
         k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
         projection=args.projection, per_kind_budget=args.per_kind_budget, eval_every=args.eval_every,
-        checkpoint_every=args.eval_every, eval=args.eval, eval_max_tokens=args.eval_max_tokens or None,
+        checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
+        eval_max_tokens=args.eval_max_tokens or None,
         track_max_tokens=args.track_max_tokens, compensate=args.compensate)
     record = prune(opts, args.out, resume=args.resume, overwrite=args.overwrite)
     ppl = record["perplexity"]

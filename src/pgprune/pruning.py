@@ -61,7 +61,7 @@ class PruneOptions:
     eval: str = "wikitext2"  # comma-separated perplexity datasets
     eval_seqlen: int = 128
     eval_max_tokens: int | None = 32768  # per dataset, for the dense / init / final numbers
-    track: str | None = None  # dataset of the periodic hard-mask perplexity (default: first of eval)
+    track: str | None = None  # dataset (validation split) of the periodic hard-mask perplexity (default: first of eval)
     track_max_tokens: int = 8192
     compensate: bool = False  # FLAP-style bias compensation after the masks are chosen
     metric_batch_size: int = 8
@@ -119,7 +119,8 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     masks, bias = (metric.masks, metric.output_bias) if metric is not None else (None, None)
 
     if o.method == "pg":
-        masks, pg_info, init_masks = _run_pg(model, calib, costs, kinds, metric, o, out, eval_tokens, resume, progress)
+        masks, pg_info, init_masks = _run_pg(model, tokenizer, calib, costs, kinds, metric, o, out, eval_tokens,
+                                             resume, progress)
         record["pg"] = pg_info
         ppl["init"] = {n: _ppl(model, t, o, init_masks, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
         _print_ppl("init", ppl["init"])
@@ -142,7 +143,8 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     return record
 
 
-def _run_pg(model, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume, progress):
+def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume,
+            progress):
     from pgprune.metrics.init import init_probabilities
     from pgprune.policy.loop import PGConfig, read_hard_mask, run_policy_gradient
     from pgprune.policy.probabilities import UnitLayout
@@ -160,10 +162,9 @@ def _run_pg(model, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval
                       per_kind_budget=o.per_kind_budget, seed=o.seed, eval_every=o.eval_every,
                       checkpoint_every=o.checkpoint_every)
     print(f"[pgprune] policy gradient: {config}")
+    # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.
     track = o.track or next(iter(eval_tokens))
-    if track not in eval_tokens:
-        raise ConfigError(f"--track {track} must be one of the --eval datasets ({', '.join(eval_tokens)})")
-    track_tokens = eval_tokens[track]
+    track_tokens = get_eval_tokens(tokenizer, track, "validation", o.data_dir)
 
     def eval_fn(masks: Masks) -> float:
         return _ppl(model, track_tokens, o, masks, costs, o.track_max_tokens)
@@ -177,7 +178,7 @@ def _run_pg(model, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval
                                  fingerprint=fingerprint, resume=resume, progress=progress)
     atomic.write_bytes(out / "probabilities.pt", _tensor_bytes(layout.split(result.probs)))
     info = {"config": asdict(config), "skipped_steps": result.skipped_steps, "seconds": result.seconds,
-            "track": {"dataset": track, "max_tokens": o.track_max_tokens},
+            "track": {"dataset": track, "split": "validation", "max_tokens": o.track_max_tokens},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks
 
