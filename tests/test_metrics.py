@@ -14,7 +14,7 @@ import torch
 
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import Masks, UnitCosts
-from pgprune.metrics import (METHODS, allocate, compute_scores, expected_keep_ratio, hard_mask,
+from pgprune.metrics import (allocate, compute_scores, expected_keep_ratio, hard_mask,
                              init_probabilities, prune_with_metric, run_metric)
 from pgprune.metrics.allocation import global_positions, masks_from_positions, present_units
 from pgprune.metrics.calibration import FeatureStats, LayerStats, capture_layer_inputs, collect_layer_stats

@@ -37,7 +37,7 @@ _NEVER = torch.iinfo(torch.long).max  # position of units that do not exist
 
 def present_units(costs: UnitCosts, kind: str) -> torch.Tensor:
     """[L, units] True where a unit of `kind` exists (its block and layer included)."""
-    L, U = costs.num_layers, costs.units_per_layer(kind)
+    U = costs.units_per_layer(kind)
     if kind in ("head", "channel"):
         width = costs.num_kv_heads if kind == "head" else costs.intermediate
         return torch.arange(U)[None, :] < width[:, None]

@@ -132,19 +132,7 @@ def run_metric(
         on_layer = None
         if propagate == "pruned":
             plan = uniform_plan(costs, kinds, target, tolerance=tolerance)  # fails fast if unreachable
-
-            def on_layer(i: int, st: LayerStats) -> LayerEdit:
-                sc = layer_scores(m, adapter, i, st if m.needs_calibration else None, kinds, seed)
-                keep = {}
-                for kind in kinds:
-                    width = adapter.num_kv_heads(i) if kind == "head" else adapter.intermediate_size(i)
-                    keep[kind] = lowest_in_layer(sc[kind], int(plan.counts[kind][i]), width)
-                walk_masks[i] = keep
-                edit = LayerEdit(head_keep=keep.get("head"), channel_keep=keep.get("channel"))
-                if compensate:
-                    edit.attn_bias, edit.mlp_bias = _layer_compensation(adapter, i, st, keep)
-                return edit
-
+            on_layer = _pruning_walker(m, adapter, kinds, seed, plan, compensate, walk_masks)
         stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, propagate=propagate,
                                     on_layer=on_layer, storage_device=storage_device, progress=progress,
                                     adapter=adapter)
@@ -177,6 +165,25 @@ def run_metric(
         "seconds": time.perf_counter() - t0,
     }
     return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info)
+
+
+def _pruning_walker(m, adapter, kinds, seed, plan, compensate: bool, record: dict):
+    """on_layer callback of a uniform pruned-propagation walk: prune each layer's lowest-scoring
+    units by the plan's counts (and compensate), remembering the masks in `record`."""
+
+    def on_layer(i: int, st: LayerStats) -> LayerEdit:
+        sc = layer_scores(m, adapter, i, st if m.needs_calibration else None, kinds, seed)
+        keep = {}
+        for kind in kinds:
+            width = adapter.num_kv_heads(i) if kind == "head" else adapter.intermediate_size(i)
+            keep[kind] = lowest_in_layer(sc[kind], int(plan.counts[kind][i]), width)
+        record[i] = keep
+        edit = LayerEdit(head_keep=keep.get("head"), channel_keep=keep.get("channel"))
+        if compensate:
+            edit.attn_bias, edit.mlp_bias = _layer_compensation(adapter, i, st, keep)
+        return edit
+
+    return on_layer
 
 
 def _layer_compensation(adapter, i, st: LayerStats, keep: dict[str, torch.Tensor]):
