@@ -4,6 +4,8 @@
         batch  <- B calibration windows            (seeded by (seed, step): resumable exactly)
         m_1..K <- Bernoulli(s)                      (same generator)
         L_1..K <- masked_losses(model, batch, m)    (one gated forward, no gradients)
+        (distributed: rank r seeds with (seed, step, r); masks and losses of all N ranks are
+         all-gathered, so every rank updates s identically from N*K samples)
         g      <- estimator(m, s, L, baseline)      (REINFORCE)
         s      <- project(s - lr_t * g)             (back onto the parameter budget)
     hard mask <- the most probable units that fit the budget
@@ -31,6 +33,7 @@ from pgprune.gating import masked_losses
 from pgprune.masks import Masks, UnitCosts
 from pgprune.metrics.init import hard_mask
 from pgprune.policy.budget import PROJECTIONS, project
+from pgprune.policy.distributed import World
 from pgprune.policy.estimators import BaselineState, get_estimator
 from pgprune.policy.probabilities import UnitLayout, mean_entropy, sample_masks
 
@@ -82,10 +85,15 @@ class PGResult:
     seconds: float = 0.0
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     # One generator per step, derived from (seed, step): a resumed run draws the same batches
-    # and masks as an uninterrupted one without saving RNG states.
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    # and masks as an uninterrupted one without saving RNG states. Rank 0 draws what a single
+    # process draws; other ranks hash (seed, step, rank) into an independent stream.
+    if rank == 0:
+        return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]) >> 1)
 
 
 def read_hard_mask(s: torch.Tensor, layout: UnitLayout, costs: UnitCosts, sparsity: float) -> Masks:
@@ -107,6 +115,7 @@ def run_policy_gradient(
     progress: bool = True,
     stop_after: int | None = None,
     loss_fn: Callable = masked_losses,
+    world: World | None = None,
 ) -> PGResult:
     """Optimise keep-probabilities starting at `s0` (flat, see UnitLayout).
 
@@ -115,27 +124,34 @@ def run_policy_gradient(
     `fingerprint`: what a resumed run must share with the checkpoint (model, data, ...).
     `stop_after`: stop (with a checkpoint) after this many steps of this call: for tests of resume.
     `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss).
+    `world`: distributed sampling (policy/distributed.py); only its rank 0 writes and evaluates.
     """
+    world = world or World()
     config.validate()
     if calib_windows.shape[0] < config.batch_size:
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {config.batch_size}; raise --nsamples or lower --batch-size")
     estimator = get_estimator(config.estimator, config.k)
     keep = 1.0 - config.sparsity
-    out = Path(out_dir) if out_dir is not None else None
+    ckpt_dir = Path(out_dir) if out_dir is not None else None
+    out = ckpt_dir if world.is_main else None  # where this rank writes logs and checkpoints
     fingerprint = {**(fingerprint or {}), "config": asdict(config), "units": layout.size}
+    if world.size > 1:  # the draws depend on the number of ranks
+        fingerprint["world_size"] = world.size
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
 
     s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget)
     baseline = BaselineState(window=config.baseline_window)
     start, skipped, history = 0, 0, []
     if resume:
-        s, baseline, start, skipped, history = _load_checkpoint(out, fingerprint)
+        s, baseline, start, skipped, history = _load_checkpoint(ckpt_dir, fingerprint, rewrite_log=world.is_main)
 
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     consecutive_skips = 0
-    bar = tqdm(total=config.steps, initial=start, desc="pg", unit="step", disable=None if progress else True)
+    bar = tqdm(total=config.steps, initial=start, desc="pg", unit="step",
+               disable=None if progress and world.is_main else True)
+    eval_fn = eval_fn if world.is_main else None
     last_ppl = None
     if start == 0 and eval_fn is not None:
         last_ppl = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
@@ -143,12 +159,15 @@ def run_policy_gradient(
         _append_log(out, history[-1])
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     for step in range(start, end):
-        gen = step_generator(config.seed, step)
+        gen = step_generator(config.seed, step, world.rank)
         idx = torch.randperm(calib_windows.shape[0], generator=gen)[: config.batch_size]
         batch = calib_windows[idx].to(device)
         m = sample_masks(s, config.k, gen)
         losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()
-        record = {"step": step + 1, "forward_passes": (step + 1) * config.k, "lr": config.lr_at(step)}
+        if world.size > 1:  # all N*K samples, rank-major, identical on every rank
+            m = world.all_gather(m).reshape(-1, m.shape[-1])
+            losses = world.all_gather(losses).reshape(-1)
+        record = {"step": step + 1, "forward_passes": (step + 1) * config.k * world.size, "lr": config.lr_at(step)}
         if not torch.isfinite(losses).all():
             skipped += 1
             consecutive_skips += 1
@@ -193,7 +212,7 @@ def _save_checkpoint(out: Path, s, baseline, step, skipped, history, fingerprint
         torch.save(state, tmp)
 
 
-def _load_checkpoint(out: Path | None, fingerprint: dict):
+def _load_checkpoint(out: Path | None, fingerprint: dict, rewrite_log: bool = True):
     path = None if out is None else out / CHECKPOINT_FILE
     if path is None or not path.is_file():
         raise CheckpointError(f"no checkpoint to resume in {out}; start a new run without --resume")
@@ -204,7 +223,8 @@ def _load_checkpoint(out: Path | None, fingerprint: dict):
                               + "; ".join(diffs) + ". Resume with the original settings or start a new run.")
     history = state["history"]
     # The log may hold records written after the checkpoint: rewrite it to the checkpoint's.
-    atomic.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+    if rewrite_log:
+        atomic.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
     return (state["probs"], BaselineState.from_state(state["baseline"]), state["step"], state["skipped"], history)
 
 
