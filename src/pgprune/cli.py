@@ -265,7 +265,18 @@ def _run_prune(args) -> int:
         checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens or None,
         track_max_tokens=args.track_max_tokens, compensate=args.compensate)
-    record = prune(opts, args.out, resume=args.resume, overwrite=args.overwrite)
+    from pgprune.policy.distributed import init_from_env, shutdown
+
+    world, rank_device = init_from_env()  # under torchrun: process group + this rank's device
+    if world.size > 1:
+        opts.device = str(rank_device)
+    try:
+        record = prune(opts, args.out, resume=args.resume, overwrite=args.overwrite, progress=world.is_main,
+                       world=world)
+    finally:
+        shutdown()
+    if not world.is_main:
+        return 0
     ppl = record["perplexity"]
     m = record["masks"]
     print(f"\npruned {args.model} with {args.method}: sparsity {m['sparsity']:.4f} of prunable parameters "

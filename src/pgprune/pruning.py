@@ -76,14 +76,22 @@ def _ppl(model, tokens, o: PruneOptions, masks: Masks | None, costs: UnitCosts, 
 
 
 def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict:
-    """Run the whole pipeline into `out_dir`; returns the run record (also written as run.json)."""
+          progress: bool = True, world=None) -> dict:
+    """Run the whole pipeline into `out_dir`; returns the run record (also written as run.json).
+
+    `world` (policy/distributed.py, method pg): ranks other than 0 only help the policy-gradient
+    loop (their own batches and masks) and return {"rank": r} after it; rank 0 does the rest."""
     from pgprune.export import save_pruned
     from pgprune.metrics.prune import run_metric
     from pgprune.models.load import load_model
 
+    from pgprune.policy.distributed import World
+
+    world = world or World()
+    if world.size > 1 and o.method != "pg":
+        raise ConfigError(f"only --method pg runs on several processes; run {o.method} without torchrun")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+    if world.is_main and out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise ConfigError(f"{out} exists and is not empty; pass --resume to continue a run there, "
                           "--overwrite to replace it, or choose another --out")
     if not 0.0 <= o.sparsity < 1.0:
@@ -93,6 +101,13 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_model(o.model, dtype=o.dtype, device=o.device)
+    if o.method == "pg":  # fail now, not after the metric init, when a PG step cannot fit
+        from pgprune.memory import check_fits, estimate_pg_memory
+
+        plan = estimate_pg_memory(model, k=o.k, batch_size=o.batch_size, seqlen=o.seqlen, units=o.units,
+                                  nsamples=o.nsamples or 1024, metric_nsamples=0 if o.init == "constant" else 128,
+                                  metric_batch_size=o.metric_batch_size, world_size=world.size)
+        check_fits(plan, next(model.parameters()).device, weights_loaded=True)
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
     eval_sets = [n.strip() for n in o.eval.split(",") if n.strip()]
@@ -104,7 +119,8 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     record: dict = {"options": asdict(o), "model": adapter.describe(), "machine": _machine(),
                     "perplexity_protocol": {"seqlen": o.eval_seqlen, "max_tokens": o.eval_max_tokens,
                                             "split": "test"}}
-    ppl = {"dense": {n: _ppl(model, t, o, None, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}}
+    ppl = {"dense": {n: _ppl(model, t, o, None, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+           if world.is_main else {}}
     _print_ppl("dense", ppl["dense"])
 
     nsamples = o.nsamples or (1024 if o.method == "pg" else 128)
@@ -120,7 +136,9 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
     if o.method == "pg":
         masks, pg_info, init_masks = _run_pg(model, tokenizer, calib, costs, kinds, metric, o, out, eval_tokens,
-                                             resume, progress)
+                                             resume, progress, world)
+        if not world.is_main:
+            return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
         ppl["init"] = {n: _ppl(model, t, o, init_masks, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
         _print_ppl("init", ppl["init"])
@@ -144,7 +162,7 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
 
 def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume,
-            progress):
+            progress, world=None):
     from pgprune.metrics.init import init_probabilities
     from pgprune.policy.loop import PGConfig, read_hard_mask, run_policy_gradient
     from pgprune.policy.probabilities import UnitLayout
@@ -175,8 +193,9 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
                    "track_max_tokens": o.track_max_tokens}
     init_masks = metric.masks if metric is not None else read_hard_mask(s0, layout, costs, sparsity)
     result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
-                                 fingerprint=fingerprint, resume=resume, progress=progress)
-    atomic.write_bytes(out / "probabilities.pt", _tensor_bytes(layout.split(result.probs)))
+                                 fingerprint=fingerprint, resume=resume, progress=progress, world=world)
+    if world is None or world.is_main:
+        atomic.write_bytes(out / "probabilities.pt", _tensor_bytes(layout.split(result.probs)))
     info = {"config": asdict(config), "skipped_steps": result.skipped_steps, "seconds": result.seconds,
             "track": {"dataset": track, "split": "validation", "max_tokens": o.track_max_tokens},
             "history_tail": result.history[-3:]}
