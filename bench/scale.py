@@ -55,8 +55,8 @@ def _setup(sizes: dict):
     return model, costs, layout, calib, layout.present.float() * 0.7
 
 
-def _timed_run(sizes: dict, steps: int, world=None) -> float:
-    """Seconds per PG step (after one warm-up step)."""
+def _timed_run(sizes: dict, steps: int, world=None) -> tuple:
+    """(seconds per PG step after one warm-up step, the PGResult)."""
     from pgprune.policy.loop import PGConfig, run_policy_gradient
 
     model, costs, layout, calib, s0 = _setup(sizes)
