@@ -40,7 +40,8 @@ def step():
     m = sample_masks(s, a["k"], torch.Generator().manual_seed(1))
     return masked_losses(model, ids, layout.masks(m), costs=costs)
 step()  # warm-up: one-off allocations (thread pools, kernels) are not part of a step
-growth, _ = measure_peak_growth(step)
+# the median of 3 steps: what glibc's heap retains between steps varies a little from step to step
+growth = sorted(measure_peak_growth(step)[0] for _ in range(3))[1]
 est = estimate_pg_memory(model, k=a["k"], batch_size=a["b"], seqlen=a["t"], nsamples=0, metric_nsamples=0)
 print(json.dumps({"growth": growth, "estimate": est}))
 """
@@ -66,10 +67,10 @@ def _check(spec):
     {"model": "synthetic", "sizes": {"hidden_size": 256, "intermediate_size": 3072, "num_hidden_layers": 4,
                                      "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512},
      "k": 2, "b": 8, "t": 64},
-    # LM-head-dominated (SmolLM2-like widths and vocabulary, 4 layers)
-    {"model": "synthetic", "sizes": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 4,
-                                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152},
-     "k": 2, "b": 8, "t": 128},
+    # LM-head-dominated (large vocabulary: logits chunks well above 32 MiB)
+    {"model": "synthetic", "sizes": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32768},
+     "k": 2, "b": 4, "t": 128},
 ], ids=["mlp-bound", "head-bound"])
 def test_estimate_within_20_percent_of_measured_peak(spec):
     _check(spec)
