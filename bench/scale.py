@@ -55,17 +55,17 @@ def _setup(sizes: dict):
     return model, costs, layout, calib, layout.present.float() * 0.7
 
 
-def _timed_run(sizes: dict, steps: int, world=None) -> tuple:
-    """(seconds per PG step after one warm-up step, the PGResult)."""
+def _timed_run(sizes: dict, steps: int, world=None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) per PG step, after one warm-up step."""
     from pgprune.policy.loop import PGConfig, run_policy_gradient
 
     model, costs, layout, calib, s0 = _setup(sizes)
     config = PGConfig(sparsity=0.3, steps=steps + 1, k=K, batch_size=B, lr_schedule="constant", eval_every=10**6,
                       checkpoint_every=10**6)
     run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world, stop_after=1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world)
-    return (time.perf_counter() - t0) / config.steps, res
+    return (time.perf_counter() - t0) / config.steps, (time.process_time() - c0) / config.steps
 
 
 def worker_rank(rank: int, world_size: int, port: int, steps: int) -> None:
@@ -78,9 +78,9 @@ def worker_rank(rank: int, world_size: int, port: int, steps: int) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=120))
         world = TorchWorld()
-    sec, _ = _timed_run(SMALL, steps, world)
+    sec, cpu = _timed_run(SMALL, steps, world)
     if rank == 0:
-        print(json.dumps({"sec_per_step": sec}))
+        print(json.dumps({"sec_per_step": sec, "cpu_sec_per_step": cpu}))
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -93,7 +93,7 @@ def worker_size(index: int, steps: int) -> None:
     from pgprune.policy.probabilities import sample_masks
 
     sizes = SIZES[index]
-    sec, _ = _timed_run(sizes, steps)
+    sec, _cpu = _timed_run(sizes, steps)
     model, costs, layout, calib, s0 = _setup(sizes)
 
     def step():
@@ -101,7 +101,7 @@ def worker_size(index: int, steps: int) -> None:
                              costs=costs)
 
     step()
-    growth, _ = measure_peak_growth(step)
+    growth = sorted(measure_peak_growth(step)[0] for _ in range(3))[1]  # median of 3 steps
     est = estimate_pg_memory(model, k=K, batch_size=B, seqlen=T, nsamples=0, metric_nsamples=0)
     print(json.dumps({"params": est["inputs"]["parameters"], "sec_per_step": sec, "peak_growth": growth,
                       "estimate": est["breakdown"]["pg_step_activations"] + est["breakdown"]["probabilities_and_masks"],
@@ -118,7 +118,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world_size: int, steps: int) -> float:
+def run_ranks(world_size: int, steps: int) -> dict:
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank-worker", str(r), str(world_size), str(port),
                                str(steps)], stdout=subprocess.PIPE, text=True, env=_env())
@@ -126,7 +126,7 @@ def run_ranks(world_size: int, steps: int) -> float:
     outs = [p.communicate(timeout=300)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"a rank failed: return codes {[p.returncode for p in procs]}")
-    return json.loads(outs[0].strip().splitlines()[-1])["sec_per_step"]
+    return json.loads(outs[0].strip().splitlines()[-1])
 
 
 def _slope(xs, ys) -> float:
@@ -140,15 +140,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
     t_start = time.perf_counter()
+    load_before = os.getloadavg()
 
     rank_rows = []
     for n in (1, 2):
-        sec = run_ranks(n, args.steps)
-        rank_rows.append({"ranks": n, "sec_per_step": sec, "samples_per_s": n * K * B / sec})
+        r = run_ranks(n, args.steps)
+        rank_rows.append({"ranks": n, "sec_per_step": r["sec_per_step"], "cpu_sec_per_step": r["cpu_sec_per_step"],
+                          "samples_per_s": n * K * B / r["sec_per_step"]})
     for r in rank_rows:
         r["speedup_vs_1"] = r["samples_per_s"] / rank_rows[0]["samples_per_s"]
+        # with a free core per rank the wall time of a step is its CPU time (+ waiting in all_gather)
+        r["speedup_if_cores_free"] = r["ranks"] * rank_rows[0]["cpu_sec_per_step"] / r["cpu_sec_per_step"]
+    load_after_ranks = os.getloadavg()
     print(f"\nPG steps, 1 vs 2 gloo ranks (1 thread each), K={K} B={B} T={T} per rank, synthetic llama {SMALL}")
-    print(table(rank_rows, ["ranks", "sec_per_step", "samples_per_s", "speedup_vs_1"]))
+    print(table(rank_rows, ["ranks", "sec_per_step", "cpu_sec_per_step", "samples_per_s", "speedup_vs_1",
+                            "speedup_if_cores_free"]))
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after_ranks[0]:.2f} on {os.cpu_count()} "
+          "cores: 2 ranks only gain when 2 cores are free")
 
     size_rows = []
     for i, sizes in enumerate(SIZES):
@@ -170,7 +178,8 @@ def main() -> None:
     print("log-log slopes vs parameters: " + ", ".join(f"{k} {v:.2f}" for k, v in fit.items()))
     save("scale", {"command": "OMP_NUM_THREADS=1 python bench/scale.py " + " ".join(sys.argv[1:]),
                    "k": K, "batch_size": B, "seqlen": T, "steps": args.steps, "ranks": rank_rows,
-                   "sizes": size_rows, "fit": fit, "seconds": time.perf_counter() - t_start})
+                   "sizes": size_rows, "fit": fit, "cores": os.cpu_count(),
+                   "load_average_1min": {"before": load_before[0], "after_rank_runs": load_after_ranks[0]}, "seconds": time.perf_counter() - t_start})
 
 
 if __name__ == "__main__":
