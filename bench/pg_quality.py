@@ -29,11 +29,12 @@ from pgprune.gating import gated  # noqa: E402
 from pgprune.masks import UnitCosts, parse_unit_kinds  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats  # noqa: E402
 from pgprune.metrics.init import init_probabilities  # noqa: E402
-from pgprune.metrics.prune import run_metric  # noqa: E402
+from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
 from pgprune.models.adapter import get_adapter  # noqa: E402
 from pgprune.models.load import load_model  # noqa: E402
 from pgprune.policy.loop import PGConfig, run_policy_gradient  # noqa: E402
 from pgprune.policy.probabilities import UnitLayout  # noqa: E402
+from pgprune.surgery import prune_model  # noqa: E402
 
 
 def main() -> None:
@@ -78,6 +79,12 @@ def main() -> None:
         with gated(model, masks, costs=costs):
             return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
 
+    def compensated_ppl(masks, bias):
+        import copy
+
+        pruned = prune_model(copy.deepcopy(model), masks, output_bias=bias)
+        return perplexity_of_tokens(pruned, test, seqlen=128, batch_size=8, max_tokens=args.max_tokens).ppl
+
     rows, runs = [], []
     payload = {"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "runs": runs}
     dense = ppl(None)
@@ -94,10 +101,9 @@ def main() -> None:
             alloc = "global" if method in ("flap", "block-influence") else args.allocation
             r = run_metric(model, calib, method, sp, kinds, alloc, seed=0, progress=False,
                            stats=stats if method != "wanda-sp" or alloc != "uniform" else None,
-                           propagate="dense" if method != "wanda-sp" or alloc != "uniform" else None,
-                           bias_compensation=False)
+                           propagate="dense" if method != "wanda-sp" or alloc != "uniform" else None)
             metric_results[method] = r
-            value = ppl(r.masks)
+            value = ppl(r.masks) if r.output_bias is None else compensated_ppl(r.masks, r.output_bias)
             rows.append({"sparsity": sp, "method": f"{method} ({alloc})", "true_sparsity": r.info["sparsity"],
                          "wikitext2_ppl": value, "seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)
@@ -117,6 +123,10 @@ def main() -> None:
             step_times = seconds / max(args.steps, 1)
             rows.append({"sparsity": sp, "method": f"pg-{est} (init {args.init}, lr {lr})",
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
+            if "layer" not in kinds:  # FLAP-style compensation on top of the PG masks (forward only)
+                comp = compensated_ppl(res.masks, compensation_biases(adapter, stats, res.masks, costs))
+                rows.append({"sparsity": sp, "method": f"pg-{est} + bias compensation",
+                             "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
             runs.append({"sparsity": sp, "estimator": est, "lr": lr, "steps": args.steps,
                          "seconds_per_step_incl_eval": step_times,
                          "curve": [{"forward_passes": h["forward_passes"], "hard_ppl_valid": h["hard_ppl"]}

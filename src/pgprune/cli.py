@@ -221,7 +221,7 @@ def _add_prune(sub) -> None:
     g = p.add_argument_group("policy gradient (--method pg)")
     g.add_argument("--init", default=d.init, help="metric method for the initial probabilities, or constant (default wanda-sp)")
     g.add_argument("--init-mapping", default=d.init_mapping, choices=["sigmoid", "constant"])
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}; the paper: ~15000)")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}, the paper's; short CPU runs: a few hundred with --lr 0.02)")
     g.add_argument("--k", type=int, default=d.k, help="masks sampled per step (default 2)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities (default {d.lr})")

@@ -47,7 +47,7 @@ class PruneOptions:
     # policy gradient
     init: str = "wanda-sp"  # a metric method, or "constant"
     init_mapping: str = "sigmoid"  # sigmoid | constant (how metric scores become probabilities)
-    steps: int = 500
+    steps: int = 15000  # the paper's 120k samples at batch 8
     k: int = 2
     batch_size: int = 8
     lr: float = 2e-3
