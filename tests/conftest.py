@@ -48,6 +48,18 @@ def smollm2():
     return load_model("smollm2-135m", dtype="fp32", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: torch's thread start-up dominates tiny matrices, and on a
+    shared 2-core machine two threads made them 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _no_hub(monkeypatch):
     # Tests never touch the network: the hub is unreachable here and must not be needed.

@@ -29,13 +29,7 @@ EXTRA = {"qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_lay
          "mistral": dict(sliding_window=5)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: thread start-up dominates, and on a shared 2-core machine it is 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(family="llama", seed=0, **over):

@@ -28,13 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = ("dense", "init", "gated", "pruned")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: on a shared 2-core machine thread start-up makes the pipeline ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
