@@ -12,6 +12,7 @@ The CLI's `pgprune prune` is a thin layer over this function.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,9 +70,7 @@ class PruneOptions:
 
 
 def _ppl(model, tokens, o: PruneOptions, masks: Masks | None, costs: UnitCosts, max_tokens) -> float:
-    if masks is None:
-        return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens).ppl
-    with gated(model, masks, costs=costs):
+    with gated(model, masks, costs=costs) if masks is not None else contextlib.nullcontext():
         return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens).ppl
 
 
@@ -195,7 +194,8 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
                                  fingerprint=fingerprint, resume=resume, progress=progress, world=world)
     if world is None or world.is_main:
-        atomic.write_bytes(out / "probabilities.pt", _tensor_bytes(layout.split(result.probs)))
+        with atomic.temp_path(out / "probabilities.pt") as tmp:
+            torch.save({k: v.cpu() for k, v in layout.split(result.probs).items()}, tmp)
     info = {"config": asdict(config), "skipped_steps": result.skipped_steps, "seconds": result.seconds,
             "track": {"dataset": track, "split": "validation", "max_tokens": o.track_max_tokens},
             "history_tail": result.history[-3:]}
@@ -209,14 +209,6 @@ def _compensation(model, calib, masks, costs, o: PruneOptions):
     adapter = get_adapter(model)
     stats = collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense", adapter=adapter)
     return compensation_biases(adapter, stats, masks, costs)
-
-
-def _tensor_bytes(tensors: dict) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in tensors.items()}, buf)
-    return buf.getvalue()
 
 
 def _print_ppl(label: str, values: dict) -> None:

@@ -35,14 +35,14 @@ def project(s: torch.Tensor, layout: UnitLayout, costs: UnitCosts, keep: float, 
         for kind in layout.kinds:
             c = unit_cost[kind]
             f = lambda v, k=kind, c=c: float(((out[k] - v * scales[k]).clamp(0, 1) * c).sum() / c.sum())  # noqa: E731
-            v = _bisect(f, keep, f"the {kind} units")
+            v = _bisect(f, keep, f"the {kind} units", iters)
             out[kind] = (out[kind] - v * scales[kind]).clamp(0, 1)
         return (layout.merge(out) * layout.present).float()
 
     def f(v: float) -> float:
         return float(expected_keep_ratio(layout.split((s64 - v * scale).clamp(0, 1) * layout.present), costs))
 
-    v = _bisect(f, keep, "+".join(layout.kinds) + " units")
+    v = _bisect(f, keep, "+".join(layout.kinds) + " units", iters)
     return ((s64 - v * scale).clamp(0, 1) * layout.present).float()
 
 
