@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--sparsities", default="0.3,0.5")
     ap.add_argument("--units", default="channel,head", help="unit kinds; 'layer' compares with block-influence")
-    ap.add_argument("--methods", default="wanda-sp,flap,magnitude,random")
+    ap.add_argument("--methods", default="wanda-sp,flap,flap:uniform,magnitude,random",
+                    help="metric baselines, each METHOD or METHOD:ALLOCATION (default allocation: global for "
+                         "flap and block-influence, --allocation otherwise)")
     ap.add_argument("--init", default="wanda-sp")
     ap.add_argument("--allocation", default="uniform")
     ap.add_argument("--estimators", default="paper,loo")
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--track-max-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=65536)
     ap.add_argument("--tag", default="pg_quality")
+    ap.add_argument("--save-masks", default=None,
+                    help="folder for the PG runs' masks (SPARSITY_ESTIMATOR.safetensors, for `pgprune apply`)")
     args = ap.parse_args()
 
     kinds = parse_unit_kinds(args.units)
@@ -91,18 +95,17 @@ def main() -> None:
     rows.append({"sparsity": 0.0, "method": "dense", "true_sparsity": 0.0, "wikitext2_ppl": dense})
     print(f"dense: {dense:.3f}", flush=True)
     stats = collect_layer_stats(model, calib, batch_size=8, propagate="dense", adapter=adapter, progress=False)
-    methods = [m for m in args.methods.split(",") if m]
     if "layer" in kinds and args.init == "wanda-sp":
         args.init = "block-influence"
+    baselines = [_method_allocation(m, args.allocation) for m in [args.init] + args.methods.split(",") if m]
     for sp in [float(x) for x in args.sparsities.split(",")]:
         metric_results = {}
-        for method in dict.fromkeys(methods + [args.init]):
+        for method, alloc in dict.fromkeys(baselines):
             t0 = time.perf_counter()
-            alloc = "global" if method in ("flap", "block-influence") else args.allocation
             r = run_metric(model, calib, method, sp, kinds, alloc, seed=0, progress=False,
                            stats=stats if method != "wanda-sp" or alloc != "uniform" else None,
                            propagate="dense" if method != "wanda-sp" or alloc != "uniform" else None)
-            metric_results[method] = r
+            metric_results.setdefault(method, r)  # the init uses the first (the --allocation) one
             value = ppl(r.masks) if r.output_bias is None else compensated_ppl(r.masks, r.output_bias)
             rows.append({"sparsity": sp, "method": f"{method} ({alloc})", "true_sparsity": r.info["sparsity"],
                          "wikitext2_ppl": value, "seconds": time.perf_counter() - t0})
@@ -120,6 +123,9 @@ def main() -> None:
                                       eval_fn=lambda m: ppl(m, track, args.track_max_tokens))
             seconds = time.perf_counter() - t0
             final = ppl(res.masks)
+            if args.save_masks:
+                res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
+                               metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
             rows.append({"sparsity": sp, "method": f"pg-{est} (init {args.init}, lr {lr})",
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
@@ -128,7 +134,7 @@ def main() -> None:
                 rows.append({"sparsity": sp, "method": f"pg-{est} + bias compensation",
                              "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
             runs.append({"sparsity": sp, "estimator": est, "lr": lr, "steps": args.steps,
-                         "seconds_per_step_incl_eval": step_times,
+                         "seconds_per_step_incl_eval": step_times, "pg_seconds": res.seconds,
                          "curve": [{"forward_passes": h["forward_passes"], "hard_ppl_valid": h["hard_ppl"]}
                                    for h in res.history if "hard_ppl" in h],
                          "final_test_ppl": final})
@@ -141,6 +147,11 @@ def main() -> None:
           f"first {args.track_max_tokens} tokens)")
     save(args.tag, payload)
     _plot(runs, RESULTS_DIR / f"{args.tag}.png")
+
+
+def _method_allocation(entry: str, default: str) -> tuple[str, str]:
+    method, _, alloc = entry.partition(":")
+    return method, alloc or ("global" if method in ("flap", "block-influence") else default)
 
 
 def _plot(runs, path: Path) -> None:

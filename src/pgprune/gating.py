@@ -27,7 +27,7 @@ from torch import nn
 
 from pgprune.errors import ConfigError
 from pgprune.masks import Masks, UnitCosts
-from pgprune.models.adapter import ModelAdapter, get_adapter
+from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter
 
 
 def check_masks(masks: Masks, costs: UnitCosts) -> None:
@@ -169,7 +169,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
 
 
 def _input_device(adapter: ModelAdapter) -> torch.device:
-    return adapter.embed_tokens().weight.device
+    return execution_device(adapter.embed_tokens())
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pgprune.models.adapter import execution_device
+
 DEFAULT_CHUNK_TOKENS = 4096
 
 
@@ -28,7 +30,7 @@ def token_nll(model, input_ids: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_
 def nll_from_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, head: torch.nn.Module,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Per-token NLL [B, T-1] from final hidden states [B, T, H] (already final-normed)."""
-    device = head.weight.device
+    device = execution_device(head)
     B, T, H = hidden.shape
     h = hidden[:, :-1].to(device).reshape(-1, H)
     labels = input_ids[:, 1:].to(device).reshape(-1)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from pgprune.data import get_eval_tokens, get_source
 from pgprune.errors import ConfigError, DataError
 from pgprune.lm_loss import token_nll
+from pgprune.models.adapter import execution_device
 
 
 @dataclass
@@ -71,7 +72,7 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int = 128, batch_s
     if n == 0:
         raise DataError(f"{dataset}: {available} tokens is less than one window of {seqlen}")
     windows = stream[: n * seqlen].view(n, seqlen)
-    device = model.get_input_embeddings().weight.device
+    device = execution_device(model.get_input_embeddings())
     total = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
     bar = tqdm(total=n, desc=f"ppl {dataset}", unit="win", disable=None if progress else True, leave=False)

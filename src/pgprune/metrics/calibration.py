@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pgprune.errors import ConfigError, DataError
-from pgprune.models.adapter import ModelAdapter, get_adapter
+from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter
 
 PROPAGATE_CHOICES = ("dense", "pruned")
 
@@ -155,7 +155,7 @@ def capture_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, *, batch_siz
     calib_ids = check_calibration_ids(calib_ids, adapter)
     layers = adapter.decoder_layers()
     n_layers = len(layers)
-    device = adapter.embed_tokens().weight.device
+    device = execution_device(adapter.embed_tokens())
     storage = torch.device(storage_device) if storage_device is not None else device
 
     batches = _batches(calib_ids.shape[0], batch_size)
@@ -234,8 +234,7 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layer_device(layer: nn.Module, fallback: torch.device) -> torch.device:
-    p = next(layer.parameters(), None)
-    return fallback if p is None else p.device
+    return execution_device(layer) if next(layer.parameters(), None) is not None else fallback
 
 
 @torch.no_grad()
@@ -341,17 +340,17 @@ def _apply_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
     ):
         if proj is None or (keep is None and bias is None):
             continue
-        feat = None if keep is None else keep.to(proj.weight.device).repeat_interleave(per_unit)
+        # Moved to the activations' device in the hooks: an offloaded layer's weights sit on "meta".
+        feat = None if keep is None else keep.repeat_interleave(per_unit)
         empty = feat is not None and not bool(feat.any())
-        add = None if bias is None else bias.to(proj.weight.device, proj.weight.dtype)
         if feat is not None and not empty:
             handles.append(proj.register_forward_pre_hook(
-                lambda _m, args, feat=feat: (args[0] * feat.to(args[0].dtype),) + tuple(args[1:])))
+                lambda _m, args, feat=feat: (args[0] * feat.to(args[0].device, args[0].dtype),) + tuple(args[1:])))
 
-        def hook(_module, _args, output, empty=empty, add=add):
+        def hook(_module, _args, output, empty=empty, add=bias):
             if empty:  # the block is removed as a whole: only a compensation constant remains
                 output = torch.zeros_like(output)
-            return output if add is None else output + add
+            return output if add is None else output + add.to(output.device, output.dtype)
 
         handles.append(proj.register_forward_hook(hook))
     return handles

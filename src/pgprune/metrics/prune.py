@@ -20,7 +20,7 @@ from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, check
                                         uniform_plan)
 from pgprune.metrics.calibration import (LayerEdit, LayerStats, collect_layer_stats, features_per_head_group)
 from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
-from pgprune.models.adapter import ModelAdapter, get_adapter
+from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
 
 
 @dataclass
@@ -57,7 +57,7 @@ def compensation_biases(adapter: ModelAdapter, stats: list[LayerStats], masks: M
             removed = ~keep[:width].repeat_interleave(per_unit)
             if not bool(removed.any()):
                 continue
-            w = proj.weight.detach().double()
+            w = read_weight(proj).double()
             mean = fs.mean.to(w.device) * removed.to(w.device)
             out[block][i] = (w @ mean).float().cpu()
     return out
@@ -195,7 +195,7 @@ def _layer_compensation(adapter, i, st: LayerStats, keep: dict[str, torch.Tensor
             out.append(None)
             continue
         removed = ~k.repeat_interleave(per_unit)
-        w = proj.weight.detach().double()
+        w = read_weight(proj).double()
         out.append((w @ (fs.mean.to(w.device) * removed.to(w.device))).float())
     return out[0], out[1]
 

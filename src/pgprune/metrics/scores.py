@@ -30,7 +30,7 @@ import torch
 from pgprune.errors import ConfigError
 from pgprune.masks import UNIT_KINDS, parse_unit_kinds
 from pgprune.metrics.calibration import LayerStats, collect_layer_stats, features_per_head_group
-from pgprune.models.adapter import ModelAdapter, get_adapter
+from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
 
 ScoreFn = Callable[[ModelAdapter, int, "LayerStats | None", tuple, int], dict]
 
@@ -66,7 +66,7 @@ class Scores:
 
 # --- per-layer building blocks ------------------------------------------------------------------
 def _weights(proj) -> torch.Tensor:
-    return proj.weight.detach().float()
+    return read_weight(proj).float()
 
 
 def _group_sum(x: torch.Tensor, per_group: int) -> torch.Tensor:

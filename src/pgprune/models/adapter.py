@@ -51,6 +51,29 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
     return cls(model)
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes. Under an accelerate device_map with CPU/disk offload a module's
+    weights wait on the meta device and its `_hf_hook` moves them in for each call: then the hook's
+    execution device is the answer, not the device of its parameters."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device(dev)
+    p = next(module.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight` (detached), also for an offloaded device_map module whose weight waits on
+    the meta device between calls: then a copy is brought to its execution device."""
+    w = module.weight
+    if w.device.type != "meta":
+        return w.detach()
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        return module.weight.detach().clone()
+
+
 def _import_families() -> None:
     # Importing the family modules registers their adapters.
     from pgprune.models import llama  # noqa: F401
@@ -205,4 +228,4 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return execution_device(self.embed_tokens())  # where inputs go

@@ -123,7 +123,8 @@ def run_policy_gradient(
     `eval_fn(masks) -> perplexity` evaluates a hard mask (None: no periodic evaluation).
     `fingerprint`: what a resumed run must share with the checkpoint (model, data, ...).
     `stop_after`: stop (with a checkpoint) after this many steps of this call: for tests of resume.
-    `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss).
+    `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss); `batch`
+    comes on the pool's device and loss_fn moves it where the model takes its inputs.
     `world`: distributed sampling (policy/distributed.py); only its rank 0 writes and evaluates.
     """
     world = world or World()
@@ -146,7 +147,6 @@ def run_policy_gradient(
     if resume:
         s, baseline, start, skipped, history = _load_checkpoint(ckpt_dir, fingerprint, rewrite_log=world.is_main)
 
-    device = next(model.parameters()).device
     t0 = time.perf_counter()
     consecutive_skips = 0
     bar = tqdm(total=config.steps, initial=start, desc="pg", unit="step",
@@ -161,7 +161,7 @@ def run_policy_gradient(
     for step in range(start, end):
         gen = step_generator(config.seed, step, world.rank)
         idx = torch.randperm(calib_windows.shape[0], generator=gen)[: config.batch_size]
-        batch = calib_windows[idx].to(device)
+        batch = calib_windows[idx]  # loss_fn moves it to the model's input device
         m = sample_masks(s, config.k, gen)
         losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()
         if world.size > 1:  # all N*K samples, rank-major, identical on every rank
