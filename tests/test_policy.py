@@ -177,3 +177,21 @@ def test_bad_settings():
         PGConfig(sparsity=1.0).validate()
     with pytest.raises(ConfigError, match="K >= 2"):
         PGConfig(sparsity=0.3, estimator="loo", k=1).validate()
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, costs, layout = _setup(("channel",), num_hidden_layers=2, intermediate_size=32)
+    calib = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    config = PGConfig(sparsity=0.3, kinds=("channel",), steps=4, k=2, batch_size=4, lr=0.05, eval_every=2)
+    res = run_policy_gradient(model, calib, torch.full((layout.size,), 0.7), layout, costs, config,
+                              eval_fn=lambda masks: 10.0 + float(masks["channel"].sum()) / 1000, progress=False,
+                              tensorboard=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = events.Scalars("pg/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([h["loss"] for h in res.history if "loss" in h])
+    assert [e.step for e in events.Scalars("pg/hard_ppl")] == [0, 2, 4]

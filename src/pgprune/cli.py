@@ -232,6 +232,9 @@ def _add_prune(sub) -> None:
     g.add_argument("--per-kind-budget", action="store_true", help="hold each unit kind to the budget separately (paper)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between hard-mask evaluations / checkpoints")
     g.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation after the masks are chosen")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="write TensorBoard event files of the loop (default DIR: RUN_DIR/tensorboard; needs "
+                        "pip install 'pgprune[tensorboard]')")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", default=d.eval, help=f"perplexity datasets (default {d.eval})")
     e.add_argument("--eval-seqlen", type=int, default=d.eval_seqlen,
@@ -256,6 +259,10 @@ def _run_prune(args) -> int:
         from pgprune.report import require_matplotlib
 
         require_matplotlib()
+    if args.tensorboard is not None and args.method == "pg":  # likewise for tensorboard
+        from pgprune.policy.loop import require_tensorboard
+
+        require_tensorboard()
     opts = PruneOptions(
         model=args.model, method=args.method, sparsity=args.sparsity, units=args.units, allocation=args.allocation,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
@@ -264,7 +271,7 @@ def _run_prune(args) -> int:
         projection=args.projection, per_kind_budget=args.per_kind_budget, eval_every=args.eval_every,
         checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens or None,
-        track_max_tokens=args.track_max_tokens, compensate=args.compensate)
+        track_max_tokens=args.track_max_tokens, compensate=args.compensate, tensorboard=args.tensorboard)
     from pgprune.policy.distributed import init_from_env, shutdown
 
     world, rank_device = init_from_env()  # under torchrun: process group + this rank's device

@@ -65,6 +65,7 @@ class PruneOptions:
     track: str | None = None  # dataset (validation split) of the periodic hard-mask perplexity (default: first of eval)
     track_max_tokens: int = 8192
     compensate: bool = False  # FLAP-style bias compensation after the masks are chosen
+    tensorboard: str | None = None  # event-file folder for the pg loop ("" = RUN_DIR/tensorboard)
     metric_batch_size: int = 8
     extra: dict = field(default_factory=dict)
 
@@ -191,8 +192,10 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
                    "dtype": str(next(model.parameters()).dtype), "track": track,
                    "track_max_tokens": o.track_max_tokens}
     init_masks = metric.masks if metric is not None else read_hard_mask(s0, layout, costs, sparsity)
+    tensorboard = None if o.tensorboard is None else (o.tensorboard or out / "tensorboard")
     result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
-                                 fingerprint=fingerprint, resume=resume, progress=progress, world=world)
+                                 fingerprint=fingerprint, resume=resume, progress=progress, world=world,
+                                 tensorboard=tensorboard)
     if world is None or world.is_main:
         with atomic.temp_path(out / "probabilities.pt") as tmp:
             torch.save({k: v.cpu() for k, v in layout.split(result.probs).items()}, tmp)

@@ -116,6 +116,7 @@ def run_policy_gradient(
     stop_after: int | None = None,
     loss_fn: Callable = masked_losses,
     world: World | None = None,
+    tensorboard: str | Path | None = None,
 ) -> PGResult:
     """Optimise keep-probabilities starting at `s0` (flat, see UnitLayout).
 
@@ -126,6 +127,7 @@ def run_policy_gradient(
     `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss); `batch`
     comes on the pool's device and loss_fn moves it where the model takes its inputs.
     `world`: distributed sampling (policy/distributed.py); only its rank 0 writes and evaluates.
+    `tensorboard`: a folder for TensorBoard event files (loss, baseline, lr, entropy, hard-mask ppl).
     """
     world = world or World()
     config.validate()
@@ -152,11 +154,12 @@ def run_policy_gradient(
     bar = tqdm(total=config.steps, initial=start, desc="pg", unit="step",
                disable=None if progress and world.is_main else True)
     eval_fn = eval_fn if world.is_main else None
+    writer = _tensorboard_writer(tensorboard) if world.is_main else None
     last_ppl = None
     if start == 0 and eval_fn is not None:
         last_ppl = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
         history.append({"step": 0, "forward_passes": 0, "hard_ppl": last_ppl, "entropy": mean_entropy(s, layout.present)})
-        _append_log(out, history[-1])
+        _append_log(out, history[-1], writer)
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     for step in range(start, end):
         gen = step_generator(config.seed, step, world.rank)
@@ -186,18 +189,41 @@ def run_policy_gradient(
             if eval_fn is not None:
                 last_ppl = record["hard_ppl"] = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
         history.append(record)
-        _append_log(out, record)
+        _append_log(out, record, writer)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in (("loss", record.get("loss")), ("base", record.get("baseline")),
                                                    ("ent", record.get("entropy")), ("ppl", last_ppl)) if v is not None})
         if out is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == end):
             _save_checkpoint(out, s, baseline, step + 1, skipped, history, fingerprint)
     bar.close()
+    if writer is not None:
+        writer.close()
     return PGResult(probs=s, masks=read_hard_mask(s, layout, costs, config.sparsity), history=history,
                     skipped_steps=skipped, seconds=time.perf_counter() - t0)
 
 
-def _append_log(out: Path | None, record: dict) -> None:
+TENSORBOARD_SCALARS = ("loss", "baseline", "lr", "entropy", "hard_ppl")
+
+
+def require_tensorboard():
+    """torch's SummaryWriter class, or a ConfigError saying how to install what it needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError("TensorBoard logging needs the tensorboard package: pip install 'pgprune[tensorboard]'") from e
+    return SummaryWriter
+
+
+def _tensorboard_writer(log_dir):
+    return None if log_dir is None else require_tensorboard()(str(log_dir))
+
+
+def _append_log(out: Path | None, record: dict, writer=None) -> None:
+    if writer is not None:
+        for key in TENSORBOARD_SCALARS:
+            if record.get(key) is not None:
+                writer.add_scalar(f"pg/{key}", record[key], record["step"])
+        writer.flush()
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
