@@ -64,7 +64,7 @@ def _timed_run(sizes: dict, steps: int, world=None) -> tuple[float, float]:
                       checkpoint_every=10**6)
     run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world, stop_after=1)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world)
+    run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world)
     return (time.perf_counter() - t0) / config.steps, (time.process_time() - c0) / config.steps
 
 

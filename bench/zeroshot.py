@@ -1,6 +1,7 @@
-"""Zero-shot accuracy of the dense model on every task that has local data (lm-eval prompts/metrics).
+"""Zero-shot accuracy on every task that has local data (lm-eval prompts/metrics), for one model or
+several side by side (dense and pruned folders).
 
-    python bench/zeroshot.py [--model smollm2-135m] [--limit 20] [--tasks all] [--data-dir ../shared/data]
+    python bench/zeroshot.py [--model smollm2-135m [--model runs/pg30/model ...]] [--limit 20] [--tasks all]
 
 Each task runs on its own so its time is recorded; `--limit N` takes the first N examples of each
 task (the full sets take hours on two shared CPU cores). Prints a table and writes
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+from _common import save, table  # noqa: E402
 
 from pgprune.errors import DataError  # noqa: E402
 from pgprune.evaluate.record import evaluation_record  # noqa: E402
@@ -27,7 +28,8 @@ from pgprune.models.load import load_model  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", action="append", default=None,
+                    help="model name or pruned folder; repeat to compare several (default smollm2-135m)")
     ap.add_argument("--tasks", default="all")
     ap.add_argument("--limit", type=int, default=20,
                     help="first N examples per task (default 20: about 10 minutes on 2 busy CPU cores); "
@@ -39,9 +41,17 @@ def main() -> None:
     ap.add_argument("--name", default="zeroshot", help="results file name under bench/results/")
     args = ap.parse_args()
     limit = args.limit or None
+    models = args.model or ["smollm2-135m"]
+    records = {name: evaluate_one(name, args, limit) for name in models}
+    if len(models) > 1:
+        print(comparison_table(records))
+    save(args.name, {"command": "python " + " ".join(sys.argv), "models": records} if len(models) > 1
+         else records[models[0]])
 
+
+def evaluate_one(model_name: str, args, limit) -> dict:
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(model_name, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
     names = parse_tasks(args.tasks)
     parts, skipped, seconds = {}, {}, {}
@@ -56,20 +66,37 @@ def main() -> None:
         seconds[name] = round(time.perf_counter() - t, 1)
         parts[name] = r
         res = r.tasks[name]
-        print(f"{name}: acc {res.acc:.4f} (n={res.n}, {seconds[name]} s)", flush=True)
+        print(f"{model_name} {name}: acc {res.acc:.4f} (n={res.n}, {seconds[name]} s)", flush=True)
     any_part = next(iter(parts.values()))
     merged = ZeroShotResult(tasks={n: p.tasks[n] for n, p in parts.items()}, skipped=skipped, limit=limit,
                             batch_size=args.batch_size, data_dir=any_part.data_dir,
                             seconds=sum(p.seconds for p in parts.values()),
                             lm_eval_version=any_part.lm_eval_version, requested=names)
-    title = f"{args.model} ({args.dtype}, {args.device}), first {limit or 'all'} examples per task"
+    title = f"{model_name} ({args.dtype}, {args.device}), first {limit or 'all'} examples per task"
     print(format_zeroshot_table(merged, title=title))
     print("seconds per task: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
-    record = evaluation_record(args.model, zeroshot=merged.to_dict(), extra={
+    return evaluation_record(model_name, zeroshot=merged.to_dict(), extra={
         "command": "python " + " ".join(sys.argv), "dtype": args.dtype, "device": args.device,
         "seconds_per_task": seconds, "model_load_seconds": round(load_s, 1)})
-    save(args.name, record)
 
+
+def comparison_table(records: dict) -> str:
+    """Tasks as rows, models as columns: acc in % (acc_norm in brackets where the task has it)."""
+    names = list(records)
+    tasks = records[names[0]]["zeroshot"]["requested"]
+    rows = []
+    for task in tasks:
+        row = {"task": task}
+        for n in names:
+            r = records[n]["zeroshot"]["tasks"].get(task)
+            row[n] = "skipped" if r is None else (f"{100 * r['acc']:.1f}" + (
+                f" ({100 * r['acc_norm']:.1f})" if r["acc_norm"] is not None else ""))
+        rows.append(row)
+    avg = {"task": "average acc"}
+    for n in names:
+        a = records[n]["zeroshot"]["average"]
+        avg[n] = f"{100 * a['value']:.1f} over {len(a['tasks'])}"
+    return table(rows + [avg], ["task"] + names)
 
 if __name__ == "__main__":
     main()
