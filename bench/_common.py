@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -12,6 +13,12 @@ def machine() -> dict:
     from pgprune.evaluate.speed import machine_info
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **machine_info()}
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """How to rerun a benchmark, with the thread setting it ran under (it changes CPU timings)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={threads} " if threads else "") + f"python bench/{script} " + " ".join(argv)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -34,6 +34,9 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import get_adapter
 from pgprune.models.load import load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -94,11 +97,6 @@ def bench_dtype(model_name: str, dtype: str, device: str | None, batch: int, seq
     return out
 
 
-def _env_prefix() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return f"OMP_NUM_THREADS={threads} " if threads else ""
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
               "k": k, "repeats": args.repeats, "warmup": args.warmup, "target_ratio_masked_vs_plain": 1.10,
               "masks": "random, 50% of KV groups and MLP channels kept per mask",
               "machine": machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "command": _env_prefix() + "python bench/gating_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": command_line("gating_cost.py", argv if argv is not None else sys.argv[1:]),
               "results": rows}
     atomic.write_json(args.out, record)
     print(f"wrote {args.out}")

@@ -36,6 +36,9 @@ from pgprune.models.adapter import get_adapter
 from pgprune.models.load import load_model
 from pgprune.surgery import prune_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -88,11 +91,6 @@ def flops_per_token(model, context: float, with_head: bool) -> float:
     if with_head:
         total += 2.0 * adapter.lm_head().weight.numel()
     return total
-
-
-def _env_prefix() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return f"OMP_NUM_THREADS={threads} " if threads else ""
 
 
 def main(argv=None) -> int:
@@ -158,7 +156,7 @@ def main(argv=None) -> int:
               "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
               "sparsity_definition": "fraction of the dense model's decoder-layer parameters removed",
               "machine": machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "command": _env_prefix() + "python bench/pruned_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": command_line("pruned_speed.py", argv if argv is not None else sys.argv[1:]),
               "rows": rows, "speed": cmp.to_dict()}
     atomic.write_json(args.out, record)
     print(f"wrote {args.out}")

@@ -70,9 +70,11 @@ class PruneOptions:
     extra: dict = field(default_factory=dict)
 
 
-def _ppl(model, tokens, o: PruneOptions, masks: Masks | None, costs: UnitCosts, max_tokens) -> float:
+def _ppl(model, tokens, o: PruneOptions, masks: Masks | None, costs: UnitCosts, max_tokens,
+         max_windows: int | None = None) -> float:
     with gated(model, masks, costs=costs) if masks is not None else contextlib.nullcontext():
-        return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens).ppl
+        return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens,
+                                    max_windows=max_windows).ppl
 
 
 def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -112,15 +114,15 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     costs = UnitCosts.from_adapter(adapter)
     eval_sets = [n.strip() for n in o.eval.split(",") if n.strip()]
     eval_tokens = {n: get_eval_tokens(tokenizer, n, "test", o.data_dir) for n in eval_sets}
-    for n in eval_sets:
-        cap = get_source(n).eval_max_windows
-        if cap is not None:
-            eval_tokens[n] = eval_tokens[n][:, : cap * o.eval_seqlen]
+
+    def ppl_all(masks: Masks | None) -> dict:  # the test perplexity of every --eval dataset
+        return {n: _ppl(model, t, o, masks, costs, o.eval_max_tokens, get_source(n).eval_max_windows)
+                for n, t in eval_tokens.items()}
+
     record: dict = {"options": asdict(o), "model": adapter.describe(), "machine": _machine(),
                     "perplexity_protocol": {"seqlen": o.eval_seqlen, "max_tokens": o.eval_max_tokens,
                                             "split": "test"}}
-    ppl = {"dense": {n: _ppl(model, t, o, None, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
-           if world.is_main else {}}
+    ppl = {"dense": ppl_all(None) if world.is_main else {}}
     _print_ppl("dense", ppl["dense"])
 
     nsamples = o.nsamples or (1024 if o.method == "pg" else 128)
@@ -140,18 +142,18 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
-        ppl["init"] = {n: _ppl(model, t, o, init_masks, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+        ppl["init"] = ppl_all(init_masks)
         _print_ppl("init", ppl["init"])
         if o.compensate:
             bias = _compensation(model, calib[:128], masks, costs, o)
-    ppl["gated"] = {n: _ppl(model, t, o, masks, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+    ppl["gated"] = ppl_all(masks)
     _print_ppl("final (gated)", ppl["gated"])
 
     masks.save(out / "masks.safetensors", metadata={"model": o.model, "method": o.method})
     from pgprune.surgery import prune_model
 
     prune_model(model, masks, output_bias=bias)
-    ppl["pruned"] = {n: _ppl(model, t, o, None, costs, o.eval_max_tokens) for n, t in eval_tokens.items()}
+    ppl["pruned"] = ppl_all(None)
     _print_ppl("final (pruned model)", ppl["pruned"])
     save_pruned(model, tokenizer, out / MODEL_DIR, masks=masks, overwrite=True,
                 extra={"method": o.method, "sparsity_target": o.sparsity})
