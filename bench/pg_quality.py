@@ -120,7 +120,7 @@ def main() -> None:
                               checkpoint_every=10**9)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
-                                      eval_fn=lambda m: ppl(m, track, args.track_max_tokens))
+                                      eval_fn=lambda m: _logged(ppl(m, track, args.track_max_tokens)))
             seconds = time.perf_counter() - t0
             final = ppl(res.masks)
             if args.save_masks:
@@ -147,6 +147,11 @@ def main() -> None:
           f"first {args.track_max_tokens} tokens)")
     save(args.tag, payload)
     _plot(runs, RESULTS_DIR / f"{args.tag}.png")
+
+
+def _logged(value: float) -> float:
+    print(f"  hard-mask perplexity (validation): {value:.2f}  [{time.strftime('%H:%M:%S')}]", flush=True)
+    return value
 
 
 def _method_allocation(entry: str, default: str) -> tuple[str, str]:

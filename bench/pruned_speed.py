@@ -78,6 +78,12 @@ def target_mask(costs: UnitCosts, sparsity: float, uneven: bool, seed: int) -> M
     return Masks({"head": heads, "channel": chans})
 
 
+def _mask_info(masks: Masks, costs: UnitCosts, **extra) -> dict:
+    summary = masks.summary(costs)
+    return {**extra, "sparsity": masks.sparsity(costs), "kv_heads_per_layer": summary["kv_heads_per_layer"],
+            "channels_per_layer": summary["channels_per_layer"]}
+
+
 def flops_per_token(model, context: float, with_head: bool) -> float:
     adapter = get_adapter(model)
     hd = adapter.head_dim
@@ -104,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--masks", action="append", default=[], metavar="NAME=FILE",
+                   help="also time the model pruned with this mask file (e.g. a PG run's masks.safetensors); "
+                        "repeatable; --sparsities '' leaves out the random masks")
     p.add_argument("--out", default=str(RESULTS / "pruned_speed.json"))
     args = p.parse_args(argv)
 
@@ -117,9 +126,14 @@ def main(argv=None) -> int:
             masks = target_mask(costs, s, uneven, seed=round(1000 * s) + uneven)
             pruned = prune_model(dense, masks, copy=True)
             models[name] = pruned
-            info[name] = {"target_sparsity": s, "sparsity": masks.sparsity(costs),
-                          "kv_heads_per_layer": masks.summary(costs)["kv_heads_per_layer"],
-                          "channels_per_layer": masks.summary(costs)["channels_per_layer"]}
+            info[name] = _mask_info(masks, costs, target_sparsity=s)
+    for entry in args.masks:
+        name, _, path = entry.partition("=")
+        if not path:
+            p.error(f"--masks takes NAME=FILE, got {entry!r}")
+        masks = Masks.load(path)
+        models[name] = prune_model(dense, masks, copy=True)
+        info[name] = _mask_info(masks, costs, target_sparsity=None, masks=path)
     info["dense"] = {"target_sparsity": 0.0, "sparsity": 0.0}
 
     cmp = compare_speed(models, baseline="dense", batch_size=args.batch, prompt_len=args.prompt_len,
