@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pgprune.errors import ConfigError
-from pgprune.gating import gated, gated_logits, masked_losses
+from pgprune.gating import FORWARDS, gated, gated_logits, gathered_losses, masked_losses
 from pgprune.masks import Masks
 from pgprune.models.adapter import get_adapter
 from structure_helpers import (CASES, costs_of, logits, make_model, random_ids, random_mask, structured_mask,
@@ -68,6 +68,20 @@ def test_masked_losses_match_plain_cross_entropy(case):
         dense_loss = model(input_ids=ids, labels=ids).loss
     one = masked_losses(model, ids, Masks.full(costs, ["head"]))
     assert one.shape == (1,) and abs(float(one[0]) - float(dense_loss)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "llama-bias"])
+def test_gathered_losses_equal_gated_losses(case):
+    model = make_model(case)
+    costs = costs_of(model)
+    masks = Masks.stack([structured_mask(costs), random_mask(costs, seed=9), random_mask(costs, seed=2, p_keep=0.8)])
+    ids = random_ids(3, 12, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = gathered_losses(model, ids, masks)
+    assert got.shape == (3,)
+    assert torch.allclose(got, masked_losses(model, ids, masks), atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # source untouched
+    assert FORWARDS["gated"] is masked_losses and FORWARDS["gathered"] is gathered_losses
 
 
 def test_hooks_removed_on_exit_and_on_error():

@@ -93,6 +93,13 @@ def test_weights_are_exact_and_terms_scale():
     bigger = estimate_pg_memory(model, k=4, batch_size=4, seqlen=32)
     assert bigger["breakdown"]["pg_step_activations"] > est["breakdown"]["pg_step_activations"]
     assert est["total_bytes"] >= est["breakdown"]["weights"] + est["phases"]["pg_step"]
+    # gathered forward: B rows at a time, plus one pruned view's decoder weights at most
+    gathered = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, forward="gathered")
+    assert gathered["breakdown"]["pg_residual_stream"] * 2 == est["breakdown"]["pg_residual_stream"]
+    decoder = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    assert gathered["breakdown"]["gathered_weights"] == decoder and est["breakdown"]["gathered_weights"] == 0
+    with pytest.raises(ConfigError, match="forward"):
+        estimate_pg_memory(model, forward="sliced")
 
 
 def test_check_fits_raises_with_advice(monkeypatch):

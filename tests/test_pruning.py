@@ -91,3 +91,17 @@ def test_bad_sparsity(workdir):
     root, text = workdir
     with pytest.raises(ConfigError, match="sparsity"):
         prune(_options(root, text, sparsity=1.0), root / "bad", progress=False)
+    with pytest.raises(ConfigError, match="forward must be one of gated, gathered"):
+        prune(_options(root, text, forward="sliced"), root / "bad", progress=False)
+
+
+def test_gathered_forward_gives_the_gated_run(workdir):
+    # The two ways of evaluating a step's masks agree to float rounding, so the seeded runs match.
+    root, text = workdir
+    runs = {f: prune(_options(root, text, forward=f, steps=3), root / f"fwd-{f}", progress=False)
+            for f in ("gated", "gathered")}
+    logs = {f: [json.loads(line) for line in (root / f"fwd-{f}" / "metrics.jsonl").read_text().splitlines()]
+            for f in runs}
+    losses = {f: [r["loss"] for r in log if "loss" in r] for f, log in logs.items()}
+    assert len(losses["gated"]) == 3 and losses["gathered"] == pytest.approx(losses["gated"], rel=1e-5)
+    assert runs["gathered"]["masks"] == runs["gated"]["masks"]

@@ -10,7 +10,7 @@ from pgprune.errors import ConfigError
 from pgprune.gating import gated_logits
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import get_adapter
-from pgprune.surgery import is_pruned, prune_model
+from pgprune.surgery import is_pruned, prune_model, pruned_view
 from structure_helpers import (CASES, NUM_LAYERS, costs_of, logits, make_model, random_ids, random_mask,
                                structured_mask, zeroed_reference)
 
@@ -95,6 +95,15 @@ def test_bias_compensation(case):
     added = 5 * hidden  # non-zero vectors on kept layers: attn of 0, 1, 3 and mlp of 0, 3
     assert sum(p.numel() for p in pruned.parameters()) == \
         int(masks.kept_prunable_params(costs)) + costs.outside_params + added
+
+    # pruned_view: the same function, the source model untouched (it shares the unsliced tensors)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    view = pruned_view(model, masks, output_bias=bias)
+    assert (logits(view, ids) - want).abs().max() <= 1e-4
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not is_pruned(model)
+    assert view.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, not copied
 
     bad = {"attn": torch.ones(NUM_LAYERS, hidden)}
     with pytest.raises(ConfigError, match="layer 2 is removed"):

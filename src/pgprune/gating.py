@@ -202,3 +202,25 @@ def masked_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
     nll = nll_from_hidden(hidden, ids, adapter.lm_head())
     return nll.view(k, -1).mean(dim=1)
+
+
+@torch.no_grad()
+def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
+                    costs: UnitCosts | None = None) -> torch.Tensor:
+    """`masked_losses` computed the other way: for each of the K masks, gather the kept rows and
+    columns into a pruned view of the model (`surgery.pruned_view`) and run the B rows through it.
+    Does less arithmetic when many units are dropped but copies the kept weights of every sample
+    (one pruned copy alive at a time); which is faster depends on the device: bench/gating_cost.py."""
+    from pgprune.lm_loss import token_nll
+    from pgprune.surgery import pruned_view
+
+    costs = costs or UnitCosts.from_adapter(get_adapter(model))
+    check_masks(masks, costs)
+    stack = masks if masks.batch_size is not None else Masks.stack([masks])
+    ids = input_ids.to(_input_device(get_adapter(model)))
+    return torch.stack([token_nll(pruned_view(model, stack.select(j)), ids).mean()
+                        for j in range(stack.batch_size)]).float()
+
+
+# How the policy-gradient loop evaluates the K masks of a step (`--forward`).
+FORWARDS = {"gated": masked_losses, "gathered": gathered_losses}

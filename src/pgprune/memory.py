@@ -76,10 +76,13 @@ def _shape(model_or_config) -> tuple[dict, int | None, object]:
     return dims, params, dtype
 
 
+def _layer_params(d: dict) -> int:
+    h, i, nh, nkv, hd = d["hidden"], d["intermediate"], d["heads"], d["kv_heads"], d["head_dim"]
+    return d["layers"] * (h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * i + 2 * h)
+
+
 def _config_params(d: dict) -> int:
-    h, i, nh, nkv, hd, v = d["hidden"], d["intermediate"], d["heads"], d["kv_heads"], d["head_dim"], d["vocab"]
-    per_layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * i + 2 * h
-    return d["layers"] * per_layer + v * h * (1 if d["tied"] else 2) + h
+    return _layer_params(d) + d["vocab"] * d["hidden"] * (1 if d["tied"] else 2) + d["hidden"]
 
 
 def _layer_peak_elems(d: dict, rows: int, t: int) -> float:
@@ -100,20 +103,25 @@ def _layer_peak_elems(d: dict, rows: int, t: int) -> float:
 
 def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int = 8, seqlen: int = 128,
                        units=("channel", "head"), *, nsamples: int = 1024, metric_nsamples: int = 128,
-                       metric_batch_size: int = 8, world_size: int = 1, chunk_tokens: int = 4096) -> dict:
+                       metric_batch_size: int = 8, world_size: int = 1, chunk_tokens: int = 4096,
+                       forward: str = "gated") -> dict:
     """Bytes a policy-gradient run needs on one device (one rank), with a breakdown.
 
     `model_or_config`: a model (its exact parameter count and dtype are used) or a HF config.
     `dtype`: the run's dtype (default: the model's, else fp32). `metric_nsamples`: windows of the
     metric initialisation (0 when the init is "constant"). Returns {"total_bytes", "breakdown"
     (bytes per item), "phases" (bytes of the PG step and the metric init), "inputs"}.
+    `forward`: "gated" (the K masks in one forward of K*B rows) or "gathered" (one mask at a time
+    through a pruned view: B rows, plus at most one copy of the decoder weights).
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
         raise ConfigError(f"memory plan needs K >= 1, batch size >= 1 and seqlen >= 2 (got {k}, {batch_size}, {seqlen})")
     d, params, model_dtype = _shape(model_or_config)
     e = _dtype_bytes(dtype if dtype is not None else (model_dtype or torch.float32))
     params = params if params is not None else _config_params(d)
-    rows, t, h, v = k * batch_size, seqlen, d["hidden"], d["vocab"]
+    if forward not in ("gated", "gathered"):
+        raise ConfigError(f"forward must be gated or gathered, got {forward!r}")
+    rows, t, h, v = (k if forward == "gated" else 1) * batch_size, seqlen, d["hidden"], d["vocab"]
     tok = rows * t
 
     weights = params * e
@@ -129,6 +137,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     # Freed layer activations stay with the allocator (glibc heap, CUDA cache); small head buffers
     # reuse them, large logits chunks get fresh memory on top (measured: see module docstring).
     pg_step = residual + max(layer, head_small) + head_big
+    gathered = _layer_params(d) * e if forward == "gathered" else 0  # the kept weights of one pruned view
+    pg_step += gathered
     n_units = d["layers"] * (d["intermediate"] + d["kv_heads"] + 2)
     probs = n_units * 4 * (3 + k * world_size) + 2 * d["layers"] * (d["intermediate"] + d["heads"] * d["head_dim"]) * k * e
     pool = nsamples * seqlen * 8
@@ -139,13 +149,14 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
         metric += d["layers"] * 8 * 2 * (2 * h + d["intermediate"] + d["heads"] * d["head_dim"])  # float64 stats
     breakdown = {"weights": weights, "pg_step_activations": pg_step, "pg_residual_stream": residual,
                  "pg_layer_peak": layer, "pg_lm_head_loss": head, "probabilities_and_masks": probs,
-                 "calibration_pool": pool, "metric_init": metric}
+                 "calibration_pool": pool, "metric_init": metric, "gathered_weights": gathered}
     total = weights + pool + probs + max(pg_step, metric)
     return {"total_bytes": int(total), "breakdown": {k_: int(x) for k_, x in breakdown.items()},
             "phases": {"pg_step": int(pg_step), "metric_init": int(metric)},
             "inputs": {"parameters": int(params), "dtype_bytes": e, "k": k, "batch_size": batch_size,
                        "seqlen": seqlen, "units": list(units) if not isinstance(units, str) else units,
                        "nsamples": nsamples, "metric_nsamples": metric_nsamples, "world_size": world_size,
+                       "forward": forward,
                        "attention": d["attn"], **{f"model_{n}": x for n, x in d.items() if n != "attn"}}}
 
 

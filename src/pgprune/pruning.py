@@ -23,7 +23,7 @@ from pgprune import atomic
 from pgprune.data import get_calibration_windows, get_eval_tokens, get_source
 from pgprune.errors import ConfigError
 from pgprune.evaluate.perplexity import perplexity_of_tokens
-from pgprune.gating import gated
+from pgprune.gating import FORWARDS, gated
 from pgprune.masks import Masks, UnitCosts, parse_unit_kinds
 from pgprune.models.adapter import get_adapter
 
@@ -54,6 +54,7 @@ class PruneOptions:
     lr: float = 2e-3
     lr_schedule: str = "cosine"
     estimator: str = "paper"
+    forward: str = "gated"  # gated | gathered: how the K masked models of a step run (gating.FORWARDS)
     projection: str = "cost"
     per_kind_budget: bool = False
     eval_every: int = 100
@@ -98,6 +99,8 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
                           "--overwrite to replace it, or choose another --out")
     if not 0.0 <= o.sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {o.sparsity}")
+    if o.forward not in FORWARDS:
+        raise ConfigError(f"forward must be one of {', '.join(FORWARDS)}, got {o.forward!r}")
     kinds = parse_unit_kinds(o.units)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,7 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
         plan = estimate_pg_memory(model, k=o.k, batch_size=o.batch_size, seqlen=o.seqlen, units=o.units,
                                   nsamples=o.nsamples or 1024, metric_nsamples=0 if o.init == "constant" else 128,
-                                  metric_batch_size=o.metric_batch_size, world_size=world.size)
+                                  metric_batch_size=o.metric_batch_size, world_size=world.size, forward=o.forward)
         check_fits(plan, next(model.parameters()).device, weights_loaded=True)
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
@@ -192,12 +195,12 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     fingerprint = {"model": o.model, "calib": o.calib, "nsamples": calib.shape[0], "seqlen": o.seqlen,
                    "init": o.init, "init_mapping": o.init_mapping, "allocation": o.allocation,
                    "dtype": str(next(model.parameters()).dtype), "track": track,
-                   "track_max_tokens": o.track_max_tokens}
+                   "track_max_tokens": o.track_max_tokens, "forward": o.forward}
     init_masks = metric.masks if metric is not None else read_hard_mask(s0, layout, costs, sparsity)
     tensorboard = None if o.tensorboard is None else (o.tensorboard or out / "tensorboard")
     result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
                                  fingerprint=fingerprint, resume=resume, progress=progress, world=world,
-                                 tensorboard=tensorboard)
+                                 tensorboard=tensorboard, loss_fn=FORWARDS[o.forward])
     if world is None or world.is_main:
         with atomic.temp_path(out / "probabilities.pt") as tmp:
             torch.save({k: v.cpu() for k, v in layout.split(result.probs).items()}, tmp)

@@ -1,6 +1,8 @@
 """Surgery: physically remove the units a mask drops, giving each layer its own widths.
 
-`prune_model(model, masks)` works IN PLACE (pass `copy=True` for a pruned deep copy):
+`prune_model(model, masks)` works IN PLACE (pass `copy=True` for a pruned deep copy;
+`pruned_view(model, masks)` copies only the kept rows / columns of the sliced projections and
+shares every other tensor with the unchanged `model`):
 - a dropped KV group loses its K and V rows, the rows of the query heads sharing it, their
   q/k/v bias entries (Qwen2 has them) and the matching o_proj input columns;
 - a dropped MLP channel loses its gate and up rows (and biases) and its down_proj column;
@@ -28,6 +30,7 @@ parameter counts are carried over).
 from __future__ import annotations
 
 import copy as copy_module
+import itertools
 
 import torch
 from torch import nn
@@ -104,11 +107,10 @@ def _slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: t
 
 @torch.no_grad()
 def _add_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
+    # A new tensor, never an in-place add: a pruned_view shares its biases with the source model.
     b = bias.to(device=lin.weight.device, dtype=lin.weight.dtype)
-    if lin.bias is None:
-        lin.bias = nn.Parameter(b.clone(), requires_grad=lin.weight.requires_grad)
-    else:
-        lin.bias.add_(b)
+    new = b.clone() if lin.bias is None else lin.bias.detach() + b
+    lin.bias = nn.Parameter(new, requires_grad=lin.weight.requires_grad)
 
 
 def _group_rows(groups: torch.Tensor, rows_per_group: int) -> torch.Tensor:
@@ -130,6 +132,13 @@ def _check_bias(output_bias: dict | None, costs: UnitCosts, hidden: int) -> dict
                               f"(layers, hidden size); got {tuple(t.shape)}")
         out[kind] = t.detach().cpu()
     return out
+
+
+def pruned_view(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The pruned model, sharing with `model` (left unchanged) every tensor surgery does not slice:
+    only the kept rows / columns of the pruned projections are new memory."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return prune_model(copy_module.deepcopy(model, shared), masks, output_bias=output_bias)
 
 
 def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None,
@@ -260,11 +269,8 @@ def _add_layer_constant(layer: nn.Module, name: str, bias: torch.Tensor) -> None
     ref = next(layer.parameters())
     b = bias.to(device=ref.device, dtype=ref.dtype)
     current = layer._parameters.get(name)
-    if current is None:
-        layer.register_parameter(name, nn.Parameter(b.clone(), requires_grad=ref.requires_grad))
-    else:
-        with torch.no_grad():
-            current.add_(b)
+    new = b.clone() if current is None else current.detach() + b  # not in place: see _add_bias
+    layer.register_parameter(name, nn.Parameter(new, requires_grad=ref.requires_grad))
 
 
 def _check_cache_slots(kept_types: list, new_layers: list[dict]) -> None:
