@@ -25,7 +25,7 @@ from _common import RESULTS_DIR, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
-from pgprune.gating import gated  # noqa: E402
+from pgprune.gating import FORWARDS, gated  # noqa: E402
 from pgprune.masks import UnitCosts, parse_unit_kinds  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats  # noqa: E402
 from pgprune.metrics.init import init_probabilities  # noqa: E402
@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lrs", default=None, help="per-estimator lr, e.g. paper:0.05,loo:0.01")
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--forward", default="gated", choices=list(FORWARDS),
+                    help="how the K masked models run (same losses to float rounding; gathered skips removed work)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
@@ -120,6 +122,7 @@ def main() -> None:
                               checkpoint_every=10**9)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
+                                      loss_fn=FORWARDS[args.forward],
                                       eval_fn=lambda m: _logged(ppl(m, track, args.track_max_tokens)))
             seconds = time.perf_counter() - t0
             final = ppl(res.masks)
