@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lrs", default=None, help="per-estimator lr, e.g. paper:0.05,loo:0.01")
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--floor", type=float, default=0.0, help="probability floor (exploration), see PGConfig")
     ap.add_argument("--forward", default="gated", choices=list(FORWARDS),
                     help="how the K masked models run (same losses to float rounding; gathered skips removed work)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -119,7 +120,7 @@ def main() -> None:
             lr = float(lrs.get(est, args.lr))
             config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
                               batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
-                              checkpoint_every=10**9)
+                              checkpoint_every=10**9, floor=args.floor)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
                                       loss_fn=FORWARDS[args.forward],
@@ -130,7 +131,7 @@ def main() -> None:
                 res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
-            rows.append({"sparsity": sp, "method": f"pg-{est} (init {args.init}, lr {lr})",
+            rows.append({"sparsity": sp, "method": f"pg-{est} (init {args.init}, lr {lr}, floor {args.floor})",
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
             if "layer" not in kinds:  # FLAP-style compensation on top of the PG masks (forward only)
                 comp = compensated_ppl(res.masks, compensation_biases(adapter, stats, res.masks, costs))

@@ -51,6 +51,18 @@ def test_per_kind_budget_holds_each_kind():
         assert float((p[kind] * c[kind]).sum() / c[kind].sum()) == pytest.approx(0.6, abs=1e-5)
 
 
+def test_probability_floor_keeps_units_off_the_boundaries():
+    _, costs, layout = _setup(("channel", "head"))
+    s = (torch.rand(layout.size, generator=torch.Generator().manual_seed(2)) > 0.2).float()  # all at 0 or 1
+    p = project(s, layout, costs, 0.7, floor=0.05)
+    assert float(expected_keep_ratio(layout.split(p.double()), costs)) == pytest.approx(0.7, abs=1e-5)
+    present = p[layout.present]
+    assert present.min() >= 0.05 - 1e-7 and present.max() <= 0.95 + 1e-7
+    assert float(project(s, layout, costs, 0.7)[layout.present].min()) == 0.0  # without a floor units freeze
+    with pytest.raises(ConfigError, match="floor"):
+        project(s, layout, costs, 0.7, floor=0.5)
+
+
 def test_unreachable_budget_is_refused():
     _, costs, layout = _setup(("head",))
     with pytest.raises(ConfigError, match="rest of the model"):

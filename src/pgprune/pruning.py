@@ -57,6 +57,7 @@ class PruneOptions:
     forward: str = "gated"  # gated | gathered: how the K masked models of a step run (gating.FORWARDS)
     projection: str = "cost"
     per_kind_budget: bool = False
+    floor: float = 0.0  # probabilities stay in [floor, 1 - floor] while optimising (exploration)
     eval_every: int = 100
     checkpoint_every: int = 100
     # evaluation
@@ -182,7 +183,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
         s0 = layout.present.float() * (1.0 - o.sparsity)
     config = PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
                       lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
-                      per_kind_budget=o.per_kind_budget, seed=o.seed, eval_every=o.eval_every,
+                      per_kind_budget=o.per_kind_budget, floor=o.floor, seed=o.seed, eval_every=o.eval_every,
                       checkpoint_every=o.checkpoint_every)
     print(f"[pgprune] policy gradient: {config}")
     # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.

@@ -23,10 +23,14 @@ PROJECTIONS = ("cost", "uniform")
 
 
 def project(s: torch.Tensor, layout: UnitLayout, costs: UnitCosts, keep: float, mode: str = "cost",
-            per_kind: bool = False, iters: int = 100) -> torch.Tensor:
-    """Project `s` [N] onto {expected keep ratio == keep}; returns a new float32 vector."""
+            per_kind: bool = False, iters: int = 100, floor: float = 0.0) -> torch.Tensor:
+    """Project `s` [N] onto {expected keep ratio == keep}; returns a new float32 vector.
+    `floor` > 0 keeps every unit within [floor, 1 - floor] (exploration: no unit freezes)."""
     if mode not in PROJECTIONS:
         raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}, got {mode!r}")
+    if not 0.0 <= floor < 0.5:
+        raise ConfigError(f"the probability floor must be in [0, 0.5), got {floor}")
+    lo, hi = floor, 1.0 - floor
     s64 = s.double()
     scale = layout.cost / layout.cost[layout.present].max() if mode == "cost" else layout.present.double()
     if per_kind:
@@ -34,16 +38,16 @@ def project(s: torch.Tensor, layout: UnitLayout, costs: UnitCosts, keep: float, 
         out, scales, unit_cost = layout.split(s64.clone()), layout.split(scale), layout.split(layout.cost)
         for kind in layout.kinds:
             c = unit_cost[kind]
-            f = lambda v, k=kind, c=c: float(((out[k] - v * scales[k]).clamp(0, 1) * c).sum() / c.sum())  # noqa: E731
+            f = lambda v, k=kind, c=c: float(((out[k] - v * scales[k]).clamp(lo, hi) * c).sum() / c.sum())  # noqa: E731
             v = _bisect(f, keep, f"the {kind} units", iters)
-            out[kind] = (out[kind] - v * scales[kind]).clamp(0, 1)
+            out[kind] = (out[kind] - v * scales[kind]).clamp(lo, hi)
         return (layout.merge(out) * layout.present).float()
 
     def f(v: float) -> float:
-        return float(expected_keep_ratio(layout.split((s64 - v * scale).clamp(0, 1) * layout.present), costs))
+        return float(expected_keep_ratio(layout.split((s64 - v * scale).clamp(lo, hi) * layout.present), costs))
 
     v = _bisect(f, keep, "+".join(layout.kinds) + " units", iters)
-    return ((s64 - v * scale).clamp(0, 1) * layout.present).float()
+    return ((s64 - v * scale).clamp(lo, hi) * layout.present).float()
 
 
 def _bisect(f, keep: float, what: str, iters: int = 100) -> float:

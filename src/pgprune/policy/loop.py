@@ -54,6 +54,7 @@ class PGConfig:
     estimator: str = "paper"
     projection: str = "cost"
     per_kind_budget: bool = False
+    floor: float = 0.0  # keep probabilities within [floor, 1 - floor] so no unit freezes (exploration)
     baseline_window: int = 5
     seed: int = 0
     eval_every: int = 100
@@ -143,7 +144,7 @@ def run_policy_gradient(
         fingerprint["world_size"] = world.size
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
 
-    s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget)
+    s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget, floor=config.floor)
     baseline = BaselineState(window=config.baseline_window)
     start, skipped, history = 0, 0, []
     if resume:
@@ -182,7 +183,8 @@ def run_policy_gradient(
         else:
             consecutive_skips = 0
             g, b = estimator(m, s, losses, baseline)
-            s = project(s - config.lr_at(step) * g, layout, costs, keep, config.projection, config.per_kind_budget)
+            s = project(s - config.lr_at(step) * g, layout, costs, keep, config.projection, config.per_kind_budget,
+                        floor=config.floor)
             record.update(loss=float(losses.mean()), baseline=b)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["entropy"] = mean_entropy(s, layout.present)
