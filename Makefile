@@ -28,10 +28,12 @@ $(VENV)/.installed: pyproject.toml
 
 # Prune SmolLM2-135M by 30 % (MLP channels + KV-head groups) with the policy-gradient method,
 # calibrating on the Wikipedia sample, and print dense / init / final perplexity. A short run: 100 steps
-# with a larger learning rate than the paper's 15k steps at 2e-3 (see bench/RESULTS.md).
+# with a larger learning rate than the paper's 15k steps at 2e-3 (see bench/RESULTS.md); writes
+# runs/demo/report.md with plots.
 demo: setup
 	$(VENV)/bin/pgprune prune smollm2-135m --method pg --sparsity 0.3 --units channel,head \
-		--steps 100 --lr 0.02 --eval-every 25 --calib wiki-sample --eval wiki-sample --out runs/demo --overwrite
+		--steps 100 --lr 0.02 --eval-every 25 --calib wiki-sample --eval wiki-sample --out runs/demo --overwrite \
+		--report
 	$(VENV)/bin/pgprune info runs/demo/model
 
 test: setup
