@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             p.error(f"--masks takes NAME=FILE, got {entry!r}")
         masks = Masks.load(path)
         models[name] = prune_model(dense, masks, copy=True)
-        info[name] = _mask_info(masks, costs, target_sparsity=None, masks=path)
+        info[name] = _mask_info(masks, costs, target_sparsity=None, mask_file=path)
     info["dense"] = {"target_sparsity": 0.0, "sparsity": 0.0}
 
     cmp = compare_speed(models, baseline="dense", batch_size=args.batch, prompt_len=args.prompt_len,
