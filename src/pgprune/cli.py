@@ -197,6 +197,7 @@ def _run_info(args) -> int:
 
 # --- prune ------------------------------------------------------------------------------------
 def _add_prune(sub) -> None:
+    from pgprune.gating import FORWARDS
     from pgprune.pruning import PruneOptions
 
     d = PruneOptions()
@@ -227,7 +228,7 @@ def _add_prune(sub) -> None:
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities (default {d.lr})")
     g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
     g.add_argument("--estimator", default=d.estimator, choices=["paper", "loo"])
-    g.add_argument("--forward", default=d.forward, choices=["gated", "gathered"],
+    g.add_argument("--forward", default=d.forward, choices=list(FORWARDS),
                    help="gated: the K masks in one forward of the unchanged weights (default); gathered: each mask "
                         "through a pruned view of the kept weights (faster on CPUs at high sparsity, see docs/scale.md)")
     g.add_argument("--projection", default=d.projection, choices=["cost", "uniform"],

@@ -168,6 +168,11 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
             h.remove()
 
 
+def _check_input_ids(input_ids: torch.Tensor, who: str) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ConfigError(f"{who} needs input_ids of shape [B, T] with T >= 2; got {tuple(input_ids.shape)}")
+
+
 def _input_device(adapter: ModelAdapter) -> torch.device:
     return execution_device(adapter.embed_tokens())
 
@@ -193,8 +198,7 @@ def masked_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     """
     from pgprune.lm_loss import nll_from_hidden
 
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise ConfigError(f"masked_losses needs input_ids of shape [B, T] with T >= 2; got {tuple(input_ids.shape)}")
+    _check_input_ids(input_ids, "masked_losses")
     adapter = get_adapter(model)
     k = _num_masks(masks)
     ids = input_ids.to(_input_device(adapter)).repeat(k, 1)  # row k*B + b holds sample b
@@ -214,10 +218,12 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     from pgprune.lm_loss import token_nll
     from pgprune.surgery import pruned_view
 
-    costs = costs or UnitCosts.from_adapter(get_adapter(model))
+    _check_input_ids(input_ids, "gathered_losses")
+    adapter = get_adapter(model)
+    costs = costs or UnitCosts.from_adapter(adapter)
     check_masks(masks, costs)
     stack = masks if masks.batch_size is not None else Masks.stack([masks])
-    ids = input_ids.to(_input_device(get_adapter(model)))
+    ids = input_ids.to(_input_device(adapter))
     return torch.stack([token_nll(pruned_view(model, stack.select(j)), ids).mean()
                         for j in range(stack.batch_size)]).float()
 

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from pgprune.errors import ConfigError
+from pgprune.gating import FORWARDS
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -119,8 +120,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     d, params, model_dtype = _shape(model_or_config)
     e = _dtype_bytes(dtype if dtype is not None else (model_dtype or torch.float32))
     params = params if params is not None else _config_params(d)
-    if forward not in ("gated", "gathered"):
-        raise ConfigError(f"forward must be gated or gathered, got {forward!r}")
+    if forward not in FORWARDS:
+        raise ConfigError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
     rows, t, h, v = (k if forward == "gated" else 1) * batch_size, seqlen, d["hidden"], d["vocab"]
     tok = rows * t
 

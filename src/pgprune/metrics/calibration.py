@@ -340,17 +340,18 @@ def _apply_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
     ):
         if proj is None or (keep is None and bias is None):
             continue
-        # Moved to the activations' device in the hooks: an offloaded layer's weights sit on "meta".
-        feat = None if keep is None else keep.repeat_interleave(per_unit)
+        dev = execution_device(proj)  # not proj.weight.device: "meta" while a device_map offloads it
+        feat = None if keep is None else keep.to(dev).repeat_interleave(per_unit)
         empty = feat is not None and not bool(feat.any())
+        add = None if bias is None else bias.to(dev, proj.weight.dtype)
         if feat is not None and not empty:
             handles.append(proj.register_forward_pre_hook(
-                lambda _m, args, feat=feat: (args[0] * feat.to(args[0].device, args[0].dtype),) + tuple(args[1:])))
+                lambda _m, args, feat=feat: (args[0] * feat.to(args[0].dtype),) + tuple(args[1:])))
 
-        def hook(_module, _args, output, empty=empty, add=bias):
+        def hook(_module, _args, output, empty=empty, add=add):
             if empty:  # the block is removed as a whole: only a compensation constant remains
                 output = torch.zeros_like(output)
-            return output if add is None else output + add.to(output.device, output.dtype)
+            return output if add is None else output + add
 
         handles.append(proj.register_forward_hook(hook))
     return handles
