@@ -15,6 +15,7 @@ matplotlib is installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.gating import FORWARDS, gated  # noqa: E402
 from pgprune.masks import UnitCosts, parse_unit_kinds  # noqa: E402
-from pgprune.metrics.calibration import collect_layer_stats  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
 from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
 from pgprune.models.adapter import get_adapter  # noqa: E402
@@ -55,8 +56,13 @@ def main() -> None:
     ap.add_argument("--lrs", default=None, help="per-estimator lr, e.g. paper:0.05,loo:0.01")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--floor", type=float, default=0.0, help="probability floor (exploration), see PGConfig")
+    ap.add_argument("--select", default="final", choices=["final", "best"],
+                    help="final hard mask, or the tracked one with the lowest validation perplexity")
     ap.add_argument("--forward", default="gated", choices=list(FORWARDS),
                     help="how the K masked models run (same losses to float rounding; gathered skips removed work)")
+    ap.add_argument("--compensate", action="store_true",
+                    help="PG evaluates and exports the mean-filled (FLAP-compensated) model; the init is "
+                         "reported compensated too")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
@@ -80,10 +86,10 @@ def main() -> None:
     calib = pool[: args.nsamples]
     lrs = dict(x.split(":") for x in args.lrs.split(",")) if args.lrs else {}
 
-    def ppl(masks, tokens=test, max_tokens=args.max_tokens):
+    def ppl(masks, tokens=test, max_tokens=args.max_tokens, fill=None):
         if masks is None:
             return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
-        with gated(model, masks, costs=costs):
+        with gated(model, masks, costs=costs, fill=fill):
             return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
 
     def compensated_ppl(masks, bias):
@@ -98,6 +104,8 @@ def main() -> None:
     rows.append({"sparsity": 0.0, "method": "dense", "true_sparsity": 0.0, "wikitext2_ppl": dense})
     print(f"dense: {dense:.3f}", flush=True)
     stats = collect_layer_stats(model, calib, batch_size=8, propagate="dense", adapter=adapter, progress=False)
+    fill = feature_means(stats) if args.compensate else None  # mean fill = FLAP's compensation, same stats
+    loss_fn = FORWARDS[args.forward] if fill is None else functools.partial(FORWARDS[args.forward], fill=fill)
     if "layer" in kinds and args.init == "wanda-sp":
         args.init = "block-influence"
     baselines = [_method_allocation(m, args.allocation) for m in [args.init] + args.methods.split(",") if m]
@@ -114,35 +122,45 @@ def main() -> None:
                          "wikitext2_ppl": value, "seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)
             save(args.tag, payload)
+        if fill is not None:
+            init_masks = metric_results[args.init].masks
+            rows.append({"sparsity": sp, "method": f"{args.init} ({baselines[0][1]}) + bias compensation",
+                         "true_sparsity": init_masks.sparsity(costs),
+                         "wikitext2_ppl": compensated_ppl(init_masks, compensation_biases(adapter, fill, init_masks, costs))})
+            print(rows[-1], flush=True)
         init = init_probabilities(metric_results[args.init].allocation, costs, "sigmoid")
         s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
         for est in args.estimators.split(","):
             lr = float(lrs.get(est, args.lr))
             config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
                               batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
-                              checkpoint_every=10**9, floor=args.floor)
+                              checkpoint_every=10**9, floor=args.floor, select=args.select)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
-                                      loss_fn=FORWARDS[args.forward],
-                                      eval_fn=lambda m: _logged(ppl(m, track, args.track_max_tokens)))
+                                      loss_fn=loss_fn,
+                                      eval_fn=lambda m: _logged(ppl(m, track, args.track_max_tokens, fill)))
             seconds = time.perf_counter() - t0
-            final = ppl(res.masks)
+            final = ppl(res.masks) if fill is None else \
+                compensated_ppl(res.masks, compensation_biases(adapter, fill, res.masks, costs))
             if args.save_masks:
                 res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
-            rows.append({"sparsity": sp, "method": f"pg-{est} (init {args.init}, lr {lr}, floor {args.floor})",
+            label = (f"pg-{est} (init {args.init}, lr {lr}, floor {args.floor}, select {args.select}"
+                     f"{', compensated' if fill else ''})")
+            rows.append({"sparsity": sp, "method": label,
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
-            if "layer" not in kinds:  # FLAP-style compensation on top of the PG masks (forward only)
-                comp = compensated_ppl(res.masks, compensation_biases(adapter, stats, res.masks, costs))
+            if "layer" not in kinds and fill is None:  # compensation added after PG chose the masks
+                comp = compensated_ppl(res.masks, compensation_biases(adapter, feature_means(stats), res.masks, costs))
                 rows.append({"sparsity": sp, "method": f"pg-{est} + bias compensation",
                              "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
             runs.append({"sparsity": sp, "estimator": est, "lr": lr, "steps": args.steps,
+                         "selected_step": res.selected_step,
                          "seconds_per_step_incl_eval": step_times, "pg_seconds": res.seconds,
                          "curve": [{"forward_passes": h["forward_passes"], "hard_ppl_valid": h["hard_ppl"]}
                                    for h in res.history if "hard_ppl" in h],
                          "final_test_ppl": final})
-            runs[-1]["init_test_ppl"] = next(r["wikitext2_ppl"] for r in rows
+            runs[-1]["init_test_ppl"] = next(r["wikitext2_ppl"] for r in reversed(rows)
                                               if r["sparsity"] == sp and r["method"].startswith(args.init))
             print(rows[-1], flush=True)
             save(args.tag, payload)

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from pgprune.errors import ConfigError
 from pgprune.gating import FORWARDS, gated, gated_logits, gathered_losses, masked_losses
 from pgprune.masks import Masks
+from pgprune.metrics.prune import compensation_biases
 from pgprune.models.adapter import get_adapter
+from pgprune.surgery import prune_model
 from structure_helpers import (CASES, costs_of, logits, make_model, random_ids, random_mask, structured_mask,
                                zeroed_reference)
 
@@ -82,6 +84,65 @@ def test_gathered_losses_equal_gated_losses(case):
     assert torch.allclose(got, masked_losses(model, ids, masks), atol=1e-5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # source untouched
     assert FORWARDS["gated"] is masked_losses and FORWARDS["gathered"] is gathered_losses
+
+
+def _random_fill(model, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    adapter = get_adapter(model)
+    return {block: [torch.randn(getattr(adapter.layer(i), proj).in_features, generator=g, dtype=torch.float64)
+                    for i in range(adapter.num_layers)]
+            for block, proj in (("attn", "o_proj"), ("mlp", "down_proj"))}
+
+
+def _plain_compensation(model, masks: Masks, fill: dict) -> dict:
+    """W[:, dropped] @ mean[dropped] per layer, the dropped columns read off the plain zeroed
+    reference (whatever it zeroed is what was removed); a removed layer's two vectors go to the MLP
+    of the last kept layer before it (none: dropped). The random weights are never exactly zero."""
+    ref = zeroed_reference(model, masks)
+    a, r = get_adapter(model), get_adapter(ref)
+    bias = {"attn": torch.zeros(a.num_layers, a.hidden_size), "mlp": torch.zeros(a.num_layers, a.hidden_size)}
+    last_kept = None
+    for i in range(a.num_layers):
+        # removed: the layer mask drops it, or both its blocks are gone (nothing left in the reference)
+        removed_layer = all(not bool(getattr(r.layer(i), p).weight.any()) for p in ("o_proj", "down_proj"))
+        for block, proj in (("attn", "o_proj"), ("mlp", "down_proj")):
+            w, w_ref = getattr(a.layer(i), proj).weight, getattr(r.layer(i), proj).weight
+            vec = ((w - w_ref).double() @ fill[block][i]).float()
+            if not removed_layer:
+                bias[block][i] += vec
+            elif last_kept is not None:
+                bias["mlp"][last_kept] += vec
+        last_kept = last_kept if removed_layer else i
+    return bias
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "llama-bias"])
+def test_mean_fill_equals_compensated_pruning(case):
+    model = make_model(case)
+    costs = costs_of(model)
+    adapter = get_adapter(model)
+    fill = _random_fill(model)
+    ids = random_ids(2, 12)
+    masks = [structured_mask(costs), random_mask(costs, seed=3), random_mask(costs, seed=8, p_keep=0.8)]
+    for mk in masks:
+        bias = _plain_compensation(model, mk, fill)
+        want = logits(zeroed_reference(model, mk, output_bias=bias), ids)
+        got = gated_logits(model, ids, mk, fill=fill)
+        assert (got - want).abs().max() <= 1e-4
+        assert (got - gated_logits(model, ids, mk)).abs().max() > 1e-2  # the fill really changes the model
+        comp = compensation_biases(adapter, fill, mk, costs)
+        assert all(torch.allclose(comp[b], bias[b], atol=1e-5) for b in bias)
+        pruned = prune_model(model, mk, output_bias=comp, copy=True)
+        assert (logits(pruned, ids) - want).abs().max() <= 1e-4
+    # K masks in one batch, and the gathered forward, agree with one mask at a time
+    stack = Masks.stack(masks)
+    batched = masked_losses(model, ids, stack, fill=fill)
+    single = torch.cat([masked_losses(model, ids, mk, fill=fill) for mk in masks])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert torch.allclose(gathered_losses(model, ids, stack, fill=fill), batched, atol=1e-5)
+    # all kept: no hook, the dense model bit for bit
+    full = Masks.full(costs, ["head", "channel", "attn", "mlp", "layer"])
+    assert torch.equal(gated_logits(model, ids, full, fill=fill), logits(model, ids))
 
 
 def test_hooks_removed_on_exit_and_on_error():

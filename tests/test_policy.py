@@ -154,6 +154,42 @@ def test_resume_gives_the_same_result_and_refuses_other_settings(tmp_path):
                             progress=False)
 
 
+def _same(a, b) -> bool:
+    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a[k], b[k]) for k in a.tensors)
+
+
+def test_select_best_returns_the_evaluated_mask_with_the_lowest_perplexity(tmp_path):
+    model, costs, layout = _setup(("channel", "head"), num_hidden_layers=2, intermediate_size=32)
+    calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    s0 = torch.full((layout.size,), 0.6)
+    config = PGConfig(sparsity=0.4, kinds=("channel", "head"), steps=8, k=2, batch_size=4, lr=0.3,
+                      eval_every=2, checkpoint_every=2, select="best")
+    seen = []
+    scores = iter([50.0, 40.0, 30.0, 45.0, 35.0])  # steps 0, 2, 4, 6, 8: step 4 is the best
+
+    def eval_fn(masks):
+        seen.append(masks)
+        return next(scores)
+
+    res = run_policy_gradient(model, calib, s0, layout, costs, config, eval_fn=eval_fn, progress=False)
+    assert res.selected_step == 4 and _same(res.masks, seen[2])
+    assert not _same(res.masks, seen[-1])  # lr 0.3 moved the hard mask after step 4
+    final = run_policy_gradient(model, calib, s0, layout, costs, PGConfig(**{**config.__dict__, "select": "final"}),
+                                eval_fn=lambda m: 1.0, progress=False)
+    assert final.selected_step == 8 and _same(final.masks, seen[-1])
+    # resumed across the best step: the same pick
+    scores = iter([50.0, 40.0, 30.0, 45.0, 35.0])
+    run_policy_gradient(model, calib, s0, layout, costs, config, eval_fn=lambda m: next(scores), progress=False,
+                        out_dir=tmp_path, stop_after=5)
+    resumed = run_policy_gradient(model, calib, s0, layout, costs, config, eval_fn=lambda m: next(scores),
+                                  progress=False, out_dir=tmp_path, resume=True)
+    assert resumed.selected_step == 4 and _same(resumed.masks, seen[2])
+    with pytest.raises(ConfigError, match="eval_fn"):
+        run_policy_gradient(model, calib, s0, layout, costs, config, progress=False)
+    with pytest.raises(ConfigError, match="select"):
+        PGConfig(sparsity=0.3, select="last").validate()
+
+
 def test_nan_losses_are_skipped_and_counted():
     model, costs, layout = _setup(("channel",))
     calls = {"n": 0}

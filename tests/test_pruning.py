@@ -105,3 +105,24 @@ def test_gathered_forward_gives_the_gated_run(workdir):
     losses = {f: [r["loss"] for r in log if "loss" in r] for f, log in logs.items()}
     assert len(losses["gated"]) == 3 and losses["gathered"] == pytest.approx(losses["gated"], rel=1e-5)
     assert runs["gathered"]["masks"] == runs["gated"]["masks"]
+
+
+@pytest.mark.parametrize("forward", ["gated", "gathered"])
+def test_compensated_pg_exports_the_model_it_optimised(workdir, forward):
+    # --compensate: PG scores mean-filled masked models, and the exported model carries the same
+    # FLAP biases, so gated, pruned and reloaded perplexities agree; the init is compensated too.
+    root, text = workdir
+    name = f"text:{text}"
+    out = root / f"comp-{forward}"
+    record = prune(_options(root, text, compensate=True, forward=forward, steps=3, track_max_tokens=10**6), out,
+                   progress=False)
+    ppl = record["perplexity"]
+    assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
+    model, tok = load_pruned(out / "model", dtype="fp32", device="cpu")
+    assert evaluate_perplexity(model, tok, name, seqlen=32).ppl == pytest.approx(ppl["pruned"][name], rel=1e-4)
+    layers = model.config.pgprune["layers"]
+    assert any(ls["o_proj_bias"] or ls["down_proj_bias"] for ls in layers)  # the compensation is exported
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)  # step 0 = compensated init
+    plain = prune(_options(root, text, steps=0), root / f"plain-{forward}", progress=False)
+    assert plain["perplexity"]["init"][name] != pytest.approx(ppl["init"][name], rel=1e-3)

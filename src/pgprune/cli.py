@@ -198,6 +198,7 @@ def _run_info(args) -> int:
 # --- prune ------------------------------------------------------------------------------------
 def _add_prune(sub) -> None:
     from pgprune.gating import FORWARDS
+    from pgprune.policy.loop import SELECTIONS
     from pgprune.pruning import PruneOptions
 
     d = PruneOptions()
@@ -234,10 +235,15 @@ def _add_prune(sub) -> None:
     g.add_argument("--projection", default=d.projection, choices=["cost", "uniform"],
                    help="budget projection shift: proportional to unit cost (default) or equal")
     g.add_argument("--per-kind-budget", action="store_true", help="hold each unit kind to the budget separately (paper)")
+    g.add_argument("--select", choices=SELECTIONS, default=d.select,
+                   help="final: the hard mask at the last step; best: the periodically evaluated hard mask "
+                        f"(initial one included) with the lowest held-out perplexity (default {d.select})")
     g.add_argument("--floor", type=float, default=d.floor,
                    help=f"keep every probability within [floor, 1-floor] while optimising, so no unit freezes (default {d.floor})")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between hard-mask evaluations / checkpoints")
-    g.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation after the masks are chosen")
+    g.add_argument("--compensate", action="store_true",
+                   help="pg: evaluate every masked model with FLAP's bias compensation (dropped features "
+                        "replaced by their calibration mean) and export the model with those biases")
     g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="write TensorBoard event files of the loop (default DIR: RUN_DIR/tensorboard; needs "
                         "pip install 'pgprune[tensorboard]')")
@@ -275,7 +281,7 @@ def _run_prune(args) -> int:
         dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, steps=args.steps,
         k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
         forward=args.forward,
-        projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, eval_every=args.eval_every,
+        projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, select=args.select, eval_every=args.eval_every,
         checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens or None,
         track_max_tokens=args.track_max_tokens, compensate=args.compensate, tensorboard=args.tensorboard)

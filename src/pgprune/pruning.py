@@ -3,7 +3,8 @@
     load -> calibration windows -> dense perplexity
          -> metric method (scores, allocation)            [method != "pg"]
          -> metric init -> policy-gradient optimisation   [method == "pg"]
-         -> optional FLAP-style bias compensation
+            (--compensate: the masked models are evaluated mean-filled, i.e. with FLAP's bias
+             compensation, and the exported model gets the same biases)
          -> perplexity of the gated hard mask -> surgery -> export -> perplexity of the pruned model
          -> run.json (config, versions, machine, results), masks.safetensors, metrics.jsonl
 
@@ -13,6 +14,7 @@ The CLI's `pgprune prune` is a thin layer over this function.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ class PruneOptions:
     projection: str = "cost"
     per_kind_budget: bool = False
     floor: float = 0.0  # probabilities stay in [floor, 1 - floor] while optimising (exploration)
+    select: str = "final"  # final | best: last hard mask, or the evaluated one with the lowest track ppl
     eval_every: int = 100
     checkpoint_every: int = 100
     # evaluation
@@ -66,15 +69,15 @@ class PruneOptions:
     eval_max_tokens: int | None = 32768  # per dataset, for the dense / init / final numbers
     track: str | None = None  # dataset (validation split) of the periodic hard-mask perplexity (default: first of eval)
     track_max_tokens: int = 8192
-    compensate: bool = False  # FLAP-style bias compensation after the masks are chosen
+    compensate: bool = False  # pg: optimise and export the FLAP-compensated (mean-filled) model
     tensorboard: str | None = None  # event-file folder for the pg loop ("" = RUN_DIR/tensorboard)
     metric_batch_size: int = 8
     extra: dict = field(default_factory=dict)
 
 
 def _ppl(model, tokens, o: PruneOptions, masks: Masks | None, costs: UnitCosts, max_tokens,
-         max_windows: int | None = None) -> float:
-    with gated(model, masks, costs=costs) if masks is not None else contextlib.nullcontext():
+         max_windows: int | None = None, fill: dict | None = None) -> float:
+    with gated(model, masks, costs=costs, fill=fill) if masks is not None else contextlib.nullcontext():
         return perplexity_of_tokens(model, tokens, seqlen=o.eval_seqlen, max_tokens=max_tokens,
                                     max_windows=max_windows).ppl
 
@@ -119,8 +122,8 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     eval_sets = [n.strip() for n in o.eval.split(",") if n.strip()]
     eval_tokens = {n: get_eval_tokens(tokenizer, n, "test", o.data_dir) for n in eval_sets}
 
-    def ppl_all(masks: Masks | None) -> dict:  # the test perplexity of every --eval dataset
-        return {n: _ppl(model, t, o, masks, costs, o.eval_max_tokens, get_source(n).eval_max_windows)
+    def ppl_all(masks: Masks | None, fill: dict | None = None) -> dict:  # test perplexity, every --eval set
+        return {n: _ppl(model, t, o, masks, costs, o.eval_max_tokens, get_source(n).eval_max_windows, fill)
                 for n, t in eval_tokens.items()}
 
     record: dict = {"options": asdict(o), "model": adapter.describe(), "machine": _machine(),
@@ -140,17 +143,21 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
         record["metric"] = metric.info
     masks, bias = (metric.masks, metric.output_bias) if metric is not None else (None, None)
 
+    fill = None
     if o.method == "pg":
+        fill = _feature_means(model, calib[:128], o) if o.compensate else None
         masks, pg_info, init_masks = _run_pg(model, tokenizer, calib, costs, kinds, metric, o, out, eval_tokens,
-                                             resume, progress, world)
+                                             resume, progress, world, fill)
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
-        ppl["init"] = ppl_all(init_masks)
-        _print_ppl("init", ppl["init"])
-        if o.compensate:
-            bias = _compensation(model, calib[:128], masks, costs, o)
-    ppl["gated"] = ppl_all(masks)
+        ppl["init"] = ppl_all(init_masks, fill)
+        _print_ppl("init" + (" (compensated)" if fill else ""), ppl["init"])
+        if fill is not None:
+            from pgprune.metrics.prune import compensation_biases
+
+            bias = compensation_biases(adapter, fill, masks, costs)
+    ppl["gated"] = ppl_all(masks, fill)
     _print_ppl("final (gated)", ppl["gated"])
 
     masks.save(out / "masks.safetensors", metadata={"model": o.model, "method": o.method})
@@ -168,7 +175,7 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
 
 def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume,
-            progress, world=None):
+            progress, world=None, fill=None):
     from pgprune.metrics.init import init_probabilities
     from pgprune.policy.loop import PGConfig, read_hard_mask, run_policy_gradient
     from pgprune.policy.probabilities import UnitLayout
@@ -183,7 +190,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
         s0 = layout.present.float() * (1.0 - o.sparsity)
     config = PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
                       lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
-                      per_kind_budget=o.per_kind_budget, floor=o.floor, seed=o.seed, eval_every=o.eval_every,
+                      per_kind_budget=o.per_kind_budget, floor=o.floor, select=o.select, seed=o.seed, eval_every=o.eval_every,
                       checkpoint_every=o.checkpoint_every)
     print(f"[pgprune] policy gradient: {config}")
     # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.
@@ -191,33 +198,32 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     track_tokens = get_eval_tokens(tokenizer, track, "validation", o.data_dir)
 
     def eval_fn(masks: Masks) -> float:
-        return _ppl(model, track_tokens, o, masks, costs, o.track_max_tokens)
+        return _ppl(model, track_tokens, o, masks, costs, o.track_max_tokens, fill=fill)
 
     fingerprint = {"model": o.model, "calib": o.calib, "nsamples": calib.shape[0], "seqlen": o.seqlen,
                    "init": o.init, "init_mapping": o.init_mapping, "allocation": o.allocation,
                    "dtype": str(next(model.parameters()).dtype), "track": track,
-                   "track_max_tokens": o.track_max_tokens, "forward": o.forward}
+                   "track_max_tokens": o.track_max_tokens, "forward": o.forward, "compensate": o.compensate}
     init_masks = metric.masks if metric is not None else read_hard_mask(s0, layout, costs, sparsity)
     tensorboard = None if o.tensorboard is None else (o.tensorboard or out / "tensorboard")
     result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
                                  fingerprint=fingerprint, resume=resume, progress=progress, world=world,
-                                 tensorboard=tensorboard, loss_fn=FORWARDS[o.forward])
+                                 tensorboard=tensorboard, loss_fn=functools.partial(FORWARDS[o.forward], fill=fill))
     if world is None or world.is_main:
         with atomic.temp_path(out / "probabilities.pt") as tmp:
             torch.save({k: v.cpu() for k, v in layout.split(result.probs).items()}, tmp)
     info = {"config": asdict(config), "skipped_steps": result.skipped_steps, "seconds": result.seconds,
+            "selected_step": result.selected_step,
             "track": {"dataset": track, "split": "validation", "max_tokens": o.track_max_tokens},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks
 
 
-def _compensation(model, calib, masks, costs, o: PruneOptions):
-    from pgprune.metrics.calibration import collect_layer_stats
-    from pgprune.metrics.prune import compensation_biases
+def _feature_means(model, calib, o: PruneOptions) -> dict:
+    """The dense model's calibration means of the o_proj / down_proj inputs (the mean fill)."""
+    from pgprune.metrics.calibration import collect_layer_stats, feature_means
 
-    adapter = get_adapter(model)
-    stats = collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense", adapter=adapter)
-    return compensation_biases(adapter, stats, masks, costs)
+    return feature_means(collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense"))
 
 
 def _print_ppl(label: str, values: dict) -> None:

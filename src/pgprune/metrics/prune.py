@@ -18,7 +18,8 @@ from pgprune.errors import ConfigError, DataError
 from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
 from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, check_sparsity, lowest_in_layer,
                                         uniform_plan)
-from pgprune.metrics.calibration import (LayerEdit, LayerStats, collect_layer_stats, features_per_head_group)
+from pgprune.metrics.calibration import (LayerEdit, LayerStats, collect_layer_stats, feature_means,
+                                        features_per_head_group)
 from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
 from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
 
@@ -32,24 +33,29 @@ class MetricResult:
     info: dict
 
 
-def compensation_biases(adapter: ModelAdapter, stats: list[LayerStats], masks: Masks,
+def compensation_biases(adapter: ModelAdapter, means: dict[str, list], masks: Masks,
                         costs: UnitCosts | None = None) -> dict[str, torch.Tensor]:
-    """FLAP's bias compensation: for every kept layer, the removed input features of o_proj /
-    down_proj are replaced by their calibration mean, i.e. W[:, removed] @ mean[removed] is added
-    to the projection's output. A removed block of a kept layer becomes that constant (its mean
-    output); a removed layer gets zeros. Returns {"attn": [L, hidden], "mlp": [L, hidden]} float32."""
+    """FLAP's bias compensation: the removed input features of o_proj / down_proj are replaced by
+    their calibration mean, i.e. W[:, removed] @ mean[removed] is added to the projection's output.
+    A removed block of a kept layer becomes that constant (its mean output). A removed layer's
+    mean update (both blocks) goes to the MLP output of the last kept layer before it: the removed
+    layers in between pass the residual stream through unchanged, so adding it there is the same;
+    with no kept layer before it, it is dropped. `means`: `feature_means(stats)` (the values the
+    gated forward's mean fill uses). Returns {"attn": [L, hidden], "mlp": [L, hidden]} float32."""
     costs = costs or UnitCosts.from_adapter(adapter)
     eff = masks.effective(costs)
     L, H = costs.num_layers, adapter.hidden_size
     out = {"attn": torch.zeros(L, H), "mlp": torch.zeros(L, H)}
     per_head = features_per_head_group(adapter)
+    last_kept = None
     for i in range(L):
-        if not bool(eff["layer"][i]):
+        kept_layer = bool(eff["layer"][i])
+        if not kept_layer and last_kept is None:
             continue
         m = adapter.layer(i)
-        for block, proj, fs, keep, per_unit in (
-            ("attn", m.o_proj, stats[i].attn_in, eff["head"][i], per_head),
-            ("mlp", m.down_proj, stats[i].mlp_in, eff["channel"][i], 1),
+        for block, proj, keep, per_unit in (
+            ("attn", m.o_proj, eff["head"][i], per_head),
+            ("mlp", m.down_proj, eff["channel"][i], 1),
         ):
             if proj is None:
                 continue
@@ -58,8 +64,13 @@ def compensation_biases(adapter: ModelAdapter, stats: list[LayerStats], masks: M
             if not bool(removed.any()):
                 continue
             w = read_weight(proj).double()
-            mean = fs.mean.to(w.device) * removed.to(w.device)
-            out[block][i] = (w @ mean).float().cpu()
+            mean = means[block][i].double().to(w.device) * removed.to(w.device)
+            if kept_layer:
+                out[block][i] += (w @ mean).float().cpu()
+            else:
+                out["mlp"][last_kept] += (w @ mean).float().cpu()
+        if kept_layer:
+            last_kept = i
     return out
 
 
@@ -144,7 +155,7 @@ def run_metric(
                 if not torch.equal(alloc.masks[kind][i, : k.numel()], k):
                     raise RuntimeError(f"internal error: layer {i} {kind} mask differs between the walk "
                                        "and the final allocation")
-    bias = compensation_biases(adapter, stats, alloc.masks, costs) if compensate else None
+    bias = compensation_biases(adapter, feature_means(stats), alloc.masks, costs) if compensate else None
     masks = alloc.masks
     info = {
         "method": method,

@@ -62,16 +62,17 @@ def execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu") if p is None else p.device
 
 
-def read_weight(module: nn.Module) -> torch.Tensor:
-    """`module.weight` (detached), also for an offloaded device_map module whose weight waits on
-    the meta device between calls: then a copy is brought to its execution device."""
-    w = module.weight
+def read_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """`module.weight` (or another parameter, e.g. "bias"; detached), also for an offloaded
+    device_map module whose weights wait on the meta device between calls: then a copy is brought
+    to its execution device."""
+    w = getattr(module, name)
     if w.device.type != "meta":
         return w.detach()
     from accelerate.utils import align_module_device
 
     with align_module_device(module):
-        return module.weight.detach().clone()
+        return getattr(module, name).detach().clone()
 
 
 def _import_families() -> None:

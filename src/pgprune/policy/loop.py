@@ -9,6 +9,7 @@
         g      <- estimator(m, s, L, baseline)      (REINFORCE)
         s      <- project(s - lr_t * g)             (back onto the parameter budget)
     hard mask <- the most probable units that fit the budget
+                 (select="best": the evaluated hard mask with the lowest held-out perplexity)
 
 Every `eval_every` steps the current hard mask is evaluated (perplexity on held-out text) and a
 checkpoint is written atomically; `resume` continues a run to the same result as an
@@ -40,6 +41,7 @@ from pgprune.policy.probabilities import UnitLayout, mean_entropy, sample_masks
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 MAX_CONSECUTIVE_SKIPS = 20
+SELECTIONS = ("final", "best")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class PGConfig:
     projection: str = "cost"
     per_kind_budget: bool = False
     floor: float = 0.0  # keep probabilities within [floor, 1 - floor] so no unit freezes (exploration)
+    select: str = "final"  # final | best: the result is the last hard mask, or the evaluated one with the lowest ppl
     baseline_window: int = 5
     seed: int = 0
     eval_every: int = 100
@@ -67,6 +70,8 @@ class PGConfig:
             raise ConfigError("steps must be >= 0, batch size >= 1 and lr >= 0")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}")
         get_estimator(self.estimator, self.k)
@@ -80,8 +85,9 @@ class PGConfig:
 @dataclass
 class PGResult:
     probs: torch.Tensor  # final s, flat [N]
-    masks: Masks  # hard mask under the budget
+    masks: Masks  # hard mask under the budget (the final one, or the best evaluated: config.select)
     history: list[dict] = field(default_factory=list)
+    selected_step: int | None = None  # the step whose hard mask `masks` is
     skipped_steps: int = 0
     seconds: float = 0.0
 
@@ -132,6 +138,9 @@ def run_policy_gradient(
     """
     world = world or World()
     config.validate()
+    if config.select == "best" and eval_fn is None:
+        raise ConfigError("select='best' picks the hard mask with the lowest held-out perplexity, so it needs "
+                          "the periodic evaluation (eval_fn)")
     if calib_windows.shape[0] < config.batch_size:
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {config.batch_size}; raise --nsamples or lower --batch-size")
@@ -146,9 +155,10 @@ def run_policy_gradient(
 
     s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget, floor=config.floor)
     baseline = BaselineState(window=config.baseline_window)
-    start, skipped, history = 0, 0, []
+    start, skipped, history, best = 0, 0, [], None
     if resume:
-        s, baseline, start, skipped, history = _load_checkpoint(ckpt_dir, fingerprint, rewrite_log=world.is_main)
+        s, baseline, start, skipped, history, best = _load_checkpoint(ckpt_dir, fingerprint,
+                                                                      rewrite_log=world.is_main)
 
     t0 = time.perf_counter()
     consecutive_skips = 0
@@ -157,8 +167,17 @@ def run_policy_gradient(
     eval_fn = eval_fn if world.is_main else None
     writer = _tensorboard_writer(tensorboard) if world.is_main else None
     last_ppl = None
+
+    def evaluate(step: int) -> float:
+        nonlocal best
+        hard = read_hard_mask(s, layout, costs, config.sparsity)
+        value = eval_fn(hard)
+        if best is None or value < best["ppl"]:  # NaN never replaces a finite best
+            best = {"ppl": value, "step": step, "masks": hard.tensors}
+        return value
+
     if start == 0 and eval_fn is not None:
-        last_ppl = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
+        last_ppl = evaluate(0)
         history.append({"step": 0, "forward_passes": 0, "hard_ppl": last_ppl, "entropy": mean_entropy(s, layout.present)})
         _append_log(out, history[-1], writer)
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
@@ -189,19 +208,23 @@ def run_policy_gradient(
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["entropy"] = mean_entropy(s, layout.present)
             if eval_fn is not None:
-                last_ppl = record["hard_ppl"] = eval_fn(read_hard_mask(s, layout, costs, config.sparsity))
+                last_ppl = record["hard_ppl"] = evaluate(step + 1)
         history.append(record)
         _append_log(out, record, writer)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in (("loss", record.get("loss")), ("base", record.get("baseline")),
                                                    ("ent", record.get("entropy")), ("ppl", last_ppl)) if v is not None})
         if out is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == end):
-            _save_checkpoint(out, s, baseline, step + 1, skipped, history, fingerprint)
+            _save_checkpoint(out, s, baseline, step + 1, skipped, history, fingerprint, best)
     bar.close()
     if writer is not None:
         writer.close()
-    return PGResult(probs=s, masks=read_hard_mask(s, layout, costs, config.sparsity), history=history,
-                    skipped_steps=skipped, seconds=time.perf_counter() - t0)
+    if config.select == "best" and best is not None:
+        masks, selected = Masks(dict(best["masks"])), best["step"]
+    else:
+        masks, selected = read_hard_mask(s, layout, costs, config.sparsity), end
+    return PGResult(probs=s, masks=masks, history=history, skipped_steps=skipped,
+                    seconds=time.perf_counter() - t0, selected_step=selected)
 
 
 TENSORBOARD_SCALARS = ("loss", "baseline", "lr", "entropy", "hard_ppl")
@@ -233,9 +256,9 @@ def _append_log(out: Path | None, record: dict, writer=None) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(out: Path, s, baseline, step, skipped, history, fingerprint) -> None:
+def _save_checkpoint(out: Path, s, baseline, step, skipped, history, fingerprint, best=None) -> None:
     state = {"step": step, "probs": s, "baseline": baseline.state_dict(), "skipped": skipped,
-             "history": history, "fingerprint": fingerprint}
+             "history": history, "fingerprint": fingerprint, "best": best}
     with atomic.temp_path(out / CHECKPOINT_FILE) as tmp:
         torch.save(state, tmp)
 
@@ -253,7 +276,8 @@ def _load_checkpoint(out: Path | None, fingerprint: dict, rewrite_log: bool = Tr
     # The log may hold records written after the checkpoint: rewrite it to the checkpoint's.
     if rewrite_log:
         atomic.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-    return (state["probs"], BaselineState.from_state(state["baseline"]), state["step"], state["skipped"], history)
+    return (state["probs"], BaselineState.from_state(state["baseline"]), state["step"], state["skipped"], history,
+            state.get("best"))
 
 
 def _differences(old, new, prefix="") -> list[str]:
