@@ -48,8 +48,11 @@ def main() -> None:
     ap.add_argument("--methods", default="wanda-sp,flap,flap:uniform,magnitude,random",
                     help="metric baselines, each METHOD or METHOD:ALLOCATION (default allocation: global for "
                          "flap and block-influence, --allocation otherwise)")
-    ap.add_argument("--init", default="wanda-sp")
+    ap.add_argument("--init", default="wanda-sp", help="METHOD or METHOD:ALLOCATION of PG's initial mask")
     ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--init-scale", type=float, default=1.0,
+                    help="sigmoid scale of the standardised init scores: larger = probabilities nearer 0/1, so "
+                         "PG explores only near the metric's decision boundary")
     ap.add_argument("--estimators", default="paper,loo")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -109,6 +112,7 @@ def main() -> None:
     if "layer" in kinds and args.init == "wanda-sp":
         args.init = "block-influence"
     baselines = [_method_allocation(m, args.allocation) for m in [args.init] + args.methods.split(",") if m]
+    init_method, init_alloc = baselines[0]  # --init METHOD[:ALLOCATION]
     for sp in [float(x) for x in args.sparsities.split(",")]:
         metric_results = {}
         for method, alloc in dict.fromkeys(baselines):
@@ -123,12 +127,12 @@ def main() -> None:
             print(rows[-1], flush=True)
             save(args.tag, payload)
         if fill is not None:
-            init_masks = metric_results[args.init].masks
-            rows.append({"sparsity": sp, "method": f"{args.init} ({baselines[0][1]}) + bias compensation",
+            init_masks = metric_results[init_method].masks
+            rows.append({"sparsity": sp, "method": f"{init_method} ({init_alloc}) + bias compensation",
                          "true_sparsity": init_masks.sparsity(costs),
                          "wikitext2_ppl": compensated_ppl(init_masks, compensation_biases(adapter, fill, init_masks, costs))})
             print(rows[-1], flush=True)
-        init = init_probabilities(metric_results[args.init].allocation, costs, "sigmoid")
+        init = init_probabilities(metric_results[init_method].allocation, costs, "sigmoid", scale=args.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
         for est in args.estimators.split(","):
             lr = float(lrs.get(est, args.lr))
@@ -146,7 +150,7 @@ def main() -> None:
                 res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
-            label = (f"pg-{est} (init {args.init}, lr {lr}, floor {args.floor}, select {args.select}"
+            label = (f"pg-{est} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
                      f"{', compensated' if fill else ''})")
             rows.append({"sparsity": sp, "method": label,
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
@@ -161,7 +165,7 @@ def main() -> None:
                                    for h in res.history if "hard_ppl" in h],
                          "final_test_ppl": final})
             runs[-1]["init_test_ppl"] = next(r["wikitext2_ppl"] for r in reversed(rows)
-                                              if r["sparsity"] == sp and r["method"].startswith(args.init))
+                                              if r["sparsity"] == sp and r["method"].startswith(f"{init_method} ({init_alloc})"))
             print(rows[-1], flush=True)
             save(args.tag, payload)
     print(table(rows, ["sparsity", "method", "true_sparsity", "wikitext2_ppl", "seconds"]))

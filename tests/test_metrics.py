@@ -385,6 +385,23 @@ def test_init_probabilities_read_off_the_metric_mask(method, kinds, allocation, 
                 assert bool((probs[order].diff() >= 0).all())
 
 
+def test_init_scale_concentrates_the_probabilities_on_the_same_mask():
+    from pgprune.policy.probabilities import mean_entropy
+
+    model = make("llama", num_hidden_layers=5)
+    costs = costs_of(model)
+    r = run_metric(model, ids(4, 10), "wanda-sp", 0.3, ("channel", "head"), "uniform", progress=False)
+    entropy = {}
+    for scale in (1.0, 8.0):
+        ip = init_probabilities(r.allocation, costs, "sigmoid", scale=scale)
+        assert torch.equal(hard_mask(ip.probs, costs, ip.sparsity)["channel"], r.masks["channel"])
+        assert float(expected_keep_ratio(ip.probs, costs)) == pytest.approx(ip.keep_ratio, abs=1e-6)
+        flat = torch.cat([ip.probs[k].reshape(-1) for k in ("channel", "head")])
+        present = torch.cat([present_units(costs, k).reshape(-1) for k in ("channel", "head")])
+        entropy[scale] = mean_entropy(flat, present)
+    assert entropy[8.0] < 0.6 * entropy[1.0]  # samples stay nearer the metric's mask
+
+
 def test_expected_keep_ratio_of_hard_masks_is_their_kept_fraction():
     model = make("llama")
     costs = costs_of(model)

@@ -223,6 +223,9 @@ def _add_prune(sub) -> None:
     g = p.add_argument_group("policy gradient (--method pg)")
     g.add_argument("--init", default=d.init, help="metric method for the initial probabilities, or constant (default wanda-sp)")
     g.add_argument("--init-mapping", default=d.init_mapping, choices=["sigmoid", "constant"])
+    g.add_argument("--init-scale", type=float, default=d.init_scale,
+                   help="sigmoid mapping: scale of the standardised scores; larger puts most probabilities near "
+                        f"0 or 1, so the samples stay near the initial mask (default {d.init_scale})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}, the paper's; short CPU runs: a few hundred with --lr 0.02)")
     g.add_argument("--k", type=int, default=d.k, help="masks sampled per step (default 2)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
@@ -278,7 +281,7 @@ def _run_prune(args) -> int:
     opts = PruneOptions(
         model=args.model, method=args.method, sparsity=args.sparsity, units=args.units, allocation=args.allocation,
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-        dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, steps=args.steps,
+        dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, init_scale=args.init_scale, steps=args.steps,
         k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
         forward=args.forward,
         projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, select=args.select, eval_every=args.eval_every,

@@ -145,7 +145,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
     dtype, and with device_map models (masks follow each activation's device).
     `fill`: {"attn": [L] means of o_proj's input, "mlp": [L] means of down_proj's input}
     (`metrics.calibration.feature_means`): dropped features take these values (mean fill, see the
-    module doc); a removed layer still adds nothing.
+    module doc), also in removed layers that have a kept layer before them.
     """
     adapter = adapter or get_adapter(model)
     costs = costs or UnitCosts.from_adapter(adapter)

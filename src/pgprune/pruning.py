@@ -50,6 +50,7 @@ class PruneOptions:
     # policy gradient
     init: str = "wanda-sp"  # a metric method, or "constant"
     init_mapping: str = "sigmoid"  # sigmoid | constant (how metric scores become probabilities)
+    init_scale: float = 1.0  # sigmoid: scale of the standardised scores (larger = nearer 0/1, less exploration)
     steps: int = 15000  # the paper's 120k samples at batch 8
     k: int = 2
     batch_size: int = 8
@@ -183,7 +184,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     layout = UnitLayout.build(costs, kinds)
     sparsity = o.sparsity
     if metric is not None:
-        init = init_probabilities(metric.allocation, costs, o.init_mapping)
+        init = init_probabilities(metric.allocation, costs, o.init_mapping, scale=o.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
         sparsity = init.sparsity  # the reachable budget closest to the request (± one unit)
     else:
@@ -201,7 +202,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
         return _ppl(model, track_tokens, o, masks, costs, o.track_max_tokens, fill=fill)
 
     fingerprint = {"model": o.model, "calib": o.calib, "nsamples": calib.shape[0], "seqlen": o.seqlen,
-                   "init": o.init, "init_mapping": o.init_mapping, "allocation": o.allocation,
+                   "init": o.init, "init_mapping": o.init_mapping, "init_scale": o.init_scale, "allocation": o.allocation,
                    "dtype": str(next(model.parameters()).dtype), "track": track,
                    "track_max_tokens": o.track_max_tokens, "forward": o.forward, "compensate": o.compensate}
     init_masks = metric.masks if metric is not None else read_hard_mask(s0, layout, costs, sparsity)

@@ -172,7 +172,7 @@ def run_policy_gradient(
         nonlocal best
         hard = read_hard_mask(s, layout, costs, config.sparsity)
         value = eval_fn(hard)
-        if best is None or value < best["ppl"]:  # NaN never replaces a finite best
+        if math.isfinite(value) and (best is None or value < best["ppl"]):
             best = {"ppl": value, "step": step, "masks": hard.tensors}
         return value
 
