@@ -402,6 +402,18 @@ def test_init_scale_concentrates_the_probabilities_on_the_same_mask():
     assert entropy[8.0] < 0.6 * entropy[1.0]  # samples stay nearer the metric's mask
 
 
+def test_metric_result_exposes_only_dense_statistics():
+    model = make("llama", num_hidden_layers=3)
+    calib = ids(4, 10)
+    flap = run_metric(model, calib, "flap", 0.3, ("channel", "head"), "global", progress=False)
+    dense = collect_layer_stats(model, calib, propagate="dense", progress=False)
+    assert flap.dense_stats is not None and len(flap.dense_stats) == 3
+    assert all(torch.equal(a.mlp_in.mean, b.mlp_in.mean) for a, b in zip(flap.dense_stats, dense))
+    wanda = run_metric(model, calib, "wanda-sp", 0.3, ("channel", "head"), "uniform", progress=False)
+    assert wanda.info["propagate"] == "pruned" and wanda.dense_stats is None
+    assert run_metric(model, None, "magnitude", 0.3, ("channel",), "uniform", progress=False).dense_stats is None
+
+
 def test_expected_keep_ratio_of_hard_masks_is_their_kept_fraction():
     model = make("llama")
     costs = costs_of(model)

@@ -107,15 +107,21 @@ def test_gathered_forward_gives_the_gated_run(workdir):
     assert runs["gathered"]["masks"] == runs["gated"]["masks"]
 
 
-@pytest.mark.parametrize("forward", ["gated", "gathered"])
-def test_compensated_pg_exports_the_model_it_optimised(workdir, forward):
+@pytest.mark.parametrize("forward,init", [("gated", "wanda-sp"), ("gathered", "wanda-sp"), ("gated", "flap")])
+def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, monkeypatch):
     # --compensate: PG scores mean-filled masked models, and the exported model carries the same
     # FLAP biases, so gated, pruned and reloaded perplexities agree; the init is compensated too.
     root, text = workdir
     name = f"text:{text}"
-    out = root / f"comp-{forward}"
-    record = prune(_options(root, text, compensate=True, forward=forward, steps=3, track_max_tokens=10**6), out,
-                   progress=False)
+    out = root / f"comp-{forward}-{init}"
+    import pgprune.metrics.calibration as calibration
+
+    passes = []  # calibration passes the mean fill runs itself: none when FLAP's dense statistics serve
+    collect = calibration.collect_layer_stats
+    monkeypatch.setattr(calibration, "collect_layer_stats", lambda *a, **kw: passes.append(1) or collect(*a, **kw))
+    record = prune(_options(root, text, compensate=True, forward=forward, init=init, steps=3,
+                            track_max_tokens=10**6), out, progress=False)
+    assert len(passes) == (0 if init == "flap" else 1)
     ppl = record["perplexity"]
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
     model, tok = load_pruned(out / "model", dtype="fp32", device="cpu")
@@ -124,5 +130,5 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward):
     assert any(ls["o_proj_bias"] or ls["down_proj_bias"] for ls in layers)  # the compensation is exported
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)  # step 0 = compensated init
-    plain = prune(_options(root, text, steps=0), root / f"plain-{forward}", progress=False)
+    plain = prune(_options(root, text, steps=0, init=init), root / f"plain-{forward}-{init}", progress=False)
     assert plain["perplexity"]["init"][name] != pytest.approx(ppl["init"][name], rel=1e-3)

@@ -146,7 +146,7 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
     fill = None
     if o.method == "pg":
-        fill = _feature_means(model, calib[:128], o) if o.compensate else None
+        fill = _feature_means(model, calib[:128], o, metric) if o.compensate else None
         masks, pg_info, init_masks = _run_pg(model, tokenizer, calib, costs, kinds, metric, o, out, eval_tokens,
                                              resume, progress, world, fill)
         if not world.is_main:
@@ -220,11 +220,15 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     return result.masks, info, init_masks
 
 
-def _feature_means(model, calib, o: PruneOptions) -> dict:
-    """The dense model's calibration means of the o_proj / down_proj inputs (the mean fill)."""
+def _feature_means(model, calib, o: PruneOptions, metric=None) -> dict:
+    """The dense model's calibration means of the o_proj / down_proj inputs (the mean fill), from
+    the init metric's statistics when it collected dense ones on the same windows (FLAP does)."""
     from pgprune.metrics.calibration import collect_layer_stats, feature_means
 
-    return feature_means(collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense"))
+    stats = None if metric is None else metric.dense_stats
+    if stats is None:
+        stats = collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense")
+    return feature_means(stats)
 
 
 def _print_ppl(label: str, values: dict) -> None:

@@ -31,6 +31,7 @@ class MetricResult:
     allocation: Allocation
     scores: Scores
     info: dict
+    dense_stats: list[LayerStats] | None = None  # the calibration statistics, when dense-propagated (reusable)
 
 
 def compensation_biases(adapter: ModelAdapter, means: dict[str, list], masks: Masks,
@@ -175,7 +176,8 @@ def run_metric(
         "masks": masks.summary(costs),
         "seconds": time.perf_counter() - t0,
     }
-    return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info)
+    return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info,
+                        dense_stats=stats if need_stats and propagate == "dense" else None)
 
 
 def _pruning_walker(m, adapter, kinds, seed, plan, compensate: bool, record: dict):
