@@ -33,6 +33,7 @@ from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
 from pgprune.models.adapter import get_adapter  # noqa: E402
 from pgprune.models.load import load_model  # noqa: E402
+from pgprune.policy.features import FeaturePolicy, feature_scores  # noqa: E402
 from pgprune.policy.loop import PGConfig, run_policy_gradient  # noqa: E402
 from pgprune.policy.probabilities import UnitLayout  # noqa: E402
 from pgprune.surgery import prune_model  # noqa: E402
@@ -53,6 +54,9 @@ def main() -> None:
     ap.add_argument("--init-scale", type=float, default=1.0,
                     help="sigmoid scale of the standardised init scores: larger = probabilities nearer 0/1, so "
                          "PG explores only near the metric's decision boundary")
+    ap.add_argument("--policy", default="units", choices=["units", "features"],
+                    help="units: a probability per unit (paper); features: shared logits from metric scores "
+                         "and per-layer offsets (policy/features.py; --init-scale is its scale)")
     ap.add_argument("--estimators", default="paper,loo")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -134,14 +138,21 @@ def main() -> None:
             print(rows[-1], flush=True)
         init = init_probabilities(metric_results[init_method].allocation, costs, "sigmoid", scale=args.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
+        init_result = metric_results[init_method]
         for est in args.estimators.split(","):
+            policy = None
+            if args.policy == "features":  # features scored on the init metric's own statistics
+                scores = feature_scores(adapter, init_result.scores.stats or stats, kinds, init_method,
+                                        init_result.scores.raw)
+                policy = FeaturePolicy.from_allocation(init_result.allocation, scores, layout, costs,
+                                                       scale=args.init_scale)
             lr = float(lrs.get(est, args.lr))
             config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
                               batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
-                              checkpoint_every=10**9, floor=args.floor, select=args.select)
+                              checkpoint_every=10**9, floor=args.floor, select=args.select, policy=args.policy)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
-                                      loss_fn=loss_fn,
+                                      loss_fn=loss_fn, policy=policy,
                                       eval_fn=lambda m: _logged(ppl(m, track, args.track_max_tokens, fill)))
             seconds = time.perf_counter() - t0
             final = ppl(res.masks) if fill is None else \
@@ -150,7 +161,7 @@ def main() -> None:
                 res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
-            label = (f"pg-{est} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
+            label = (f"pg-{est}{' features' if policy else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
                      f"{', compensated' if fill else ''})")
             rows.append({"sparsity": sp, "method": label,
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
@@ -159,7 +170,8 @@ def main() -> None:
                 rows.append({"sparsity": sp, "method": f"pg-{est} + bias compensation",
                              "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
             runs.append({"sparsity": sp, "estimator": est, "lr": lr, "steps": args.steps,
-                         "selected_step": res.selected_step,
+                         "selected_step": res.selected_step, "policy": args.policy,
+                         "learned": None if policy is None else policy.describe(),
                          "seconds_per_step_incl_eval": step_times, "pg_seconds": res.seconds,
                          "curve": [{"forward_passes": h["forward_passes"], "hard_ppl_valid": h["hard_ppl"]}
                                    for h in res.history if "hard_ppl" in h],

@@ -132,3 +132,34 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
     assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)  # step 0 = compensated init
     plain = prune(_options(root, text, steps=0, init=init), root / f"plain-{forward}-{init}", progress=False)
     assert plain["perplexity"]["init"][name] != pytest.approx(ppl["init"][name], rel=1e-3)
+
+
+@pytest.mark.parametrize("init,units", [("wanda-sp", "channel,head"), ("magnitude", "channel,head"),
+                                        ("block-influence", "layer")])
+def test_feature_policy_pipeline(workdir, init, units):
+    # --policy features: starts at the init metric's mask (step 0 == init), moves, and exports the
+    # model it evaluated; a data-free init metric gets its features from a dense calibration pass.
+    root, text = workdir
+    name = f"text:{text}"
+    out = root / f"feat-{init}"
+    record = prune(_options(root, text, policy="features", init=init, units=units, estimator="loo", lr=0.2,
+                            init_scale=4.0, allocation="global" if units == "layer" else "uniform",
+                            sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, compensate=True),
+                   out, progress=False)
+    ppl = record["perplexity"]
+    assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)
+    learned = record["pg"]["policy"]
+    assert learned["features"][0] == init and record["pg"]["config"]["policy"] == "features"
+    if units != "layer":
+        assert learned["features"] == [init] + [m for m in ("wanda-sp", "flap", "magnitude") if m != init]
+        assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
+
+
+def test_feature_policy_needs_a_metric_init(workdir):
+    root, text = workdir
+    with pytest.raises(ConfigError, match="constant"):
+        prune(_options(root, text, policy="features", init="constant"), root / "feat-const", progress=False)
+    with pytest.raises(ConfigError, match="policy must be"):
+        prune(_options(root, text, policy="neural"), root / "feat-bad", progress=False)

@@ -198,7 +198,7 @@ def _run_info(args) -> int:
 # --- prune ------------------------------------------------------------------------------------
 def _add_prune(sub) -> None:
     from pgprune.gating import FORWARDS
-    from pgprune.policy.loop import SELECTIONS
+    from pgprune.policy.loop import POLICIES, SELECTIONS
     from pgprune.pruning import PruneOptions
 
     d = PruneOptions()
@@ -226,6 +226,10 @@ def _add_prune(sub) -> None:
     g.add_argument("--init-scale", type=float, default=d.init_scale,
                    help="sigmoid mapping: scale of the standardised scores; larger puts most probabilities near "
                         f"0 or 1, so the samples stay near the initial mask (default {d.init_scale})")
+    g.add_argument("--policy", default=d.policy, choices=list(POLICIES),
+                   help="units: one free keep-probability per unit (the paper's, default); features: a few shared "
+                        "logit parameters (metric-score weights + per-layer offsets, --init-scale its scale; "
+                        "see docs/method.md)")
     g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}, the paper's; short CPU runs: a few hundred with --lr 0.02)")
     g.add_argument("--k", type=int, default=d.k, help="masks sampled per step (default 2)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
@@ -284,7 +288,7 @@ def _run_prune(args) -> int:
         dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, init_scale=args.init_scale, steps=args.steps,
         k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
         forward=args.forward,
-        projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, select=args.select, eval_every=args.eval_every,
+        projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, select=args.select, policy=args.policy, eval_every=args.eval_every,
         checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens or None,
         track_max_tokens=args.track_max_tokens, compensate=args.compensate, tensorboard=args.tensorboard)

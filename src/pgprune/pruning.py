@@ -62,6 +62,7 @@ class PruneOptions:
     per_kind_budget: bool = False
     floor: float = 0.0  # probabilities stay in [floor, 1 - floor] while optimising (exploration)
     select: str = "final"  # final | best: last hard mask, or the evaluated one with the lowest track ppl
+    policy: str = "units"  # units: a probability per unit (paper) | features: shared logits (policy/features.py)
     eval_every: int = 100
     checkpoint_every: int = 100
     # evaluation
@@ -106,6 +107,10 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
         raise ConfigError(f"sparsity must be in [0, 1), got {o.sparsity}")
     if o.forward not in FORWARDS:
         raise ConfigError(f"forward must be one of {', '.join(FORWARDS)}, got {o.forward!r}")
+    from pgprune.policy.loop import POLICIES
+
+    if o.policy not in POLICIES:
+        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {o.policy!r}")
     kinds = parse_unit_kinds(o.units)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +188,20 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
 
     layout = UnitLayout.build(costs, kinds)
     sparsity = o.sparsity
+    policy = None
+    if o.policy == "features":
+        if metric is None:
+            raise ConfigError("--policy features starts from a metric's scores; choose --init wanda-sp (or another "
+                              "metric), not constant")
+        from pgprune.policy.features import FeaturePolicy, feature_scores
+
+        stats = metric.scores.stats if metric.scores.stats is not None else metric.dense_stats
+        if stats is None:  # a data-free init metric (magnitude, random): features need activations
+            from pgprune.metrics.calibration import collect_layer_stats
+
+            stats = collect_layer_stats(model, calib[:128], batch_size=o.metric_batch_size, propagate="dense")
+        scores = feature_scores(get_adapter(model), stats, kinds, o.init, metric.scores.raw)
+        policy = FeaturePolicy.from_allocation(metric.allocation, scores, layout, costs, scale=o.init_scale)
     if metric is not None:
         init = init_probabilities(metric.allocation, costs, o.init_mapping, scale=o.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
@@ -192,7 +211,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     config = PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
                       lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
                       per_kind_budget=o.per_kind_budget, floor=o.floor, select=o.select, seed=o.seed, eval_every=o.eval_every,
-                      checkpoint_every=o.checkpoint_every)
+                      checkpoint_every=o.checkpoint_every, policy=o.policy)
     print(f"[pgprune] policy gradient: {config}")
     # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.
     track = o.track or next(iter(eval_tokens))
@@ -209,12 +228,14 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     tensorboard = None if o.tensorboard is None else (o.tensorboard or out / "tensorboard")
     result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out, eval_fn=eval_fn,
                                  fingerprint=fingerprint, resume=resume, progress=progress, world=world,
-                                 tensorboard=tensorboard, loss_fn=functools.partial(FORWARDS[o.forward], fill=fill))
+                                 tensorboard=tensorboard, loss_fn=functools.partial(FORWARDS[o.forward], fill=fill),
+                                 policy=policy)
     if world is None or world.is_main:
         with atomic.temp_path(out / "probabilities.pt") as tmp:
             torch.save({k: v.cpu() for k, v in layout.split(result.probs).items()}, tmp)
     info = {"config": asdict(config), "skipped_steps": result.skipped_steps, "seconds": result.seconds,
             "selected_step": result.selected_step,
+            "policy": None if policy is None else policy.describe(),
             "track": {"dataset": track, "split": "validation", "max_tokens": o.track_max_tokens},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks

@@ -73,7 +73,7 @@ def expected_keep_ratio(probs: dict[str, torch.Tensor], costs: UnitCosts) -> tor
     return layer.sum(-1) / costs.prunable_params
 
 
-def _solve_shift(logits: dict[str, torch.Tensor], costs: UnitCosts, keep: float) -> float:
+def solve_shift(logits: dict[str, torch.Tensor], costs: UnitCosts, keep: float) -> float:
     """b such that expected_keep_ratio(sigmoid(logits + b)) == keep (monotone: bisection)."""
     f = lambda b: float(expected_keep_ratio({k: torch.sigmoid(z + b) for k, z in logits.items()}, costs))  # noqa: E731
     lo, hi = -60.0, 60.0
@@ -117,7 +117,7 @@ def init_probabilities(allocation: Allocation, costs: UnitCosts, method: str = "
             delta = max(0.0, hi_removed - lo_kept + gap)
             z = {k: z[k] + torch.where(kept[k], delta / 2, -delta / 2) for k in kinds}
     keep = 1.0 - allocation.sparsity
-    b = _solve_shift(z, costs, keep)
+    b = solve_shift(z, costs, keep)
     logits = {k: torch.where(present[k], z[k] + b, torch.tensor(float("-inf"), dtype=torch.float64))
               for k in kinds}
     probs = {k: torch.sigmoid(v).float() for k, v in logits.items()}

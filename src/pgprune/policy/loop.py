@@ -8,6 +8,8 @@
          all-gathered, so every rank updates s identically from N*K samples)
         g      <- estimator(m, s, L, baseline)      (REINFORCE)
         s      <- project(s - lr_t * g)             (back onto the parameter budget)
+                  (policy="features": Adam step on a few shared logit parameters, then
+                   the budget shift in logit space; policy/features.py)
     hard mask <- the most probable units that fit the budget
                  (select="best": the evaluated hard mask with the lowest held-out perplexity)
 
@@ -42,6 +44,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 MAX_CONSECUTIVE_SKIPS = 20
 SELECTIONS = ("final", "best")
+POLICIES = ("units", "features")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class PGConfig:
     per_kind_budget: bool = False
     floor: float = 0.0  # keep probabilities within [floor, 1 - floor] so no unit freezes (exploration)
     select: str = "final"  # final | best: the result is the last hard mask, or the evaluated one with the lowest ppl
+    policy: str = "units"  # units: one free probability per unit (paper) | features: policy/features.py
     baseline_window: int = 5
     seed: int = 0
     eval_every: int = 100
@@ -72,6 +76,8 @@ class PGConfig:
             raise ConfigError(f"lr schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.select not in SELECTIONS:
             raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}")
         get_estimator(self.estimator, self.k)
@@ -124,6 +130,7 @@ def run_policy_gradient(
     loss_fn: Callable = masked_losses,
     world: World | None = None,
     tensorboard: str | Path | None = None,
+    policy=None,
 ) -> PGResult:
     """Optimise keep-probabilities starting at `s0` (flat, see UnitLayout).
 
@@ -135,6 +142,7 @@ def run_policy_gradient(
     comes on the pool's device and loss_fn moves it where the model takes its inputs.
     `world`: distributed sampling (policy/distributed.py); only its rank 0 writes and evaluates.
     `tensorboard`: a folder for TensorBoard event files (loss, baseline, lr, entropy, hard-mask ppl).
+    `policy`: a FeaturePolicy when config.policy == "features" (it replaces `s0`; the loop updates it).
     """
     world = world or World()
     config.validate()
@@ -145,6 +153,9 @@ def run_policy_gradient(
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {config.batch_size}; raise --nsamples or lower --batch-size")
     estimator = get_estimator(config.estimator, config.k)
+    if (policy is None) != (config.policy == "units"):
+        raise ConfigError(f"config.policy={config.policy!r} needs "
+                          + ("a FeaturePolicy (policy=...)" if policy is None else "no policy object"))
     keep = 1.0 - config.sparsity
     ckpt_dir = Path(out_dir) if out_dir is not None else None
     out = ckpt_dir if world.is_main else None  # where this rank writes logs and checkpoints
@@ -153,12 +164,19 @@ def run_policy_gradient(
         fingerprint["world_size"] = world.size
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
 
-    s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget, floor=config.floor)
+    if policy is not None:
+        fingerprint["policy"] = json.loads(json.dumps(policy.describe()))
+        s = policy.probs()
+    else:
+        s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget, floor=config.floor)
     baseline = BaselineState(window=config.baseline_window)
     start, skipped, history, best = 0, 0, [], None
     if resume:
-        s, baseline, start, skipped, history, best = _load_checkpoint(ckpt_dir, fingerprint,
-                                                                      rewrite_log=world.is_main)
+        s, baseline, start, skipped, history, best, policy_state = _load_checkpoint(ckpt_dir, fingerprint,
+                                                                                    rewrite_log=world.is_main)
+        if policy is not None:
+            policy.load_state_dict(policy_state)
+            s = policy.probs()
 
     t0 = time.perf_counter()
     consecutive_skips = 0
@@ -202,8 +220,12 @@ def run_policy_gradient(
         else:
             consecutive_skips = 0
             g, b = estimator(m, s, losses, baseline)
-            s = project(s - config.lr_at(step) * g, layout, costs, keep, config.projection, config.per_kind_budget,
-                        floor=config.floor)
+            if policy is not None:
+                policy.update(g, s, config.lr_at(step))
+                s = policy.probs()
+            else:
+                s = project(s - config.lr_at(step) * g, layout, costs, keep, config.projection,
+                            config.per_kind_budget, floor=config.floor)
             record.update(loss=float(losses.mean()), baseline=b)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record["entropy"] = mean_entropy(s, layout.present)
@@ -215,7 +237,8 @@ def run_policy_gradient(
         bar.set_postfix({k: f"{v:.3f}" for k, v in (("loss", record.get("loss")), ("base", record.get("baseline")),
                                                    ("ent", record.get("entropy")), ("ppl", last_ppl)) if v is not None})
         if out is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == end):
-            _save_checkpoint(out, s, baseline, step + 1, skipped, history, fingerprint, best)
+            _save_checkpoint(out, s, baseline, step + 1, skipped, history, fingerprint, best,
+                             None if policy is None else policy.state_dict())
     bar.close()
     if writer is not None:
         writer.close()
@@ -256,9 +279,9 @@ def _append_log(out: Path | None, record: dict, writer=None) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(out: Path, s, baseline, step, skipped, history, fingerprint, best=None) -> None:
+def _save_checkpoint(out: Path, s, baseline, step, skipped, history, fingerprint, best=None, policy=None) -> None:
     state = {"step": step, "probs": s, "baseline": baseline.state_dict(), "skipped": skipped,
-             "history": history, "fingerprint": fingerprint, "best": best}
+             "history": history, "fingerprint": fingerprint, "best": best, "policy": policy}
     with atomic.temp_path(out / CHECKPOINT_FILE) as tmp:
         torch.save(state, tmp)
 
@@ -277,7 +300,7 @@ def _load_checkpoint(out: Path | None, fingerprint: dict, rewrite_log: bool = Tr
     if rewrite_log:
         atomic.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
     return (state["probs"], BaselineState.from_state(state["baseline"]), state["step"], state["skipped"], history,
-            state.get("best"))
+            state.get("best"), state.get("policy"))
 
 
 def _differences(old, new, prefix="") -> list[str]:

@@ -1,0 +1,221 @@
+"""A low-dimensional policy: unit logits from metric scores and per-layer offsets (`--policy features`).
+
+The paper's policy gives every unit its own free probability. With K=2 and a few hundred steps
+that cannot re-rank tens of thousands of channels: each sampled mask yields one loss for all of
+them, so a unit's own signal is buried under the others' (per-unit signal-to-noise ~ sqrt(T / N)
+after T samples of N undecided units). This policy shares its parameters instead:
+
+    logit_i = scale * (sum_f w[kind_i, f] * phi_f(i) + a[kind_i, layer_i]) + v
+
+- phi_f(i): the log score of unit i by metric f, standardised over the units of its kind (the
+  init metric first, then the other FEATURE_METRICS), for channels and heads. Blocks (attn, mlp,
+  layer: one unit per layer) have no features: their logit is their offset, a per-unit policy.
+- a: one offset per (kind, layer): learns each layer's width. w: learns how to rank the units
+  inside a layer by mixing the metrics. v: one global shift, solved after every update so that
+  the expected kept fraction meets the budget (the projection, in logit space).
+
+At the start w selects the init metric's feature and the offsets put every layer's decision
+boundary at 0, so the hard mask is the init metric's own mask (DESIGN.md). Updates: the
+estimator's gradient with respect to the probabilities times ds/dlogit = s(1 - s) (the chain
+rule; for the `loo` estimator that is exactly mean_k adv_k (m_k - s), bounded), pulled back to
+(w, a) and applied with Adam, whose per-parameter step size does not depend on how many units
+share a parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pgprune.errors import ConfigError
+from pgprune.masks import UnitCosts
+from pgprune.metrics.allocation import Allocation, present_units
+from pgprune.metrics.init import hard_mask, solve_shift
+from pgprune.policy.probabilities import UnitLayout
+
+FEATURE_METRICS = ("wanda-sp", "flap", "magnitude")
+FEATURE_KINDS = ("channel", "head")
+_ADAM_BETAS = (0.9, 0.99)
+_ADAM_EPS = 1e-8
+
+
+def log_features(raw: dict[str, torch.Tensor], costs: UnitCosts) -> dict[str, torch.Tensor]:
+    """log(score) standardised over the present units of each kind; 0 where a unit is absent.
+    A small floor (1e-6 x the kind's mean score) keeps dead units (score 0) finite."""
+    out = {}
+    for kind, x in raw.items():
+        present = present_units(costs, kind) & torch.isfinite(x)
+        v = x.double()[present]
+        z = torch.log(v.clamp_min(0) + 1e-6 * float(v.abs().mean()) + 1e-30)
+        sd = z.std() if z.numel() > 1 else torch.tensor(0.0)
+        out[kind] = torch.zeros_like(x, dtype=torch.float64)
+        out[kind][present] = (z - z.mean()) / sd if float(sd) > 0 else 0.0
+    return out
+
+
+class FeaturePolicy:
+    """Keep-probabilities s = sigmoid(logits) from a few shared parameters (see the module text)."""
+
+    def __init__(self, layout: UnitLayout, costs: UnitCosts, keep: float, scale: float,
+                 features: torch.Tensor, feature_names: tuple[str, ...], weights: torch.Tensor,
+                 offsets: torch.Tensor):
+        if scale <= 0:
+            raise ConfigError(f"the policy scale must be > 0, got {scale}")
+        self.layout, self.costs, self.keep, self.scale = layout, costs, keep, float(scale)
+        self.features = features  # [N, F] float64, 0 for block kinds and absent units
+        self.feature_names = tuple(feature_names)
+        kind_index = torch.cat([torch.full((L * u,), i, dtype=torch.long)
+                                for i, (L, u) in enumerate(layout.shapes)])
+        layer_index = torch.cat([torch.arange(L).repeat_interleave(u) for L, u in layout.shapes])
+        self.kind_of = kind_index
+        self.group = kind_index * costs.num_layers + layer_index  # one offset per (kind, layer)
+        self.weights = weights.double().clone()  # [kinds, F]
+        self.offsets = offsets.double().clone()  # [kinds * L]
+        self.adam = {"m": torch.zeros(self.num_params, dtype=torch.float64),
+                     "v": torch.zeros(self.num_params, dtype=torch.float64), "t": 0}
+        self.shift = 0.0
+        self._solve_shift()
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_allocation(cls, allocation: Allocation, feature_scores: dict[str, dict[str, torch.Tensor]],
+                        layout: UnitLayout, costs: UnitCosts, scale: float = 4.0) -> "FeaturePolicy":
+        """Start at `allocation`'s mask. `feature_scores`: {metric: {kind: raw [L, units]}}, the
+        init metric first (its scores must order each layer's units as the allocation does)."""
+        names = tuple(feature_scores)
+        if not names:
+            raise ConfigError("the feature policy needs at least one metric's scores")
+        F = len(names)
+        logs = {name: log_features({k: v for k, v in sc.items() if k in FEATURE_KINDS and k in layout.kinds}, costs)
+                for name, sc in feature_scores.items()}
+        cols = []
+        for name in names:
+            per_kind = {k: logs[name].get(k, torch.zeros(L, u, dtype=torch.float64))
+                        for k, (L, u) in zip(layout.kinds, layout.shapes)}
+            cols.append(layout.merge(per_kind))
+        features = torch.stack(cols, dim=-1) * layout.present[:, None]
+        weights = torch.zeros(len(layout.kinds), F, dtype=torch.float64)
+        for i, kind in enumerate(layout.kinds):
+            if kind in FEATURE_KINDS:
+                weights[i, 0] = 1.0
+        offsets = _boundary_offsets(allocation, layout, costs, features[:, 0])
+        policy = cls(layout, costs, 1.0 - allocation.sparsity, scale, features, names, weights, offsets)
+        got = hard_mask(layout.split(policy.probs().double()), costs, allocation.sparsity)
+        if any(not torch.equal(got[k], allocation.masks[k]) for k in layout.kinds):
+            raise ConfigError("internal error: the feature policy's initial hard mask is not the init "
+                              "metric's mask")
+        return policy
+
+    # --- the policy ------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return self.weights.numel() + self.offsets.numel()
+
+    def scores(self) -> torch.Tensor:
+        """[N] float64: sum_f w phi + a, before scale and shift (-inf for absent units)."""
+        z = (self.features * self.weights[self.kind_of]).sum(-1) + self.offsets[self.group]
+        return torch.where(self.layout.present, z, torch.tensor(float("-inf"), dtype=torch.float64))
+
+    def logits(self) -> torch.Tensor:
+        return self.scale * self.scores() + self.shift
+
+    def probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits()).float()
+
+    def _solve_shift(self) -> None:
+        self.shift = solve_shift(self.layout.split(self.scale * self.scores()), self.costs, self.keep)
+
+    def update(self, grad_s: torch.Tensor, s: torch.Tensor, lr: float) -> None:
+        """One Adam step on (w, a) from an estimate of dE[L]/ds, then the budget shift."""
+        s64 = s.double()
+        r = grad_s.double() * s64 * (1 - s64) * self.scale * self.layout.present  # dE[L]/d(score)
+        g_w = torch.zeros_like(self.weights).index_add_(0, self.kind_of, self.features * r[:, None])
+        g_a = torch.zeros_like(self.offsets).index_add_(0, self.group, r)
+        g = torch.cat([g_w.reshape(-1), g_a])
+        a = self.adam
+        a["t"] += 1
+        a["m"].mul_(_ADAM_BETAS[0]).add_(g, alpha=1 - _ADAM_BETAS[0])
+        a["v"].mul_(_ADAM_BETAS[1]).addcmul_(g, g, value=1 - _ADAM_BETAS[1])
+        m_hat = a["m"] / (1 - _ADAM_BETAS[0] ** a["t"])
+        v_hat = a["v"] / (1 - _ADAM_BETAS[1] ** a["t"])
+        step = lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+        nw = self.weights.numel()
+        self.weights -= step[:nw].reshape(self.weights.shape)
+        self.offsets -= step[nw:]
+        self._solve_shift()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.clone(), "offsets": self.offsets.clone(), "shift": self.shift,
+                "adam": {"m": self.adam["m"].clone(), "v": self.adam["v"].clone(), "t": self.adam["t"]}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights, self.offsets, self.shift = state["weights"].clone(), state["offsets"].clone(), state["shift"]
+        self.adam = {"m": state["adam"]["m"].clone(), "v": state["adam"]["v"].clone(), "t": state["adam"]["t"]}
+
+    def describe(self) -> dict:
+        """What the run learned, for run.json: the feature weights per kind and the offsets' spread."""
+        out = {"scale": self.scale, "features": list(self.feature_names), "params": self.num_params,
+               "weights": {k: [float(x) for x in self.weights[i]] for i, k in enumerate(self.layout.kinds)}}
+        return out
+
+
+def _boundary_offsets(allocation: Allocation, layout: UnitLayout, costs: UnitCosts,
+                      feature: torch.Tensor) -> torch.Tensor:
+    """Offsets a[kind, layer] that put every layer's decision boundary at 0: kept units above,
+    removed ones below. Channels / heads: the init feature's midpoint between the layer's lowest
+    kept and highest removed unit. Blocks: the standardised key, centred on the kind's boundary."""
+    L = costs.num_layers
+    kept_flat = layout.merge({k: allocation.masks[k] for k in layout.kinds}).bool() & layout.present
+    removed_flat = ~kept_flat & layout.present
+    offsets = torch.zeros(len(layout.kinds) * L, dtype=torch.float64)
+    kept, removed, feat = layout.split(kept_flat), layout.split(removed_flat), layout.split(feature)
+    for ki, kind in enumerate(layout.kinds):
+        if kind in FEATURE_KINDS:
+            for i in range(L):
+                k_vals, r_vals = feat[kind][i][kept[kind][i]], feat[kind][i][removed[kind][i]]
+                lo_kept = float(k_vals.min()) if k_vals.numel() else None
+                hi_rem = float(r_vals.max()) if r_vals.numel() else None
+                if lo_kept is not None and hi_rem is not None:
+                    if not lo_kept > hi_rem:
+                        raise ConfigError(f"the init metric's {kind} mask of layer {i} does not follow its "
+                                          "scores, so the feature policy cannot start from it")
+                    offsets[ki * L + i] = -0.5 * (lo_kept + hi_rem)
+                elif lo_kept is not None:  # every unit kept: the lowest sits just above the boundary
+                    offsets[ki * L + i] = -lo_kept + 0.5
+                elif hi_rem is not None:
+                    offsets[ki * L + i] = -hi_rem - 0.5
+        else:
+            key = torch.nan_to_num(allocation.keys[kind][:, 0].double(), nan=0.0)
+            k_mask, r_mask = kept[kind][:, 0], removed[kind][:, 0]
+            lo_kept = float(key[k_mask].min()) if k_mask.any() else None
+            hi_rem = float(key[r_mask].max()) if r_mask.any() else None
+            # kept above removed by at least 0.5 (the metric's global order may interleave them)
+            z = key + torch.where(k_mask, 0.5, -0.5).double()
+            if lo_kept is not None and hi_rem is not None:
+                delta = max(0.0, hi_rem - lo_kept)
+                z = z + torch.where(k_mask, delta / 2, -delta / 2).double()
+                centre = 0.5 * (float(z[k_mask].min()) + float(z[r_mask].max()))
+            else:
+                centre = 0.0
+            offsets[ki * L: (ki + 1) * L] = z - centre
+    if not math.isfinite(float(offsets.abs().max())):
+        raise ConfigError("non-finite initial offsets: the init metric's scores are not finite")
+    return offsets
+
+
+def feature_scores(adapter, stats, kinds, init_method: str, init_raw: dict[str, torch.Tensor]) -> dict:
+    """{metric: {kind: raw [L, units]}} for the feature policy: the init metric's own scores first
+    (they define its mask), then FEATURE_METRICS scored on `stats` (the init metric's calibration
+    statistics, or dense ones)."""
+    from pgprune.metrics.scores import scores_from_stats
+
+    fine = tuple(k for k in kinds if k in FEATURE_KINDS)
+    out = {init_method: {k: init_raw[k] for k in fine if k in init_raw}}
+    if not fine:
+        return out
+    for name in FEATURE_METRICS:
+        if name not in out:
+            out[name] = scores_from_stats(adapter, stats, name, fine).raw
+    return out

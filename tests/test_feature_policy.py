@@ -1,0 +1,133 @@
+"""The low-dimensional feature policy (policy/features.py): start, updates, budget, loop, resume."""
+
+import pytest
+import torch
+
+from pgprune.errors import ConfigError
+from pgprune.masks import UnitCosts
+from pgprune.metrics.init import expected_keep_ratio, hard_mask
+from pgprune.metrics.prune import run_metric
+from pgprune.models.adapter import get_adapter
+from pgprune.models.synthetic import synthetic_model
+from pgprune.policy.features import FeaturePolicy, feature_scores, log_features
+from pgprune.policy.loop import PGConfig, run_policy_gradient
+from pgprune.policy.probabilities import UnitLayout
+
+CASES = [(("channel", "head"), "wanda-sp", "uniform"), (("channel", "head"), "flap", "global"),
+         (("layer",), "block-influence", "global"), (("channel", "head", "layer"), "wanda-sp", "global")]
+
+
+def _policy(kinds, method, allocation, sparsity=0.3, scale=4.0, **sizes):
+    model = synthetic_model("llama", seed=0, **sizes)
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    calib = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    r = run_metric(model, calib, method, sparsity, kinds, allocation, progress=False)
+    layout = UnitLayout.build(costs, kinds)
+    scores = feature_scores(adapter, r.scores.stats, kinds, method, r.scores.raw)
+    return model, costs, layout, r, FeaturePolicy.from_allocation(r.allocation, scores, layout, costs, scale=scale)
+
+
+@pytest.mark.parametrize("kinds,method,allocation", CASES)
+def test_starts_at_the_metric_mask_on_the_budget(kinds, method, allocation):
+    _, costs, layout, r, policy = _policy(kinds, method, allocation)
+    s = policy.probs()
+    assert float(expected_keep_ratio(layout.split(s.double()), costs)) == pytest.approx(1 - r.allocation.sparsity, abs=1e-6)
+    got = hard_mask(layout.split(s.double()), costs, r.allocation.sparsity)
+    assert all(torch.equal(got[k], r.allocation.masks[k]) for k in kinds)
+    assert bool((s[~layout.present] == 0).all())
+    fine = [k for k in kinds if k in ("channel", "head")]
+    assert policy.feature_names[0] == method and (len(policy.feature_names) == 3 if fine else True)
+    # parameters: feature weights per kind + one offset per (kind, layer): far fewer than units
+    assert policy.num_params == len(kinds) * len(policy.feature_names) + len(kinds) * costs.num_layers
+
+
+def test_log_features_are_standardised_and_finite_with_dead_units():
+    model = synthetic_model("llama", seed=0)
+    costs = UnitCosts.from_adapter(get_adapter(model))
+    raw = torch.rand(costs.num_layers, costs.units_per_layer("channel"), dtype=torch.float64) + 0.1
+    raw[0, 0] = 0.0  # a dead channel
+    f = log_features({"channel": raw}, costs)["channel"]
+    assert torch.isfinite(f).all()
+    assert float(f.mean()) == pytest.approx(0.0, abs=1e-9) and float(f.std()) == pytest.approx(1.0, abs=1e-2)
+    assert f[0, 0] == f.min()  # order kept
+
+
+def test_one_update_is_an_adam_step_along_the_autograd_gradient():
+    """The pulled-back gradient equals autograd's d/dtheta of sum_i g_i * s_i(theta) (shift held), and
+    Adam's first step moves every parameter by lr against its sign."""
+    _, costs, layout, _, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
+    g_s = torch.randn(layout.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * layout.present
+    w = policy.weights.clone().requires_grad_(True)
+    a = policy.offsets.clone().requires_grad_(True)
+    z = (policy.features * w[policy.kind_of]).sum(-1) + a[policy.group]
+    s = torch.sigmoid(policy.scale * z + policy.shift) * layout.present
+    (g_s * s).sum().backward()
+    before_w, before_a = policy.weights.clone(), policy.offsets.clone()
+    policy.update(g_s, policy.probs(), lr=0.01)
+    expected_w = before_w - 0.01 * torch.sign(w.grad)
+    expected_a = before_a - 0.01 * torch.sign(a.grad)
+    assert torch.allclose(policy.weights, expected_w, atol=1e-6) and torch.allclose(policy.offsets, expected_a, atol=1e-6)
+    # the shift restored the budget
+    assert float(expected_keep_ratio(layout.split(policy.probs().double()), costs)) == pytest.approx(policy.keep, abs=1e-6)
+
+
+def _feature_loss(target):
+    """Removing unit i costs target[i] (flat): the best policy ranks units by `target`."""
+    def loss_fn(model, batch, masks, costs=None):
+        m = torch.cat([masks[k].float().reshape(masks[k].shape[0], -1) for k in ("channel", "head")], -1)
+        return ((1 - m) * target).sum(-1)
+    return loss_fn
+
+
+def test_learns_to_rank_by_the_feature_that_lowers_the_loss():
+    """Start from wanda-sp's order, with a loss that charges each removed unit exp(its magnitude
+    feature): the policy must move weight onto magnitude (correlated ~0.4 with wanda-sp here; flap is
+    ~0.99, too close to tell apart) and its hard mask must lose less than the start's."""
+    model, costs, layout, r, policy = _policy(("channel", "head"), "wanda-sp", "uniform", intermediate_size=64)
+    mag = policy.feature_names.index("magnitude")
+    target = torch.exp(policy.features[:, mag]) * layout.present  # removing high-magnitude units hurts
+    loss = _feature_loss(target.float())
+    start = policy.weights.clone()
+    config = PGConfig(sparsity=r.allocation.sparsity, kinds=layout.kinds, steps=150, k=2, batch_size=1, lr=0.05,
+                      estimator="loo", policy="features", eval_every=1000, checkpoint_every=1000)
+    calib = torch.zeros(2, 4, dtype=torch.long)
+    res = run_policy_gradient(model, calib, None, layout, costs, config, loss_fn=loss, progress=False, policy=policy)
+    assert (policy.weights[:, mag] > start[:, mag] + 0.2).all()  # channels and heads moved onto magnitude
+    flat = lambda m: torch.cat([m[k].float().reshape(1, -1) for k in layout.kinds], -1)  # noqa: E731
+    before = float(((1 - flat(r.allocation.masks)) * target).sum())
+    after = float(((1 - flat(res.masks)) * target).sum())
+    assert after < before
+    assert abs(res.masks.sparsity(costs) - r.allocation.sparsity) < 0.02
+
+
+def test_resume_restores_the_policy_and_its_optimiser(tmp_path):
+    model, costs, layout, r, _ = _policy(("channel", "head"), "wanda-sp", "uniform")
+    calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    config = PGConfig(sparsity=r.allocation.sparsity, kinds=layout.kinds, steps=6, k=2, batch_size=4, lr=0.1,
+                      estimator="loo", policy="features", eval_every=3, checkpoint_every=2)
+
+    def fresh():
+        return _policy(("channel", "head"), "wanda-sp", "uniform")[-1]
+
+    full = run_policy_gradient(model, calib, None, layout, costs, config, out_dir=tmp_path / "a", progress=False,
+                               policy=fresh())
+    run_policy_gradient(model, calib, None, layout, costs, config, out_dir=tmp_path / "b", progress=False,
+                        stop_after=3, policy=fresh())
+    resumed = run_policy_gradient(model, calib, None, layout, costs, config, out_dir=tmp_path / "b",
+                                  progress=False, resume=True, policy=fresh())
+    assert torch.equal(full.probs, resumed.probs) and full.history == resumed.history
+    assert not torch.equal(full.probs, fresh().probs())  # it did move
+
+
+def test_policy_setting_and_object_must_agree():
+    model, costs, layout, r, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
+    calib = torch.zeros(8, 8, dtype=torch.long)
+    config = PGConfig(sparsity=r.allocation.sparsity, kinds=layout.kinds, steps=1, policy="features")
+    with pytest.raises(ConfigError, match="FeaturePolicy"):
+        run_policy_gradient(model, calib, None, layout, costs, config, progress=False)
+    with pytest.raises(ConfigError, match="no policy object"):
+        run_policy_gradient(model, calib, policy.probs(), layout, costs, PGConfig(**{**config.__dict__, "policy": "units"}),
+                            progress=False, policy=policy)
+    with pytest.raises(ConfigError, match="policy must be"):
+        PGConfig(sparsity=0.3, policy="neural").validate()
