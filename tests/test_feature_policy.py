@@ -42,6 +42,16 @@ def test_starts_at_the_metric_mask_on_the_budget(kinds, method, allocation):
     assert policy.num_params == len(kinds) * len(policy.feature_names) + len(kinds) * costs.num_layers
 
 
+def test_features_are_orthonormal_per_kind_with_the_init_metric_first():
+    _, costs, layout, r, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
+    init_feature = layout.merge(log_features({k: r.scores.raw[k] for k in layout.kinds}, costs))
+    assert torch.allclose(policy.features[:, 0], init_feature * layout.present)
+    for ki in range(len(layout.kinds)):
+        x = policy.features[(policy.kind_of == ki) & layout.present]
+        gram = x.T @ x / (x.shape[0] - 1)
+        assert torch.allclose(gram, torch.eye(x.shape[1], dtype=gram.dtype), atol=1e-6)
+
+
 def test_log_features_are_standardised_and_finite_with_dead_units():
     model = synthetic_model("llama", seed=0)
     costs = UnitCosts.from_adapter(get_adapter(model))

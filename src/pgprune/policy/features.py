@@ -8,8 +8,9 @@ after T samples of N undecided units). This policy shares its parameters instead
     logit_i = scale * (sum_f w[kind_i, f] * phi_f(i) + a[kind_i, layer_i]) + v
 
 - phi_f(i): the log score of unit i by metric f, standardised over the units of its kind (the
-  init metric first, then the other FEATURE_METRICS), for channels and heads. Blocks (attn, mlp,
-  layer: one unit per layer) have no features: their logit is their offset, a per-unit policy.
+  init metric first, then the other FEATURE_METRICS), then orthonormalised in that order (what
+  metric f adds beyond the ones before it), for channels and heads. Blocks (attn, mlp, layer: one
+  unit per layer) have no features: their logit is their offset, a per-unit policy.
 - a: one offset per (kind, layer): learns each layer's width. w: learns how to rank the units
   inside a layer by mixing the metrics. v: one global shift, solved after every update so that
   the expected kept fraction meets the budget (the projection, in logit space).
@@ -94,7 +95,7 @@ class FeaturePolicy:
             per_kind = {k: logs[name].get(k, torch.zeros(L, u, dtype=torch.float64))
                         for k, (L, u) in zip(layout.kinds, layout.shapes)}
             cols.append(layout.merge(per_kind))
-        features = torch.stack(cols, dim=-1) * layout.present[:, None]
+        features = _orthonormalise(torch.stack(cols, dim=-1) * layout.present[:, None], layout)
         weights = torch.zeros(len(layout.kinds), F, dtype=torch.float64)
         for i, kind in enumerate(layout.kinds):
             if kind in FEATURE_KINDS:
@@ -156,9 +157,35 @@ class FeaturePolicy:
 
     def describe(self) -> dict:
         """What the run learned, for run.json: the feature weights per kind and the offsets' spread."""
-        out = {"scale": self.scale, "features": list(self.feature_names), "params": self.num_params,
+        out = {"scale": self.scale, "features": list(self.feature_names), "orthonormalised": True,
+               "params": self.num_params,
                "weights": {k: [float(x) for x in self.weights[i]] for i, k in enumerate(self.layout.kinds)}}
         return out
+
+
+def _orthonormalise(features: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
+    """Gram-Schmidt over the feature columns of each kind's units (init metric first, so column 0
+    is unchanged), each residual rescaled to unit standard deviation. Metric scores are strongly
+    correlated (wanda-sp and flap ~0.98 within a layer on SmolLM2), and Adam's per-parameter steps
+    cannot separate parameters whose gradients nearly coincide; on orthonormal columns, the weight
+    of column f is the weight of what metric f says beyond the metrics before it."""
+    out = features.clone()
+    start = 0
+    for L, u in layout.shapes:
+        rows = torch.zeros(layout.size, dtype=torch.bool)
+        rows[start:start + L * u] = True
+        rows &= layout.present
+        start += L * u
+        x = out[rows]
+        for f in range(1, x.shape[1]):
+            for prev in range(f):
+                norm = float((x[:, prev] * x[:, prev]).sum())
+                if norm > 0:
+                    x[:, f] -= (x[:, f] * x[:, prev]).sum() / norm * x[:, prev]
+            sd = float(x[:, f].std()) if x.shape[0] > 1 else 0.0
+            x[:, f] = x[:, f] / sd if sd > 1e-6 else 0.0  # a metric that adds nothing: a dead column
+        out[rows] = x
+    return out
 
 
 def _boundary_offsets(allocation: Allocation, layout: UnitLayout, costs: UnitCosts,
