@@ -10,7 +10,7 @@ inference forward of the K*B rows (`model(ids).logits`, as any inference would),
 loading the model the same way; the high-water mark is reset after loading (loading alone peaks
 higher than either forward), so peak = resident model + the work's own peak. Target: <= 1.3.
 
-    python bench/pg_step_cost.py [--dtype bf16] [--blocks 5] [--steps-per-block 3]
+    python bench/pg_step_cost.py [--dtype bf16] [--blocks 5] [--steps-per-block 3] [--policy features --estimator loo]
 """
 
 from __future__ import annotations
@@ -40,16 +40,29 @@ def _setup(args):
     layout = UnitLayout.build(costs, parse_unit_kinds(args.units))
     ids = torch.randint(0, model.config.vocab_size, (max(args.batch_size, 16), args.seqlen),
                         generator=torch.Generator().manual_seed(0))
+    args.feature_policy = None
+    if args.policy == "features":  # built once, outside the timed work (a metric pass on 16 windows)
+        from pgprune.metrics.prune import run_metric
+        from pgprune.policy.features import FeaturePolicy, feature_scores
+
+        r = run_metric(model, ids[:16], "wanda-sp", args.sparsity, layout.kinds, "uniform", progress=False)
+        scores = feature_scores(get_adapter(model), r.scores.stats, layout.kinds, "wanda-sp", r.scores.raw)
+        args.feature_policy = FeaturePolicy.from_allocation(r.allocation, scores, layout, costs, scale=8.0)
+        args.sparsity = r.allocation.sparsity
     return model, costs, layout, ids
 
 
 def _pg(model, costs, layout, pool, args, steps, seed):
     from pgprune.policy.loop import PGConfig, run_policy_gradient
 
+    import copy
+
     config = PGConfig(sparsity=args.sparsity, kinds=layout.kinds, steps=steps, k=args.k,
-                      batch_size=args.batch_size, seed=seed, eval_every=10**9, checkpoint_every=10**9)
+                      batch_size=args.batch_size, seed=seed, eval_every=10**9, checkpoint_every=10**9,
+                      policy=args.policy, estimator=args.estimator)
     s0 = layout.present.float() * (1 - args.sparsity)
-    return run_policy_gradient(model, pool, s0, layout, costs, config, progress=False)
+    policy = copy.deepcopy(args.feature_policy)
+    return run_policy_gradient(model, pool, s0, layout, costs, config, progress=False, policy=policy)
 
 
 def _plain(model, ids, k):
@@ -106,7 +119,8 @@ def measure_memory(args) -> dict:
     for mode in ("plain", "pg"):
         cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--dtype", args.dtype,
                "--k", str(args.k), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
-               "--units", args.units, "--sparsity", str(args.sparsity)]
+               "--units", args.units, "--sparsity", str(args.sparsity), "--policy", args.policy,
+               "--estimator", args.estimator]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
     out["ratio_peak"] = out["pg"]["peak_rss"] / out["plain"]["peak_rss"]
@@ -124,6 +138,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--units", default="channel,head")
     ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--policy", default="units", choices=["units", "features"])
+    ap.add_argument("--estimator", default="paper", choices=["paper", "loo"])
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--steps-per-block", type=int, default=3)
     ap.add_argument("--child", choices=["pg", "plain"], default=None, help=argparse.SUPPRESS)
@@ -138,10 +154,12 @@ def main() -> None:
             {"what": "peak RSS (bytes)", "pg": memory["pg"]["peak_rss"], "plain": memory["plain"]["peak_rss"],
              "ratio": memory["ratio_peak"], "target": 1.3}]
     print(table(rows, ["what", "pg", "plain", "ratio", "target"]))
-    print(f"(K={args.k}, batch {args.batch_size} x {args.seqlen}, {args.dtype}, units {args.units}; "
+    print(f"(K={args.k}, batch {args.batch_size} x {args.seqlen}, {args.dtype}, units {args.units}, "
+          f"policy {args.policy}, estimator {args.estimator}; "
           f"memory above the loaded model: ratio {memory['ratio_above_load']:.3f})")
-    save(f"pg_step_cost_{args.dtype}", {"command": " ".join(sys.argv), "args": vars(args), "timing": timing,
-                                        "memory": memory, "rows": rows})
+    tag = f"pg_step_cost_{args.dtype}" + ("" if args.policy == "units" else f"_{args.policy}")
+    save(tag, {"command": " ".join(sys.argv), "args": {k: v for k, v in vars(args).items() if k != "feature_policy"},
+               "timing": timing, "memory": memory, "rows": rows})
 
 
 if __name__ == "__main__":

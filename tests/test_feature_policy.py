@@ -141,3 +141,6 @@ def test_policy_setting_and_object_must_agree():
                             progress=False, policy=policy)
     with pytest.raises(ConfigError, match="policy must be"):
         PGConfig(sparsity=0.3, policy="neural").validate()
+    for extra in ({"per_kind_budget": True}, {"floor": 0.05}):
+        with pytest.raises(ConfigError, match="features policy"):
+            PGConfig(sparsity=0.3, policy="features", **extra).validate()

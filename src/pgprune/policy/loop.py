@@ -78,6 +78,9 @@ class PGConfig:
             raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.policy == "features" and (self.per_kind_budget or self.floor > 0):
+            raise ConfigError("the features policy holds one global budget by a shift in logit space; it has no "
+                              "per-kind budget or probability floor (drop --per-kind-budget / --floor)")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}")
         get_estimator(self.estimator, self.k)
