@@ -111,6 +111,24 @@ def test_learns_to_rank_by_the_feature_that_lowers_the_loss():
     assert abs(res.masks.sparsity(costs) - r.allocation.sparsity) < 0.02
 
 
+def test_learns_which_layers_to_remove():
+    """Layers have no features: each layer's logit is its own offset (a per-unit policy in logit
+    space). With a loss that charges removing layer j the amount j, the removed set gets cheaper."""
+    model, costs, layout, r, policy = _policy(("layer",), "block-influence", "global", num_hidden_layers=8)
+    price = torch.arange(costs.num_layers, dtype=torch.float32)
+
+    def loss(model, batch, masks, costs=None):
+        return ((1 - masks["layer"].float().reshape(masks["layer"].shape[0], -1)) * price).sum(-1)
+
+    config = PGConfig(sparsity=r.allocation.sparsity, kinds=("layer",), steps=200, k=2, batch_size=1, lr=0.05,
+                      estimator="loo", policy="features", eval_every=1000, checkpoint_every=1000)
+    res = run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), None, layout, costs, config, loss_fn=loss,
+                              progress=False, policy=policy)
+    cost = lambda m: float(((1 - m["layer"].float().reshape(-1)) * price).sum())  # noqa: E731
+    assert cost(res.masks) < cost(r.allocation.masks)
+    assert res.masks.sparsity(costs) == pytest.approx(r.allocation.sparsity, abs=1e-9)
+
+
 def test_resume_restores_the_policy_and_its_optimiser(tmp_path):
     model, costs, layout, r, _ = _policy(("channel", "head"), "wanda-sp", "uniform")
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))

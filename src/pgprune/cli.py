@@ -233,7 +233,7 @@ def _add_prune(sub) -> None:
     g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}, the paper's; short CPU runs: a few hundred with --lr 0.02)")
     g.add_argument("--k", type=int, default=d.k, help="masks sampled per step (default 2)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities (default {d.lr})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities; --policy features: Adam's step size (default {d.lr})")
     g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
     g.add_argument("--estimator", default=d.estimator, choices=["paper", "loo"])
     g.add_argument("--forward", default=d.forward, choices=list(FORWARDS),
