@@ -33,8 +33,8 @@ from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
 from pgprune.models.adapter import get_adapter  # noqa: E402
 from pgprune.models.load import load_model  # noqa: E402
-from pgprune.policy.features import FeaturePolicy, feature_scores  # noqa: E402
-from pgprune.policy.loop import PGConfig, run_policy_gradient  # noqa: E402
+from pgprune.policy.features import FeaturePolicy  # noqa: E402
+from pgprune.policy.loop import POLICIES, PGConfig, run_policy_gradient  # noqa: E402
 from pgprune.policy.probabilities import UnitLayout  # noqa: E402
 from pgprune.surgery import prune_model  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--init-scale", type=float, default=1.0,
                     help="sigmoid scale of the standardised init scores: larger = probabilities nearer 0/1, so "
                          "PG explores only near the metric's decision boundary")
-    ap.add_argument("--policy", default="units", choices=["units", "features"],
+    ap.add_argument("--policy", default="units", choices=list(POLICIES),
                     help="units: a probability per unit (paper); features: shared logits from metric scores "
                          "and per-layer offsets (policy/features.py; --init-scale is its scale)")
     ap.add_argument("--estimators", default="paper,loo")
@@ -142,10 +142,8 @@ def main() -> None:
         for est in args.estimators.split(","):
             policy = None
             if args.policy == "features":  # features scored on the init metric's own statistics
-                scores = feature_scores(adapter, init_result.scores.stats or stats, kinds, init_method,
-                                        init_result.scores.raw)
-                policy = FeaturePolicy.from_allocation(init_result.allocation, scores, layout, costs,
-                                                       scale=args.init_scale)
+                policy = FeaturePolicy.from_metric(init_result, adapter, layout, costs, scale=args.init_scale,
+                                                   stats=stats)
             lr = float(lrs.get(est, args.lr))
             config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
                               batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,

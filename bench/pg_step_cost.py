@@ -43,11 +43,10 @@ def _setup(args):
     args.feature_policy = None
     if args.policy == "features":  # built once, outside the timed work (a metric pass on 16 windows)
         from pgprune.metrics.prune import run_metric
-        from pgprune.policy.features import FeaturePolicy, feature_scores
+        from pgprune.policy.features import FeaturePolicy
 
         r = run_metric(model, ids[:16], "wanda-sp", args.sparsity, layout.kinds, "uniform", progress=False)
-        scores = feature_scores(get_adapter(model), r.scores.stats, layout.kinds, "wanda-sp", r.scores.raw)
-        args.feature_policy = FeaturePolicy.from_allocation(r.allocation, scores, layout, costs, scale=8.0)
+        args.feature_policy = FeaturePolicy.from_metric(r, get_adapter(model), layout, costs, scale=8.0)
         args.sparsity = r.allocation.sparsity
     return model, costs, layout, ids
 

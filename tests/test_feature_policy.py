@@ -9,7 +9,7 @@ from pgprune.metrics.init import expected_keep_ratio, hard_mask
 from pgprune.metrics.prune import run_metric
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
-from pgprune.policy.features import FeaturePolicy, feature_scores, log_features
+from pgprune.policy.features import FeaturePolicy, log_features
 from pgprune.policy.loop import PGConfig, run_policy_gradient
 from pgprune.policy.probabilities import UnitLayout
 
@@ -24,8 +24,7 @@ def _policy(kinds, method, allocation, sparsity=0.3, scale=4.0, **sizes):
     calib = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
     r = run_metric(model, calib, method, sparsity, kinds, allocation, progress=False)
     layout = UnitLayout.build(costs, kinds)
-    scores = feature_scores(adapter, r.scores.stats, kinds, method, r.scores.raw)
-    return model, costs, layout, r, FeaturePolicy.from_allocation(r.allocation, scores, layout, costs, scale=scale)
+    return model, costs, layout, r, FeaturePolicy.from_metric(r, adapter, layout, costs, scale=scale)
 
 
 @pytest.mark.parametrize("kinds,method,allocation", CASES)

@@ -136,12 +136,19 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
 
 @pytest.mark.parametrize("init,units", [("wanda-sp", "channel,head"), ("magnitude", "channel,head"),
                                         ("block-influence", "layer")])
-def test_feature_policy_pipeline(workdir, init, units):
+def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     # --policy features: starts at the init metric's mask (step 0 == init), moves, and exports the
-    # model it evaluated; a data-free init metric gets its features from a dense calibration pass.
+    # model it evaluated; a data-free init metric gets its features from a dense calibration pass,
+    # the same one the mean fill uses.
     root, text = workdir
     name = f"text:{text}"
     out = root / f"feat-{init}"
+    import pgprune.metrics.calibration as calibration
+
+    passes = []  # calibration passes prune() runs itself (run_metric's own are not counted)
+    collect = calibration.collect_layer_stats
+    monkeypatch.setattr(calibration, "collect_layer_stats", lambda *a, **kw: passes.append(kw.get("propagate"))
+                        or collect(*a, **kw))
     record = prune(_options(root, text, policy="features", init=init, units=units, estimator="loo", lr=0.2,
                             init_scale=4.0, allocation="global" if units == "layer" else "uniform",
                             sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, compensate=True),
@@ -150,6 +157,9 @@ def test_feature_policy_pipeline(workdir, init, units):
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)
+    # block influence's dense statistics serve the mean fill; otherwise one dense pass serves the
+    # fill and (magnitude: a data-free metric) the features
+    assert passes == ([] if init == "block-influence" else ["dense"])
     learned = record["pg"]["policy"]
     assert learned["features"][0] == init and record["pg"]["config"]["policy"] == "features"
     if units != "layer":

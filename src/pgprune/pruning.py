@@ -151,9 +151,12 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
     fill = None
     if o.method == "pg":
-        fill = _feature_means(model, calib[:128], o, metric) if o.compensate else None
+        from pgprune.metrics.calibration import feature_means
+
+        dense_stats = _dense_stats_once(model, calib[:128], o, metric)
+        fill = feature_means(dense_stats()) if o.compensate else None
         masks, pg_info, init_masks = _run_pg(model, tokenizer, calib, costs, kinds, metric, o, out, eval_tokens,
-                                             resume, progress, world, fill)
+                                             resume, progress, dense_stats, world, fill)
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
@@ -181,7 +184,7 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 
 
 def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume,
-            progress, world=None, fill=None):
+            progress, dense_stats, world=None, fill=None):
     from pgprune.metrics.init import init_probabilities
     from pgprune.policy.loop import PGConfig, read_hard_mask, run_policy_gradient
     from pgprune.policy.probabilities import UnitLayout
@@ -193,15 +196,11 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
         if metric is None:
             raise ConfigError("--policy features starts from a metric's scores; choose --init wanda-sp (or another "
                               "metric), not constant")
-        from pgprune.policy.features import FeaturePolicy, feature_scores
+        from pgprune.policy.features import FeaturePolicy
 
-        stats = metric.scores.stats if metric.scores.stats is not None else metric.dense_stats
-        if stats is None:  # a data-free init metric (magnitude, random): features need activations
-            from pgprune.metrics.calibration import collect_layer_stats
-
-            stats = collect_layer_stats(model, calib[:128], batch_size=o.metric_batch_size, propagate="dense")
-        scores = feature_scores(get_adapter(model), stats, kinds, o.init, metric.scores.raw)
-        policy = FeaturePolicy.from_allocation(metric.allocation, scores, layout, costs, scale=o.init_scale)
+        # features come from the metric's own statistics; a data-free metric's from one dense pass
+        policy = FeaturePolicy.from_metric(metric, get_adapter(model), layout, costs, scale=o.init_scale,
+                                           stats=None if metric.scores.stats is not None else dense_stats())
     if metric is not None:
         init = init_probabilities(metric.allocation, costs, o.init_mapping, scale=o.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
@@ -241,15 +240,19 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     return result.masks, info, init_masks
 
 
-def _feature_means(model, calib, o: PruneOptions, metric=None) -> dict:
-    """The dense model's calibration means of the o_proj / down_proj inputs (the mean fill), from
-    the init metric's statistics when it collected dense ones on the same windows (FLAP does)."""
-    from pgprune.metrics.calibration import collect_layer_stats, feature_means
+def _dense_stats_once(model, calib, o: PruneOptions, metric=None):
+    """A callable giving the dense model's calibration statistics of the o_proj / down_proj inputs
+    on `calib` (the mean fill; the features of a data-free init metric): the init metric's when it
+    collected dense ones on the same windows (FLAP does), else one pass, run at most once."""
+    from pgprune.metrics.calibration import collect_layer_stats
 
-    stats = None if metric is None else metric.dense_stats
-    if stats is None:
-        stats = collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense")
-    return feature_means(stats)
+    @functools.cache
+    def stats():
+        if metric is not None and metric.dense_stats is not None:
+            return metric.dense_stats
+        return collect_layer_stats(model, calib, batch_size=o.metric_batch_size, propagate="dense")
+
+    return stats
 
 
 def _print_ppl(label: str, values: dict) -> None:

@@ -44,14 +44,15 @@ _ADAM_EPS = 1e-8
 def log_features(raw: dict[str, torch.Tensor], costs: UnitCosts) -> dict[str, torch.Tensor]:
     """log(score) standardised over the present units of each kind; 0 where a unit is absent.
     A small floor (1e-6 x the kind's mean score) keeps dead units (score 0) finite."""
+    from pgprune.metrics.scores import standardize_per_kind
+
     out = {}
     for kind, x in raw.items():
         present = present_units(costs, kind) & torch.isfinite(x)
         v = x.double()[present]
-        z = torch.log(v.clamp_min(0) + 1e-6 * float(v.abs().mean()) + 1e-30)
-        sd = z.std() if z.numel() > 1 else torch.tensor(0.0)
-        out[kind] = torch.zeros_like(x, dtype=torch.float64)
-        out[kind][present] = (z - z.mean()) / sd if float(sd) > 0 else 0.0
+        logs = torch.full_like(x, float("nan"), dtype=torch.float64)
+        logs[present] = torch.log(v.clamp_min(0) + 1e-6 * float(v.abs().mean()) + 1e-30)
+        out[kind] = torch.nan_to_num(standardize_per_kind(logs), nan=0.0)
     return out
 
 
@@ -108,6 +109,18 @@ class FeaturePolicy:
                               "metric's mask")
         return policy
 
+    @classmethod
+    def from_metric(cls, metric, adapter, layout: UnitLayout, costs: UnitCosts, scale: float = 4.0,
+                    stats=None) -> "FeaturePolicy":
+        """Start at a `run_metric` result's mask, the features scored on the metric's own
+        calibration statistics, else on `stats` (dense ones, for a data-free metric)."""
+        stats = metric.scores.stats if metric.scores.stats is not None else stats
+        if stats is None and any(k in FEATURE_KINDS for k in layout.kinds):
+            raise ConfigError(f"the feature policy scores wanda-sp / flap features on calibration statistics; "
+                              f"{metric.info['method']!r} collected none, so pass dense ones (stats=...)")
+        scores = feature_scores(adapter, stats, layout.kinds, metric.info["method"], metric.scores.raw)
+        return cls.from_allocation(metric.allocation, scores, layout, costs, scale=scale)
+
     # --- the policy ------------------------------------------------------------------------------
     @property
     def num_params(self) -> int:
@@ -156,11 +169,10 @@ class FeaturePolicy:
         self.adam = {"m": state["adam"]["m"].clone(), "v": state["adam"]["v"].clone(), "t": state["adam"]["t"]}
 
     def describe(self) -> dict:
-        """What the run learned, for run.json: the feature weights per kind and the offsets' spread."""
-        out = {"scale": self.scale, "features": list(self.feature_names), "orthonormalised": True,
-               "params": self.num_params,
-               "weights": {k: [float(x) for x in self.weights[i]] for i, k in enumerate(self.layout.kinds)}}
-        return out
+        """What the run learned, for run.json: the feature weights per kind."""
+        return {"scale": self.scale, "features": list(self.feature_names), "orthonormalised": True,
+                "params": self.num_params,
+                "weights": {k: [float(x) for x in self.weights[i]] for i, k in enumerate(self.layout.kinds)}}
 
 
 def _orthonormalise(features: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
