@@ -173,3 +173,15 @@ def test_feature_policy_needs_a_metric_init(workdir):
         prune(_options(root, text, policy="features", init="constant"), root / "feat-const", progress=False)
     with pytest.raises(ConfigError, match="policy must be"):
         prune(_options(root, text, policy="neural"), root / "feat-bad", progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(policy="features", floor=0.1), "floor"),
+                                        (dict(estimator="loo", k=1), "K"),
+                                        (dict(select="worst"), "select")])
+def test_bad_pg_settings_refused_before_the_model_loads(workdir, monkeypatch, bad, match):
+    from pgprune.models import load
+
+    root, text = workdir
+    monkeypatch.setattr(load, "load_model", lambda *a, **kw: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(ConfigError, match=match):
+        prune(_options(root, text, **bad), root / "bad-pg", progress=False)

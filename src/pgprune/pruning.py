@@ -107,11 +107,9 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
         raise ConfigError(f"sparsity must be in [0, 1), got {o.sparsity}")
     if o.forward not in FORWARDS:
         raise ConfigError(f"forward must be one of {', '.join(FORWARDS)}, got {o.forward!r}")
-    from pgprune.policy.loop import POLICIES
-
-    if o.policy not in POLICIES:
-        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {o.policy!r}")
     kinds = parse_unit_kinds(o.units)
+    if o.method == "pg":  # refuse a bad PG setting now, not after loading the model and running the init metric
+        _pg_config(o, o.sparsity, kinds).validate()
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -186,7 +184,7 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
 def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out: Path, eval_tokens, resume,
             progress, dense_stats, world=None, fill=None):
     from pgprune.metrics.init import init_probabilities
-    from pgprune.policy.loop import PGConfig, read_hard_mask, run_policy_gradient
+    from pgprune.policy.loop import read_hard_mask, run_policy_gradient
     from pgprune.policy.probabilities import UnitLayout
 
     layout = UnitLayout.build(costs, kinds)
@@ -207,10 +205,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
         sparsity = init.sparsity  # the reachable budget closest to the request (± one unit)
     else:
         s0 = layout.present.float() * (1.0 - o.sparsity)
-    config = PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
-                      lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
-                      per_kind_budget=o.per_kind_budget, floor=o.floor, select=o.select, seed=o.seed, eval_every=o.eval_every,
-                      checkpoint_every=o.checkpoint_every, policy=o.policy)
+    config = _pg_config(o, sparsity, kinds)
     print(f"[pgprune] policy gradient: {config}")
     # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.
     track = o.track or next(iter(eval_tokens))
@@ -238,6 +233,15 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
             "track": {"dataset": track, "split": "validation", "max_tokens": o.track_max_tokens},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks
+
+
+def _pg_config(o: PruneOptions, sparsity: float, kinds: tuple[str, ...]):
+    from pgprune.policy.loop import PGConfig
+
+    return PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
+                    lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
+                    per_kind_budget=o.per_kind_budget, floor=o.floor, select=o.select, seed=o.seed,
+                    eval_every=o.eval_every, checkpoint_every=o.checkpoint_every, policy=o.policy)
 
 
 def _dense_stats_once(model, calib, o: PruneOptions, metric=None):
