@@ -28,6 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save, table  # noqa: E402
 
+from pgprune.policy.estimators import ESTIMATORS  # noqa: E402
+from pgprune.policy.loop import POLICIES  # noqa: E402
+
 
 def _setup(args):
     from pgprune.masks import UnitCosts, parse_unit_kinds
@@ -137,8 +140,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--units", default="channel,head")
     ap.add_argument("--sparsity", type=float, default=0.3)
-    ap.add_argument("--policy", default="units", choices=["units", "features"])
-    ap.add_argument("--estimator", default="paper", choices=["paper", "loo"])
+    ap.add_argument("--policy", default="units", choices=list(POLICIES))
+    ap.add_argument("--estimator", default="paper", choices=list(ESTIMATORS))
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--steps-per-block", type=int, default=3)
     ap.add_argument("--child", choices=["pg", "plain"], default=None, help=argparse.SUPPRESS)

@@ -198,6 +198,7 @@ def _run_info(args) -> int:
 # --- prune ------------------------------------------------------------------------------------
 def _add_prune(sub) -> None:
     from pgprune.gating import FORWARDS
+    from pgprune.policy.estimators import ESTIMATORS
     from pgprune.policy.loop import POLICIES, SELECTIONS
     from pgprune.pruning import PruneOptions
 
@@ -235,7 +236,9 @@ def _add_prune(sub) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities; --policy features: Adam's step size (default {d.lr})")
     g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
-    g.add_argument("--estimator", default=d.estimator, choices=["paper", "loo"])
+    g.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
+                   help="paper: the reference code's (default); loo: exact Bernoulli score with the leave-one-out "
+                        "baseline (see docs/method.md)")
     g.add_argument("--forward", default=d.forward, choices=list(FORWARDS),
                    help="gated: the K masks in one forward of the unchanged weights (default); gathered: each mask "
                         "through a pruned view of the kept weights (faster on CPUs at high sparsity, see docs/scale.md)")
