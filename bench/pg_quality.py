@@ -72,6 +72,7 @@ def main() -> None:
                          "reported compensated too")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--calib", default="wiki-sample", help="calibration source (PG's batches and the metrics' windows)")
     ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the metric methods")
     ap.add_argument("--eval-every", type=int, default=50)
@@ -89,7 +90,7 @@ def main() -> None:
     layout = UnitLayout.build(costs, kinds)
     test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
     track = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)  # held out from the final test
-    pool = get_calibration_windows(tok, "wiki-sample", args.pool, args.seqlen, seed=0)
+    pool = get_calibration_windows(tok, args.calib, args.pool, args.seqlen, seed=0, data_dir=args.data_dir)
     calib = pool[: args.nsamples]
     lrs = dict(x.split(":") for x in args.lrs.split(",")) if args.lrs else {}
 
