@@ -38,6 +38,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def load_setup(model_name: str, dtype: str, units: str):
+    """(model, tokenizer, adapter, unit costs, PG unit layout for `units`), on the CPU."""
+    from pgprune.masks import UnitCosts, parse_unit_kinds
+    from pgprune.models.adapter import get_adapter
+    from pgprune.models.load import load_model
+    from pgprune.policy.probabilities import UnitLayout
+
+    model, tok = load_model(model_name, dtype=dtype, device="cpu")
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    return model, tok, adapter, costs, UnitLayout.build(costs, parse_unit_kinds(units))
+
+
 def save(name: str, payload: dict) -> Path:
     from pgprune import atomic
 

@@ -26,20 +26,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, save, table  # noqa: E402
+from _common import command_line, load_setup, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows  # noqa: E402
 from pgprune.gating import FORWARDS  # noqa: E402
-from pgprune.masks import UnitCosts, parse_unit_kinds  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
 from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import run_metric  # noqa: E402
-from pgprune.models.adapter import get_adapter  # noqa: E402
-from pgprune.models.load import load_model  # noqa: E402
 from pgprune.policy.budget import project  # noqa: E402
 from pgprune.policy.estimators import ESTIMATORS, BaselineState  # noqa: E402
 from pgprune.policy.loop import step_generator  # noqa: E402
-from pgprune.policy.probabilities import UnitLayout, sample_masks  # noqa: E402
+from pgprune.policy.probabilities import sample_masks  # noqa: E402
 
 
 def main() -> None:
@@ -63,11 +60,8 @@ def main() -> None:
     ap.add_argument("--tag", default="estimator_variance")
     args = ap.parse_args()
 
-    kinds = parse_unit_kinds(args.units)
-    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
-    adapter = get_adapter(model)
-    costs = UnitCosts.from_adapter(adapter)
-    layout = UnitLayout.build(costs, kinds)
+    model, tok, adapter, costs, layout = load_setup(args.model, args.dtype, args.units)
+    kinds = layout.kinds
     pool = get_calibration_windows(tok, args.calib, 1024, args.seqlen, seed=0, data_dir=args.data_dir)
     stats = collect_layer_stats(model, pool[:128], batch_size=8, propagate="dense", adapter=adapter, progress=False)
     loss_fn = FORWARDS[args.forward]

@@ -22,20 +22,16 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, save, table  # noqa: E402
+from _common import RESULTS_DIR, load_setup, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.gating import FORWARDS, gated  # noqa: E402
-from pgprune.masks import UnitCosts, parse_unit_kinds  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
 from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
-from pgprune.models.adapter import get_adapter  # noqa: E402
-from pgprune.models.load import load_model  # noqa: E402
 from pgprune.policy.features import FeaturePolicy  # noqa: E402
 from pgprune.policy.loop import POLICIES, PGConfig, run_policy_gradient  # noqa: E402
-from pgprune.policy.probabilities import UnitLayout  # noqa: E402
 from pgprune.surgery import prune_model  # noqa: E402
 
 
@@ -75,6 +71,7 @@ def main() -> None:
     ap.add_argument("--calib", default="wiki-sample", help="calibration source (PG's batches and the metrics' windows)")
     ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the metric methods")
+    ap.add_argument("--seed", type=int, default=0, help="PG's seed (its batches and masks)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--track-max-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -83,11 +80,8 @@ def main() -> None:
                     help="folder for the PG runs' masks (SPARSITY_ESTIMATOR.safetensors, for `pgprune apply`)")
     args = ap.parse_args()
 
-    kinds = parse_unit_kinds(args.units)
-    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
-    adapter = get_adapter(model)
-    costs = UnitCosts.from_adapter(adapter)
-    layout = UnitLayout.build(costs, kinds)
+    model, tok, adapter, costs, layout = load_setup(args.model, args.dtype, args.units)
+    kinds = layout.kinds
     test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
     track = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)  # held out from the final test
     pool = get_calibration_windows(tok, args.calib, args.pool, args.seqlen, seed=0, data_dir=args.data_dir)
@@ -148,7 +142,8 @@ def main() -> None:
             lr = float(lrs.get(est, args.lr))
             config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
                               batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
-                              checkpoint_every=10**9, floor=args.floor, select=args.select, policy=args.policy)
+                              checkpoint_every=10**9, floor=args.floor, select=args.select, policy=args.policy,
+                              seed=args.seed)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
                                       loss_fn=loss_fn, policy=policy,
