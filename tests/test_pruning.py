@@ -177,7 +177,8 @@ def test_feature_policy_needs_a_metric_init(workdir):
 
 @pytest.mark.parametrize("bad, match", [(dict(policy="features", floor=0.1), "floor"),
                                         (dict(estimator="loo", k=1), "K"),
-                                        (dict(select="worst"), "select")])
+                                        (dict(select="worst"), "select"),
+                                        (dict(policy="features", init="constant"), "constant")])
 def test_bad_pg_settings_refused_before_the_model_loads(workdir, monkeypatch, bad, match):
     from pgprune.models import load
 

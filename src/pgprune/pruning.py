@@ -110,6 +110,9 @@ def prune(o: PruneOptions, out_dir: str | Path, *, resume: bool = False, overwri
     kinds = parse_unit_kinds(o.units)
     if o.method == "pg":  # refuse a bad PG setting now, not after loading the model and running the init metric
         _pg_config(o, o.sparsity, kinds).validate()
+        if o.policy == "features" and o.init == "constant":
+            raise ConfigError("--policy features starts from a metric's scores; choose --init wanda-sp (or another "
+                              "metric), not constant")
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -190,10 +193,7 @@ def _run_pg(model, tokenizer, calib, costs, kinds, metric, o: PruneOptions, out:
     layout = UnitLayout.build(costs, kinds)
     sparsity = o.sparsity
     policy = None
-    if o.policy == "features":
-        if metric is None:
-            raise ConfigError("--policy features starts from a metric's scores; choose --init wanda-sp (or another "
-                              "metric), not constant")
+    if o.policy == "features":  # prune() refused --init constant with it
         from pgprune.policy.features import FeaturePolicy
 
         # features come from the metric's own statistics; a data-free metric's from one dense pass
