@@ -101,7 +101,7 @@ def main() -> None:
         parts, unit_costs = layout.split(m.double()), layout.split(layout.cost)
         return torch.stack([(parts[k] * unit_costs[k]).sum((-1, -2)) / unit_costs[k].sum() for k in layout.kinds], -1)
 
-    kept = torch.cat([kept_fractions(m) - kept_fractions(m).mean(0) for m, _ in samples])
+    kept = torch.cat([f - f.mean(0) for f in (kept_fractions(m) for m, _ in samples)])
     dl = torch.cat([losses.double() - losses.double().mean() for _, losses in samples])
     fit = torch.linalg.lstsq(kept, dl[:, None]).solution
     r2 = 1.0 - float(((dl[:, None] - kept @ fit) ** 2).sum() / (dl ** 2).sum())

@@ -21,16 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, save, table  # noqa: E402
+from _common import command_line, load_setup, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.gating import gathered_losses  # noqa: E402
-from pgprune.masks import Masks, UnitCosts  # noqa: E402
+from pgprune.masks import Masks  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
 from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
-from pgprune.models.adapter import get_adapter  # noqa: E402
-from pgprune.models.load import load_model  # noqa: E402
 from pgprune.surgery import pruned_view  # noqa: E402
 
 
@@ -47,9 +45,7 @@ def main() -> None:
     ap.add_argument("--tag", default="layer_swaps")
     args = ap.parse_args()
 
-    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
-    adapter = get_adapter(model)
-    costs = UnitCosts.from_adapter(adapter)
+    model, tok, adapter, costs, _ = load_setup(args.model, args.dtype, "layer")
     pool = get_calibration_windows(tok, "wiki-sample", 1024, 128, seed=0)
     stats = collect_layer_stats(model, pool[:128], batch_size=8, propagate="dense", adapter=adapter, progress=False)
     fill = feature_means(stats)  # the mean fill PG's --compensate uses (same windows as pg_quality.py)

@@ -26,21 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save, table  # noqa: E402
+from _common import load_setup, save, table  # noqa: E402
 
 from pgprune.policy.estimators import ESTIMATORS  # noqa: E402
 from pgprune.policy.loop import POLICIES  # noqa: E402
 
 
 def _setup(args):
-    from pgprune.masks import UnitCosts, parse_unit_kinds
-    from pgprune.models.adapter import get_adapter
-    from pgprune.models.load import load_model
-    from pgprune.policy.probabilities import UnitLayout
-
-    model, _ = load_model(args.model, dtype=args.dtype, device="cpu")
-    costs = UnitCosts.from_adapter(get_adapter(model))
-    layout = UnitLayout.build(costs, parse_unit_kinds(args.units))
+    model, _, adapter, costs, layout = load_setup(args.model, args.dtype, args.units)
     ids = torch.randint(0, model.config.vocab_size, (max(args.batch_size, 16), args.seqlen),
                         generator=torch.Generator().manual_seed(0))
     args.feature_policy = None
@@ -49,7 +42,7 @@ def _setup(args):
         from pgprune.policy.features import FeaturePolicy
 
         r = run_metric(model, ids[:16], "wanda-sp", args.sparsity, layout.kinds, "uniform", progress=False)
-        args.feature_policy = FeaturePolicy.from_metric(r, get_adapter(model), layout, costs, scale=8.0)
+        args.feature_policy = FeaturePolicy.from_metric(r, adapter, layout, costs, scale=8.0)
         args.sparsity = r.allocation.sparsity
     return model, costs, layout, ids
 
