@@ -51,6 +51,21 @@ def load_setup(model_name: str, dtype: str, units: str):
     return model, tok, adapter, costs, UnitLayout.build(costs, parse_unit_kinds(units))
 
 
+VALID_TAIL = "valid-tail"  # a calibration source of the benches only: in-domain text for WikiText-2
+
+
+def valid_tail_windows(valid, skip_tokens: int, n: int, seqlen: int, seed: int = 0):
+    """`n` seeded random windows from WikiText-2 validation tokens [1, N] after the first `skip_tokens`
+    (the ones the bench scores masks on), i.e. calibration text of the evaluation's own domain."""
+    import torch
+
+    tail = valid[0, skip_tokens:]
+    if tail.numel() <= seqlen:
+        raise SystemExit(f"{VALID_TAIL}: only {tail.numel()} validation tokens after the first {skip_tokens}")
+    starts = torch.randint(0, tail.numel() - seqlen, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([tail[s:s + seqlen] for s in starts.tolist()])
+
+
 def save(name: str, payload: dict) -> Path:
     from pgprune import atomic
 

@@ -8,6 +8,9 @@ differences are paired) and by its perplexity on the first --valid-tokens of Wik
 A PG run can only improve WikiText-2 through masks its calibration loss prefers: this shows whether
 the two agree (Spearman correlation, and the best swaps of each).
 
+`--kl` adds a second objective (KL from the dense model); `--calib valid-tail` scores on WikiText-2
+validation text after the scored tokens (in-domain calibration); `--swaps` re-measures a few swaps.
+
     python bench/layer_swaps.py --calib wiki-sample,c4
 """
 
@@ -19,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, load_setup, save, table  # noqa: E402
+from _common import VALID_TAIL, command_line, load_setup, save, table, valid_tail_windows  # noqa: E402
 
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
@@ -38,10 +42,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--sparsity", type=float, default=0.3)
-    ap.add_argument("--calib", default="wiki-sample,c4", help="calibration sources to score the swaps on")
+    ap.add_argument("--calib", default="wiki-sample,c4",
+                    help="calibration sources to score the swaps on; 'valid-tail' = WikiText-2 validation "
+                         "after the first --valid-tokens (in-domain text the validation score does not use)")
     ap.add_argument("--windows", type=int, default=32, help="calibration windows (x 128 tokens) per source")
     ap.add_argument("--valid-tokens", type=int, default=4096)
     ap.add_argument("--kept-candidates", type=int, default=6)
+    ap.add_argument("--swaps", default="",
+                    help="score only these swaps, 'RESTORE:REMOVE,...' (e.g. to re-measure a few on more --valid-tokens)")
+    ap.add_argument("--kl", action="store_true",
+                    help="also score each swap by its mean KL(dense || pruned) per token on the calibration windows")
     ap.add_argument("--tag", default="layer_swaps")
     args = ap.parse_args()
 
@@ -55,31 +65,55 @@ def main() -> None:
     score = metric.scores.raw["layer"][:, 0].float()
     removed = (~base).nonzero().view(-1).tolist()
     kept = sorted(base.nonzero().view(-1).tolist(), key=lambda i: float(score[i]))[: args.kept_candidates]
-    # windows PG's metric init did not see (pool[128:]); c4 etc. from their own train split
-    sources = {name: (pool[128:] if name == "wiki-sample" else
-                      get_calibration_windows(tok, name, args.windows, 128, seed=0, data_dir=args.data_dir))[: args.windows]
-               for name in args.calib.split(",")}
     valid = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)
+
+    def calibration_windows(name: str) -> torch.Tensor:
+        if name == "wiki-sample":  # windows PG's metric init did not see
+            return pool[128:]
+        if name == VALID_TAIL:
+            return valid_tail_windows(valid, args.valid_tokens, args.windows, 128)
+        return get_calibration_windows(tok, name, args.windows, 128, seed=0, data_dir=args.data_dir)  # train split
+
+    sources = {name: calibration_windows(name)[: args.windows] for name in args.calib.split(",")}
+    with torch.no_grad():
+        dense_logp = {name: [model(w[i:i + 8]).logits.float().log_softmax(-1) for i in range(0, len(w), 8)]
+                      for name, w in sources.items()} if args.kl else {}
+
+    def mean_kl(view, name: str) -> float:
+        w = sources[name]
+        with torch.no_grad():
+            kls = [F.kl_div(view(w[i:i + 8]).logits.float().log_softmax(-1), ref_logp, log_target=True,
+                            reduction="none").sum(-1).mean()
+                   for i, ref_logp in zip(range(0, len(w), 8), dense_logp[name])]
+        return float(torch.stack(kls).mean())
 
     def scores(layer_keep: torch.Tensor) -> dict:
         masks = Masks({"layer": layer_keep.view(-1, 1)})
         out = {name: torch.cat([gathered_losses(model, w[i:i + 8], masks, costs=costs, fill=fill).view(1)
                                 for i in range(0, len(w), 8)]).mean().item() for name, w in sources.items()}
         view = pruned_view(model, masks, output_bias=compensation_biases(adapter, fill, masks, costs))
+        out.update({f"kl_{name}": mean_kl(view, name) for name in dense_logp})
         out["valid_ppl"] = perplexity_of_tokens(view, valid, seqlen=128, batch_size=8, max_tokens=args.valid_tokens).ppl
         return out
 
     t0 = time.perf_counter()
     ref = scores(base)
     rows = []
+    only = {tuple(int(x) for x in pair.split(":")) for pair in args.swaps.split(",") if pair}
+    if outside := only - {(r, k) for r in removed for k in kept}:
+        raise SystemExit(f"--swaps {sorted(outside)} are not swaps of {removed} with the candidates {kept}")
     for r in removed:
         for k in kept:
+            if only and (r, k) not in only:
+                continue
             swap = base.clone()
             swap[r], swap[k] = True, False
             s = scores(swap)
             rows.append({"restore": r, "remove": k, "valid_ppl": s["valid_ppl"],
-                         **{f"d_{name}": s[name] - ref[name] for name in sources}})
-        print(f"restore {r}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+                         **{f"d_{name}": s[name] - ref[name] for name in sources},
+                         **{f"dkl_{name}": s[f"kl_{name}"] - ref[f"kl_{name}"] for name in dense_logp}})
+        if not only or any(pair[0] == r for pair in only):
+            print(f"restore {r}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def spearman(a, b):
         ra = torch.tensor(a).argsort().argsort().double()
@@ -87,8 +121,8 @@ def main() -> None:
         return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
     summary = []
-    for name in sources:
-        col = f"d_{name}"
+    objectives = [(name, f"d_{name}") for name in sources] + [(f"{name} (KL)", f"dkl_{name}") for name in dense_logp]
+    for name, col in objectives:
         best = min(rows, key=lambda x: x[col])
         summary.append({"calibration": name, "spearman_vs_valid": spearman([x[col] for x in rows],
                                                                               [x["valid_ppl"] for x in rows]),
@@ -99,7 +133,7 @@ def main() -> None:
     rows.sort(key=lambda x: x["valid_ppl"])
     print(f"block influence removes {removed}; validation ppl {ref['valid_ppl']:.2f}; "
           f"{sum(x['valid_ppl'] < ref['valid_ppl'] for x in rows)} of {len(rows)} swaps are better on validation")
-    print(table(rows[:8], ["restore", "remove", "valid_ppl"] + [f"d_{n}" for n in sources]))
+    print(table(rows[:8], ["restore", "remove", "valid_ppl"] + [c for c in rows[0] if c.startswith("d")]))
     print(table(summary, list(summary[0])))
     save(args.tag, {"command": command_line("layer_swaps.py", sys.argv[1:]), "args": vars(args), "removed": removed,
                     "reference": ref, "summary": summary, "swaps": rows, "seconds": time.perf_counter() - t0})
