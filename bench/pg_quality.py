@@ -68,7 +68,8 @@ def main() -> None:
                          "reported compensated too")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--calib", default="wiki-sample", help="calibration source (PG's batches and the metrics' windows); 'valid-tail': WikiText-2 "
+    ap.add_argument("--calib", default="wiki-sample",
+                    help="calibration source (PG's batches and the metrics' windows); 'valid-tail': WikiText-2 "
                          "validation after the first --track-max-tokens (in-domain text PG's tracking does not use)")
     ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the metric methods")
