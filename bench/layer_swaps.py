@@ -29,7 +29,7 @@ from _common import VALID_TAIL, command_line, load_setup, save, table, valid_tai
 
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
-from pgprune.gating import gathered_losses  # noqa: E402
+from pgprune.lm_loss import token_nll  # noqa: E402
 from pgprune.masks import Masks  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
 from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
@@ -89,9 +89,10 @@ def main() -> None:
 
     def scores(layer_keep: torch.Tensor) -> dict:
         masks = Masks({"layer": layer_keep.view(-1, 1)})
-        out = {name: torch.cat([gathered_losses(model, w[i:i + 8], masks, costs=costs, fill=fill).view(1)
-                                for i in range(0, len(w), 8)]).mean().item() for name, w in sources.items()}
+        # the compensated pruned model PG's gathered forward scores (gating.gathered_losses), built once per mask
         view = pruned_view(model, masks, output_bias=compensation_biases(adapter, fill, masks, costs))
+        out = {name: torch.cat([token_nll(view, w[i:i + 8]) for i in range(0, len(w), 8)]).mean().item()
+               for name, w in sources.items()}
         out.update({f"kl_{name}": mean_kl(view, name) for name in dense_logp})
         out["valid_ppl"] = perplexity_of_tokens(view, valid, seqlen=128, batch_size=8, max_tokens=args.valid_tokens).ppl
         return out
