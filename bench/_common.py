@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,18 +53,78 @@ def load_setup(model_name: str, dtype: str, units: str):
 
 
 VALID_TAIL = "valid-tail"  # a calibration source of the benches only: in-domain text for WikiText-2
+VALID_TAIL_PLAIN = "valid-tail-plain"  # the same text with WikiText's word tokenisation undone
+WIKI_SAMPLE_WIKITEXT = "wiki-sample-wikitext"  # the Wikipedia sample written the way WikiText-2 raw is
 
 
 def valid_tail_windows(valid, skip_tokens: int, n: int, seqlen: int, seed: int = 0):
-    """`n` seeded random windows from WikiText-2 validation tokens [1, N] after the first `skip_tokens`
-    (the ones the bench scores masks on), i.e. calibration text of the evaluation's own domain."""
+    """`n` seeded random windows of a token stream [1, N] after its first `skip_tokens`; for WikiText-2
+    validation, skipping the tokens the bench scores masks on leaves calibration text of their domain."""
     import torch
 
     tail = valid[0, skip_tokens:]
     if tail.numel() <= seqlen:
-        raise SystemExit(f"{VALID_TAIL}: only {tail.numel()} validation tokens after the first {skip_tokens}")
+        raise SystemExit(f"only {tail.numel()} tokens after the first {skip_tokens}: no room for a {seqlen}-token window")
     starts = torch.randint(0, tail.numel() - seqlen, (n,), generator=torch.Generator().manual_seed(seed))
     return torch.stack([tail[s:s + seqlen] for s in starts.tolist()])
+
+
+# WikiText-2 raw is Wikipedia prose run through a word tokeniser: spaces around punctuation, " @-@ "
+# inside hyphenated words, " @,@ " / " @.@ " inside numbers, " 's", "don 't", "= = Heading = =". These two
+# rewrite text between that form and ordinary prose, to tell what the text says from how it is written.
+_WT_NUMBER_SEP = re.compile(r"(?<=\d)([,.])(?=\d)")
+_WT_HYPHEN = re.compile(r"(?<=\w)-(?=\w)")
+_WT_PUNCT = re.compile(r'([,;:!?()"\[\]])')
+_WT_PERIOD = re.compile(r"(?<!\b[A-Z])\.(?=\s|$)")  # sentence ends, not initials like "H. americanus"
+_WT_CLITIC = re.compile(r"(?<=\w)('s|'t|'re|'ve|'ll|'d|'m)\b", re.I)
+
+
+def wikitext_style(text: str) -> str:
+    """Ordinary prose written the way WikiText-2 raw writes it."""
+    lines = []
+    for line in text.split("\n"):
+        line = _WT_NUMBER_SEP.sub(lambda m: "\0" + ("c" if m.group(1) == "," else "p"), line)
+        line = _WT_HYPHEN.sub("\0h", line)
+        line = _WT_CLITIC.sub(r" \1", line)  # "St Paul 's", and "don 't" as WikiText splits it
+        line = _WT_PERIOD.sub(" . ", _WT_PUNCT.sub(r" \1 ", line))
+        line = line.replace("\0c", " @,@ ").replace("\0p", " @.@ ").replace("\0h", " @-@ ")
+        line = re.sub(r"\s+", " ", line).strip()
+        lines.append(f" {line} " if line else " ")
+    return "\n".join(lines)
+
+
+def wikitext_plain(text: str) -> str:
+    """WikiText-2 raw with its word tokenisation undone (ordinary prose)."""
+    lines = []
+    for line in text.split("\n"):
+        line = line.strip()
+        heading = re.fullmatch(r"(?:= )+(.*?)(?: =)+", line)
+        if heading:
+            line = heading.group(1)
+        line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+        line = re.sub(r'" (.*?) "', r'"\1"', line)
+        line = re.sub(r" ([,.;:!?)\]])", r"\1", re.sub(r"([(\[]) ", r"\1", line))
+        line = re.sub(r" ('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1", line.replace("n 't", " n't"))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def calibration_windows(tok, name: str, n: int, seqlen: int, data_dir, valid_scored_tokens: int):
+    """`n` calibration windows of a --calib source: the library's sources (train split), or one of the
+    benches' own: WikiText-2 validation after its first `valid_scored_tokens` (the tokens the bench
+    scores masks on), raw or written plain, or the Wikipedia sample written the way WikiText-2 is."""
+    from pgprune.data import get_calibration_windows, get_eval_tokens, get_source, load_documents, load_text, tokenize
+
+    if name == VALID_TAIL:
+        stream = get_eval_tokens(tok, "wikitext2", "validation", data_dir)
+    elif name == VALID_TAIL_PLAIN:  # the plain stream is shorter: skipping as many tokens skips the scored text
+        stream = tokenize(tok, wikitext_plain(load_text("wikitext2", "validation", data_dir)))
+    elif name == WIKI_SAMPLE_WIKITEXT:
+        docs = load_documents("wiki-sample", "train")
+        stream, valid_scored_tokens = tokenize(tok, get_source("wiki-sample").separator.join(map(wikitext_style, docs))), 0
+    else:
+        return get_calibration_windows(tok, name, n, seqlen, seed=0, data_dir=data_dir)
+    return valid_tail_windows(stream, valid_scored_tokens, n, seqlen)
 
 
 def save(name: str, payload: dict) -> Path:

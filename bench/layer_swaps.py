@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import VALID_TAIL, command_line, load_setup, save, table, valid_tail_windows  # noqa: E402
+from _common import calibration_windows, command_line, load_setup, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--calib", default="wiki-sample,c4",
                     help="calibration sources to score the swaps on; 'valid-tail' = WikiText-2 validation "
-                         "after the first --valid-tokens (in-domain text the validation score does not use)")
+                         "after the first --valid-tokens (in-domain text the validation score does not use); "
+                         "'valid-tail-plain' = the same with WikiText's word tokenisation undone; "
+                         "'wiki-sample-wikitext' = the Wikipedia sample written the way WikiText-2 is")
     ap.add_argument("--windows", type=int, default=32, help="calibration windows (x 128 tokens) per source")
     ap.add_argument("--valid-tokens", type=int, default=4096)
     ap.add_argument("--kept-candidates", type=int, default=6)
@@ -67,14 +69,9 @@ def main() -> None:
     kept = sorted(base.nonzero().view(-1).tolist(), key=lambda i: float(score[i]))[: args.kept_candidates]
     valid = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)
 
-    def calibration_windows(name: str) -> torch.Tensor:
-        if name == "wiki-sample":  # windows PG's metric init did not see
-            return pool[128:]
-        if name == VALID_TAIL:
-            return valid_tail_windows(valid, args.valid_tokens, args.windows, 128)
-        return get_calibration_windows(tok, name, args.windows, 128, seed=0, data_dir=args.data_dir)  # train split
-
-    sources = {name: calibration_windows(name)[: args.windows] for name in args.calib.split(",")}
+    sources = {name: pool[128:][: args.windows] if name == "wiki-sample" else  # windows PG's metric init did not see
+               calibration_windows(tok, name, args.windows, 128, args.data_dir, args.valid_tokens)
+               for name in args.calib.split(",")}
     with torch.no_grad():
         dense_logp = {name: [model(w[i:i + 8]).logits.float().log_softmax(-1) for i in range(0, len(w), 8)]
                       for name, w in sources.items()} if args.kl else {}

@@ -22,9 +22,9 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, VALID_TAIL, load_setup, save, table, valid_tail_windows  # noqa: E402
+from _common import RESULTS_DIR, calibration_windows, load_setup, save, table  # noqa: E402
 
-from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
+from pgprune.data import get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.gating import FORWARDS, gated  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--calib", default="wiki-sample",
                     help="calibration source (PG's batches and the metrics' windows); 'valid-tail': WikiText-2 "
-                         "validation after the first --track-max-tokens (in-domain text PG's tracking does not use)")
+                         "validation after the first --track-max-tokens (in-domain text PG's tracking does not use); "
+                         "'wiki-sample-wikitext': the Wikipedia sample written the way WikiText-2 is")
     ap.add_argument("--pool", type=int, default=1024, help="calibration windows PG draws its batches from")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of the metric methods")
     ap.add_argument("--seed", type=int, default=0, help="PG's seed (its batches and masks)")
@@ -86,8 +87,7 @@ def main() -> None:
     kinds = layout.kinds
     test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
     track = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)  # held out from the final test
-    pool = (valid_tail_windows(track, args.track_max_tokens, args.pool, args.seqlen) if args.calib == VALID_TAIL else
-            get_calibration_windows(tok, args.calib, args.pool, args.seqlen, seed=0, data_dir=args.data_dir))
+    pool = calibration_windows(tok, args.calib, args.pool, args.seqlen, args.data_dir, args.track_max_tokens)
     calib = pool[: args.nsamples]
     lrs = dict(x.split(":") for x in args.lrs.split(",")) if args.lrs else {}
 
