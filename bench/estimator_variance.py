@@ -1,10 +1,12 @@
 """How noisy is each PG gradient estimator on the real model, at PG's starting point?
 
 Draws N steps (batch 8 x 128 from --calib, default the Wikipedia sample; K masks each) at the initial
-probabilities of a metric (held fixed), and feeds the same samples to every estimator. For each
+probabilities of a metric (held fixed), and feeds the same samples to every estimator (antithetic
+pairs, drawn on the same batches, for the estimators that need them: disarm). For each
 it reports, in logit space (g * s(1 - s), what the features policy steps along) and with the
 budget direction removed (the projection cancels it):
-- snr: |mean g|^2 / mean |g - mean g|^2 (per step; higher = fewer steps to see the direction),
+- snr: |mean g|^2 / mean |g - mean g|^2 (per step; higher = fewer steps to see the direction), and
+  snr_debiased = snr - 1/steps (the mean of N pure-noise steps has |mean|^2 ~ noise / N),
 - split_half_cos: cosine between the mean g of the first and of the second half of the steps.
 It also reports how much of the difference between two masks' losses on the same batch is explained
 by how much of each unit kind they keep (R^2 of a least-squares fit): independent Bernoulli masks
@@ -34,7 +36,7 @@ from pgprune.metrics.calibration import collect_layer_stats, feature_means  # no
 from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import run_metric  # noqa: E402
 from pgprune.policy.budget import project  # noqa: E402
-from pgprune.policy.estimators import ESTIMATORS, BaselineState  # noqa: E402
+from pgprune.policy.estimators import ANTITHETIC, ESTIMATORS, BaselineState  # noqa: E402
 from pgprune.policy.loop import step_generator  # noqa: E402
 from pgprune.policy.probabilities import sample_masks  # noqa: E402
 
@@ -72,21 +74,23 @@ def main() -> None:
     init = init_probabilities(metric.allocation, costs, "sigmoid", scale=args.init_scale)
     s = project(layout.merge({k: init.probs[k] for k in kinds}).float(), layout, costs, 1.0 - init.sparsity)
 
+    estimators = args.estimators.split(",")
     t0 = time.perf_counter()
-    samples = []
+    samples = {False: [], True: []}  # independent / antithetic draws
     for step in range(args.steps):  # PG's draws at fixed probabilities
         gen = step_generator(0, step)
         batch = pool[torch.randperm(pool.shape[0], generator=gen)[: args.batch_size]]
-        m = sample_masks(s, args.k, gen)
-        samples.append((m, loss_fn(model, batch, layout.masks(m), costs=costs).float()))
+        for antithetic in sorted({name in ANTITHETIC for name in estimators}):
+            m = sample_masks(s, args.k, gen, antithetic=antithetic)
+            samples[antithetic].append((m, loss_fn(model, batch, layout.masks(m), costs=costs).float()))
     seconds = time.perf_counter() - t0
 
     direction = layout.cost.double() * s.double() * (1 - s.double())  # the budget shift, in logit space
     direction = direction / direction.norm().clamp_min(1e-30)
     rows = []
-    for name in args.estimators.split(","):
+    for name in estimators:
         baseline, grads = BaselineState(), []
-        for m, losses in samples:
+        for m, losses in samples[name in ANTITHETIC]:
             g, _ = ESTIMATORS[name](m, s, losses, baseline)
             g = g.double() * s.double() * (1 - s.double())
             grads.append(g - (g @ direction) * direction)
@@ -95,17 +99,20 @@ def main() -> None:
         noise = ((g - mean) ** 2).sum(1).mean()
         half = len(grads) // 2
         cos = torch.nn.functional.cosine_similarity(g[:half].mean(0), g[half:].mean(0), dim=0)
-        rows.append({"estimator": name, "snr": float(mean.norm() ** 2 / noise), "split_half_cos": float(cos)})
+        snr = float(mean.norm() ** 2 / noise)  # |mean g|^2 carries noise / steps of its own: snr >= ~1/steps
+        rows.append({"estimator": name, "snr": snr, "snr_debiased": snr - 1.0 / len(grads),
+                     "split_half_cos": float(cos)})
 
     def kept_fractions(m):  # [K, kinds]: the fraction of each kind's parameters the mask keeps
         parts, unit_costs = layout.split(m.double()), layout.split(layout.cost)
         return torch.stack([(parts[k] * unit_costs[k]).sum((-1, -2)) / unit_costs[k].sum() for k in layout.kinds], -1)
 
-    kept = torch.cat([f - f.mean(0) for f in (kept_fractions(m) for m, _ in samples)])
-    dl = torch.cat([losses.double() - losses.double().mean() for _, losses in samples])
+    independent = samples[False] or samples[True]
+    kept = torch.cat([f - f.mean(0) for f in (kept_fractions(m) for m, _ in independent)])
+    dl = torch.cat([losses.double() - losses.double().mean() for _, losses in independent])
     fit = torch.linalg.lstsq(kept, dl[:, None]).solution
     r2 = 1.0 - float(((dl[:, None] - kept @ fit) ** 2).sum() / (dl ** 2).sum())
-    print(table(rows, ["estimator", "snr", "split_half_cos"]))
+    print(table(rows, ["estimator", "snr", "snr_debiased", "split_half_cos"]))
     print(f"{args.steps} steps x K={args.k} ({seconds:.0f} s); within-step loss differences explained by the kept "
           f"amount per kind: R^2 = {r2:.3f}")
     save(args.tag, {"command": command_line("estimator_variance.py", sys.argv[1:]), "args": vars(args),

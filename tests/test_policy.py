@@ -9,9 +9,10 @@ from pgprune.metrics.init import expected_keep_ratio
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
 from pgprune.policy.budget import project
-from pgprune.policy.estimators import BaselineState, get_estimator, loo_estimator, paper_estimator
+from pgprune.policy.estimators import (BaselineState, disarm_estimator, get_estimator, loo_estimator,
+                                       paper_estimator)
 from pgprune.policy.loop import PGConfig, run_policy_gradient
-from pgprune.policy.probabilities import UnitLayout
+from pgprune.policy.probabilities import UnitLayout, sample_masks
 
 
 def _setup(kinds=("channel", "head"), **sizes):
@@ -88,6 +89,32 @@ def test_loo_estimator_is_unbiased():
     assert torch.allclose(g, w.double(), atol=0.12)
 
 
+def test_antithetic_pairs_have_bernoulli_marginals_and_differ_only_where_uncertain():
+    s = torch.tensor([0.0, 0.03, 0.5, 0.8, 1.0])
+    m = sample_masks(s, 20000, torch.Generator().manual_seed(0), antithetic=True)
+    assert torch.allclose(m.double().mean(0), s.double(), atol=0.01)
+    differ = (m[0::2] != m[1::2]).double().mean(0)  # P(pair differs) = 2 min(s, 1 - s)
+    assert torch.allclose(differ, 2 * torch.minimum(s, 1 - s).double(), atol=0.015)
+
+
+def test_disarm_estimator_is_unbiased_for_a_nonlinear_loss():
+    # Reference written plainly: the exact gradient of E[L] by enumerating the 2^3 masks.
+    s = torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def loss(m):
+        return (m @ w) ** 2 + 3.0 * m[..., 0] * m[..., 2]
+
+    exact = torch.zeros(3, dtype=torch.float64)
+    for bits in range(8):
+        m = torch.tensor([(bits >> i) & 1 for i in range(3)], dtype=torch.float64)
+        p = torch.prod(torch.where(m > 0, s, 1 - s))
+        exact += loss(m) * p * (m - s) / (s * (1 - s))  # d/ds_i of p(m) = p(m) (m_i - s_i) / (s_i (1 - s_i))
+    m = sample_masks(s, 2 * 50000, torch.Generator().manual_seed(1), antithetic=True).double()
+    g, _ = disarm_estimator(m, s, loss(m), BaselineState())
+    assert torch.allclose(g.double(), exact, atol=0.06), (g, exact)
+
+
 def test_paper_estimator_direction():
     # The reference estimator follows w * sqrt(s(1-s)) * K/(K-1) (a rescaled gradient), with a
     # baseline that lags behind; its sign agrees with the true gradient.
@@ -103,6 +130,8 @@ def test_estimator_needs_enough_samples():
         get_estimator("loo", 1)
     with pytest.raises(ConfigError, match="unknown estimator"):
         get_estimator("nope", 2)
+    with pytest.raises(ConfigError, match="K must be even"):
+        get_estimator("disarm", 3)
 
 
 def _importance_loss(weights):
@@ -113,7 +142,7 @@ def _importance_loss(weights):
     return loss_fn
 
 
-@pytest.mark.parametrize("estimator", ["paper", "loo"])
+@pytest.mark.parametrize("estimator", ["paper", "loo", "disarm"])
 def test_pg_learns_to_keep_the_important_units(estimator):
     model, costs, layout = _setup(("channel",), num_hidden_layers=2, intermediate_size=16)
     L, I = costs.num_layers, costs.units_per_layer("channel")

@@ -238,7 +238,7 @@ def _add_prune(sub) -> None:
     g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
     g.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
                    help="paper: the reference code's (default); loo: exact Bernoulli score with the leave-one-out "
-                        "baseline (see docs/method.md)")
+                        "baseline; disarm: antithetic mask pairs, K even (see docs/method.md)")
     g.add_argument("--forward", default=d.forward, choices=list(FORWARDS),
                    help="gated: the K masks in one forward of the unchanged weights (default); gathered: each mask "
                         "through a pruned view of the kept weights (faster on CPUs at high sparsity, see docs/scale.md)")

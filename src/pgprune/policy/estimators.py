@@ -7,6 +7,11 @@ baseline state, and returns the gradient estimate g [N] (the loop steps s <- s -
   losses; per-unit term (m - s) / sqrt(s (1 - s)); sum over samples divided by (K - 1).
 - `loo`: the exact Bernoulli score (m - s) / (s (1 - s)) with the leave-one-out baseline
   b_k = mean of the other K - 1 losses (unbiased, needs K >= 2); mean over samples.
+- `disarm`: DisARM (Dong, Mnih & Tucker, 2020), unbiased, for antithetic pairs: masks 2j and 2j+1
+  share one uniform draw u, m = [u < s] and m~ = [1 - u < s] (`sample_masks(..., antithetic=True)`,
+  K even). A unit gets signal only from pairs where its two masks differ:
+  dE/d logit_i ~ 1/2 (L(m) - L(m~)) (-1)^m~_i [m_i != m~_i] max(s_i, 1 - s_i), mean over pairs.
+  Units the pair agrees on (most confident ones) get exactly zero instead of the loss noise.
 """
 
 from __future__ import annotations
@@ -67,8 +72,20 @@ def loo_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
     return g.float(), float(b_k.mean())
 
 
-ESTIMATORS = {"paper": paper_estimator, "loo": loo_estimator}
-MIN_SAMPLES = {"paper": 1, "loo": 2}
+def disarm_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
+                     baseline: BaselineState) -> tuple[torch.Tensor, float]:
+    m, m_anti = m[0::2].double(), m[1::2].double()
+    s64 = s.double()
+    half_diff = 0.5 * (losses[0::2].double() - losses[1::2].double())[:, None]
+    g_logit = half_diff * (1 - 2 * m_anti) * (m != m_anti) * torch.maximum(s64, 1 - s64)
+    g = g_logit.mean(0) / (s64 * (1 - s64)).clamp_min(_EPS)  # d/ds = d/dlogit / (s (1 - s))
+    baseline.push(float(losses.mean()))  # no baseline needed; kept for the log and checkpoints
+    return g.float(), float(losses.mean())
+
+
+ESTIMATORS = {"paper": paper_estimator, "loo": loo_estimator, "disarm": disarm_estimator}
+MIN_SAMPLES = {"paper": 1, "loo": 2, "disarm": 2}
+ANTITHETIC = {"disarm"}  # estimators that need their K masks drawn as antithetic pairs
 
 
 def get_estimator(name: str, k: int):
@@ -76,4 +93,6 @@ def get_estimator(name: str, k: int):
         raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
     if k < MIN_SAMPLES[name]:
         raise ConfigError(f"the {name!r} estimator needs K >= {MIN_SAMPLES[name]} masks per step (got K={k})")
+    if name in ANTITHETIC and k % 2:
+        raise ConfigError(f"the {name!r} estimator draws its masks in antithetic pairs: K must be even (got K={k})")
     return ESTIMATORS[name]

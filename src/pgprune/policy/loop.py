@@ -2,7 +2,7 @@
 
     for each step:
         batch  <- B calibration windows            (seeded by (seed, step): resumable exactly)
-        m_1..K <- Bernoulli(s)                      (same generator)
+        m_1..K <- Bernoulli(s)                      (same generator; antithetic pairs for disarm)
         L_1..K <- masked_losses(model, batch, m)    (one gated forward, no gradients)
         (distributed: rank r seeds with (seed, step, r); masks and losses of all N ranks are
          all-gathered, so every rank updates s identically from N*K samples)
@@ -37,7 +37,7 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.metrics.init import hard_mask
 from pgprune.policy.budget import PROJECTIONS, project
 from pgprune.policy.distributed import World
-from pgprune.policy.estimators import BaselineState, get_estimator
+from pgprune.policy.estimators import ANTITHETIC, BaselineState, get_estimator
 from pgprune.policy.probabilities import UnitLayout, mean_entropy, sample_masks
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -206,7 +206,7 @@ def run_policy_gradient(
         gen = step_generator(config.seed, step, world.rank)
         idx = torch.randperm(calib_windows.shape[0], generator=gen)[: config.batch_size]
         batch = calib_windows[idx]  # loss_fn moves it to the model's input device
-        m = sample_masks(s, config.k, gen)
+        m = sample_masks(s, config.k, gen, antithetic=config.estimator in ANTITHETIC)
         losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()
         if world.size > 1:  # all N*K samples, rank-major, identical on every rank
             m = world.all_gather(m).reshape(-1, m.shape[-1])

@@ -50,9 +50,14 @@ class UnitLayout:
         return Masks(self.split(flat_bool.bool()))
 
 
-def sample_masks(s: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """K independent Bernoulli(s) samples: float [K, N] of 0/1."""
-    return torch.bernoulli(s.expand(k, -1).contiguous(), generator=generator)
+def sample_masks(s: torch.Tensor, k: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+    """K Bernoulli(s) samples: float [K, N] of 0/1. Independent, or (antithetic, K even) K/2 pairs:
+    rows 2j and 2j+1 are [u < s] and [1 - u < s] for one uniform u per pair."""
+    if not antithetic:
+        return torch.bernoulli(s.expand(k, -1).contiguous(), generator=generator)
+    u = torch.rand(k // 2, s.numel(), generator=generator, dtype=torch.float64)
+    s64 = s.double()
+    return torch.stack([u < s64, 1 - u < s64], 1).reshape(k, -1).float()
 
 
 def mean_entropy(s: torch.Tensor, present: torch.Tensor) -> float:
