@@ -57,12 +57,11 @@ VALID_TAIL_PLAIN = "valid-tail-plain"  # the same text with WikiText's word toke
 WIKI_SAMPLE_WIKITEXT = "wiki-sample-wikitext"  # the Wikipedia sample written the way WikiText-2 raw is
 
 
-def valid_tail_windows(valid, skip_tokens: int, n: int, seqlen: int, seed: int = 0):
-    """`n` seeded random windows of a token stream [1, N] after its first `skip_tokens`; for WikiText-2
-    validation, skipping the tokens the bench scores masks on leaves calibration text of their domain."""
+def _windows_after(stream, skip_tokens: int, n: int, seqlen: int, seed: int = 0):
+    """`n` seeded random windows of a token stream [1, N] after its first `skip_tokens`."""
     import torch
 
-    tail = valid[0, skip_tokens:]
+    tail = stream[0, skip_tokens:]
     if tail.numel() <= seqlen:
         raise SystemExit(f"only {tail.numel()} tokens after the first {skip_tokens}: no room for a {seqlen}-token window")
     starts = torch.randint(0, tail.numel() - seqlen, (n,), generator=torch.Generator().manual_seed(seed))
@@ -109,22 +108,24 @@ def wikitext_plain(text: str) -> str:
     return "\n".join(lines)
 
 
-def calibration_windows(tok, name: str, n: int, seqlen: int, data_dir, valid_scored_tokens: int):
+def calibration_windows(tok, name: str, n: int, seqlen: int, data_dir, valid, valid_scored_tokens: int):
     """`n` calibration windows of a --calib source: the library's sources (train split), or one of the
-    benches' own: WikiText-2 validation after its first `valid_scored_tokens` (the tokens the bench
-    scores masks on), raw or written plain, or the Wikipedia sample written the way WikiText-2 is."""
-    from pgprune.data import get_calibration_windows, get_eval_tokens, get_source, load_documents, load_text, tokenize
+    benches' own: WikiText-2 validation (`valid`, its tokens [1, N]) after its first
+    `valid_scored_tokens` (the tokens the bench scores masks on), raw or written plain, or the
+    Wikipedia sample written the way WikiText-2 is."""
+    from pgprune.data import get_calibration_windows, get_source, load_documents, load_text, tokenize
 
+    skip = valid_scored_tokens
     if name == VALID_TAIL:
-        stream = get_eval_tokens(tok, "wikitext2", "validation", data_dir)
+        stream = valid
     elif name == VALID_TAIL_PLAIN:  # the plain stream is shorter: skipping as many tokens skips the scored text
         stream = tokenize(tok, wikitext_plain(load_text("wikitext2", "validation", data_dir)))
     elif name == WIKI_SAMPLE_WIKITEXT:
         docs = load_documents("wiki-sample", "train")
-        stream, valid_scored_tokens = tokenize(tok, get_source("wiki-sample").separator.join(map(wikitext_style, docs))), 0
+        stream, skip = tokenize(tok, get_source("wiki-sample").separator.join(map(wikitext_style, docs))), 0
     else:
         return get_calibration_windows(tok, name, n, seqlen, seed=0, data_dir=data_dir)
-    return valid_tail_windows(stream, valid_scored_tokens, n, seqlen)
+    return _windows_after(stream, skip, n, seqlen)
 
 
 def save(name: str, payload: dict) -> Path:

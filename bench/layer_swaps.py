@@ -70,7 +70,7 @@ def main() -> None:
     valid = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)
 
     sources = {name: pool[128:][: args.windows] if name == "wiki-sample" else  # windows PG's metric init did not see
-               calibration_windows(tok, name, args.windows, 128, args.data_dir, args.valid_tokens)
+               calibration_windows(tok, name, args.windows, 128, args.data_dir, valid, args.valid_tokens)
                for name in args.calib.split(",")}
     with torch.no_grad():
         dense_logp = {name: [model(w[i:i + 8]).logits.float().log_softmax(-1) for i in range(0, len(w), 8)]

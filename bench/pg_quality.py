@@ -87,7 +87,7 @@ def main() -> None:
     kinds = layout.kinds
     test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
     track = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)  # held out from the final test
-    pool = calibration_windows(tok, args.calib, args.pool, args.seqlen, args.data_dir, args.track_max_tokens)
+    pool = calibration_windows(tok, args.calib, args.pool, args.seqlen, args.data_dir, track, args.track_max_tokens)
     calib = pool[: args.nsamples]
     lrs = dict(x.split(":") for x in args.lrs.split(",")) if args.lrs else {}
 
