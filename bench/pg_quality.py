@@ -111,7 +111,7 @@ def main() -> None:
     stats = collect_layer_stats(model, calib, batch_size=8, propagate="dense", adapter=adapter, progress=False)
     fill = feature_means(stats) if args.compensate else None  # mean fill = FLAP's compensation, same stats
     loss_fn = FORWARDS[args.forward] if fill is None else functools.partial(FORWARDS[args.forward], fill=fill)
-    if "layer" in kinds and args.init == "wanda-sp":
+    if set(kinds) <= {"attn", "mlp", "layer"} and args.init == "wanda-sp":  # block units only
         args.init = "block-influence"
     baselines = [_method_allocation(m, args.allocation) for m in [args.init] + args.methods.split(",") if m]
     init_method, init_alloc = baselines[0]  # --init METHOD[:ALLOCATION]

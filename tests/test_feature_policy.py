@@ -41,6 +41,19 @@ def test_starts_at_the_metric_mask_on_the_budget(kinds, method, allocation):
     assert policy.num_params == len(kinds) * len(policy.feature_names) + len(kinds) * costs.num_layers
 
 
+@pytest.mark.parametrize("sparsity,layers", [(0.3, 6), (0.4, 6), (0.5, 8)])
+def test_mixed_kinds_start_at_the_metric_mask_in_effect(sparsity, layers):
+    # with whole layers in the budget, a removed layer's heads / channels cost nothing more, so the
+    # policy's top-k may list a few more of them as removed than the metric did: same model either way
+    _, costs, layout, r, policy = _policy(("channel", "head", "layer"), "wanda-sp", "global",
+                                          sparsity=sparsity, num_hidden_layers=layers)
+    got = hard_mask(layout.split(policy.probs().double()), costs, r.allocation.sparsity)
+    want = r.allocation.masks
+    assert got.sparsity(costs) == pytest.approx(want.sparsity(costs), abs=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(got.effective(costs).values(), want.effective(costs).values()))
+    assert not bool((~want["layer"]).all()) and bool((~want["layer"]).any())  # some layers, not all, removed
+
+
 def test_features_are_orthonormal_per_kind_with_the_init_metric_first():
     _, costs, layout, r, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
     init_feature = layout.merge(log_features({k: r.scores.raw[k] for k in layout.kinds}, costs))
