@@ -36,7 +36,7 @@ from pgprune.metrics.calibration import collect_layer_stats, feature_means  # no
 from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import run_metric  # noqa: E402
 from pgprune.policy.budget import project  # noqa: E402
-from pgprune.policy.estimators import ANTITHETIC, ESTIMATORS, BaselineState  # noqa: E402
+from pgprune.policy.estimators import ANTITHETIC, ESTIMATORS, BaselineState, kept_control  # noqa: E402
 from pgprune.policy.loop import step_generator  # noqa: E402
 from pgprune.policy.probabilities import sample_masks  # noqa: E402
 
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--forward", default="gathered", choices=list(FORWARDS))
     ap.add_argument("--compensate", action="store_true", help="losses of the mean-filled (compensated) models")
+    ap.add_argument("--control-variate", action="store_true",
+                    help="also each estimator with the kept-fraction control variate (NAME+cv), same samples")
     ap.add_argument("--tag", default="estimator_variance")
     args = ap.parse_args()
 
@@ -88,10 +90,14 @@ def main() -> None:
     direction = layout.cost.double() * s.double() * (1 - s.double())  # the budget shift, in logit space
     direction = direction / direction.norm().clamp_min(1e-30)
     rows = []
-    for name in estimators:
+    variants = [(name, False) for name in estimators] + [(name, True) for name in estimators if args.control_variate]
+    for name, controlled in variants:
         baseline, grads = BaselineState(), []
         for m, losses in samples[name in ANTITHETIC]:
-            g, _ = ESTIMATORS[name](m, s, losses, baseline)
+            if controlled:  # its slope fitted on the earlier steps, as in the loop
+                g, _ = kept_control(name, m, s, losses, baseline, layout.cost)
+            else:
+                g, _ = ESTIMATORS[name](m, s, losses, baseline)
             g = g.double() * s.double() * (1 - s.double())
             grads.append(g - (g @ direction) * direction)
         g = torch.stack(grads)
@@ -100,7 +106,7 @@ def main() -> None:
         half = len(grads) // 2
         cos = torch.nn.functional.cosine_similarity(g[:half].mean(0), g[half:].mean(0), dim=0)
         snr = float(mean.norm() ** 2 / noise)  # |mean g|^2 carries noise / steps of its own: snr >= ~1/steps
-        rows.append({"estimator": name, "snr": snr, "snr_debiased": snr - 1.0 / len(grads),
+        rows.append({"estimator": name + ("+cv" if controlled else ""), "snr": snr, "snr_debiased": snr - 1.0 / len(grads),
                      "split_half_cos": float(cos)})
 
     def kept_fractions(m):  # [K, kinds]: the fraction of each kind's parameters the mask keeps

@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lrs", default=None, help="per-estimator lr, e.g. paper:0.05,loo:0.01")
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--control-variate", action="store_true", help="PG's kept-fraction control variate")
     ap.add_argument("--floor", type=float, default=0.0, help="probability floor (exploration), see PGConfig")
     ap.add_argument("--select", default="final", choices=["final", "best"],
                     help="final hard mask, or the tracked one with the lowest validation perplexity")
@@ -146,7 +147,7 @@ def main() -> None:
             config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
                               batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
                               checkpoint_every=10**9, floor=args.floor, select=args.select, policy=args.policy,
-                              seed=args.seed)
+                              seed=args.seed, control_variate=args.control_variate)
             t0 = time.perf_counter()
             res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
                                       loss_fn=loss_fn, policy=policy,
@@ -158,7 +159,7 @@ def main() -> None:
                 res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
-            label = (f"pg-{est}{' features' if policy else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
+            label = (f"pg-{est}{'+cv' if args.control_variate else ''}{' features' if policy else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
                      f"{', compensated' if fill else ''})")
             rows.append({"sparsity": sp, "method": label,
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
@@ -166,7 +167,7 @@ def main() -> None:
                 comp = compensated_ppl(res.masks, compensation_biases(adapter, feature_means(stats), res.masks, costs))
                 rows.append({"sparsity": sp, "method": f"pg-{est} + bias compensation",
                              "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
-            runs.append({"sparsity": sp, "estimator": est, "lr": lr, "steps": args.steps,
+            runs.append({"sparsity": sp, "estimator": est + ("+cv" if args.control_variate else ""), "lr": lr, "steps": args.steps,
                          "selected_step": res.selected_step, "policy": args.policy,
                          "learned": None if policy is None else policy.describe(),
                          "seconds_per_step_incl_eval": step_times, "pg_seconds": res.seconds,

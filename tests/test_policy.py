@@ -1,4 +1,5 @@
 import math
+from collections import deque
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from pgprune.metrics.init import expected_keep_ratio
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
 from pgprune.policy.budget import project
-from pgprune.policy.estimators import (BaselineState, disarm_estimator, get_estimator, loo_estimator,
+from pgprune.policy.estimators import (BaselineState, disarm_estimator, get_estimator, kept_control, loo_estimator,
                                        paper_estimator)
 from pgprune.policy.loop import PGConfig, run_policy_gradient
 from pgprune.policy.probabilities import UnitLayout, sample_masks
@@ -115,6 +116,65 @@ def test_disarm_estimator_is_unbiased_for_a_nonlinear_loss():
     assert torch.allclose(g.double(), exact, atol=0.06), (g, exact)
 
 
+def _exact_mean(name, s, loss, baseline_history=(), **kw):
+    """E[estimate] over every draw of K=2 masks of 3 units (reference written plainly): 2 independent
+    Bernoulli(s) masks, or for disarm one antithetic pair, whose per-unit states (1,1), (1,0), (0,1),
+    (0,0) have probabilities max(0, 2s-1), min(s, 1-s), min(s, 1-s), max(0, 1-2s)."""
+    import itertools
+
+    lo, hi = torch.minimum(s, 1 - s), (2 * s - 1).clamp_min(0)
+    states = {(1, 1): hi, (1, 0): lo, (0, 1): lo, (0, 0): (1 - 2 * s).clamp_min(0)}
+    if name != "disarm":
+        states = {(a, b): torch.where(torch.tensor(a) > 0, s, 1 - s) * torch.where(torch.tensor(b) > 0, s, 1 - s)
+                  for a in (0, 1) for b in (0, 1)}
+    total = torch.zeros(3, dtype=torch.float64)
+    for per_unit in itertools.product(states, repeat=3):
+        p = torch.prod(torch.stack([states[st][i] for i, st in enumerate(per_unit)]))
+        if p == 0:
+            continue
+        m = torch.tensor(per_unit, dtype=torch.float64).T  # [2, 3]
+        baseline = BaselineState(history=deque(baseline_history), **kw)
+        if kw:  # a fitted slope: the control variate
+            g, _ = kept_control(name, m, s, loss(m), baseline, torch.tensor([3.0, 1.0, 2.0]))
+        else:
+            g, _ = get_estimator(name, 2)(m, s, loss(m), baseline)
+        total += p * g.double()
+    return total
+
+
+@pytest.mark.parametrize("name", ["paper", "loo", "disarm"])
+def test_kept_control_variate_keeps_the_estimators_expectation(name):
+    # exact expectations by enumeration, the slope (-4) fixed by earlier steps as in the loop
+    s = torch.tensor([0.15, 0.5, 0.7], dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def loss(m):
+        return (m @ w) ** 2 + 3.0 * m[..., 0] * m[..., 2]
+
+    history = (1.3, 1.1)  # paper: a baseline that does not depend on the current samples
+    plain = _exact_mean(name, s, loss, history)
+    controlled = _exact_mean(name, s, loss, history, kept_cov=-4.0, kept_var=1.0)
+    assert plain.abs().max() > 0.1
+    assert torch.allclose(plain, controlled, atol=1e-6), (plain, controlled)
+
+
+def test_kept_control_variate_removes_the_noise_of_a_loss_linear_in_the_kept_amount():
+    s = torch.tensor([0.2, 0.5, 0.9])
+    cost = torch.tensor([3.0, 1.0, 2.0])
+    m = sample_masks(s, 2 * 2000, torch.Generator().manual_seed(0))
+    losses = 5.0 * (m.double() @ (cost.double() / cost.sum()))  # the loss is the kept fraction x 5
+    plain, controlled = [], []
+    baseline = BaselineState()
+    for k in range(0, m.shape[0], 2):
+        plain.append(loo_estimator(m[k:k + 2], s, losses[k:k + 2].float(), BaselineState())[0])
+        controlled.append(kept_control("loo", m[k:k + 2], s, losses[k:k + 2].float(), baseline, cost)[0])
+    assert baseline.kept_slope() == pytest.approx(5.0, rel=1e-6)  # fitted on the earlier steps
+    exact = 5.0 * cost / cost.sum()
+    later = torch.stack(controlled[10:])  # once the slope is known, every estimate is exact
+    assert torch.allclose(later, exact.expand_as(later), atol=1e-5)
+    assert float(torch.stack(plain).std(0).min()) > 0.5  # what it removed: the plain estimator's spread
+
+
 def test_paper_estimator_direction():
     # The reference estimator follows w * sqrt(s(1-s)) * K/(K-1) (a rescaled gradient), with a
     # baseline that lags behind; its sign agrees with the true gradient.
@@ -160,12 +220,13 @@ def test_pg_learns_to_keep_the_important_units(estimator):
     assert abs(res.masks.sparsity(costs) - 0.1) < 0.01
 
 
-def test_resume_gives_the_same_result_and_refuses_other_settings(tmp_path):
+@pytest.mark.parametrize("control_variate", [False, True])
+def test_resume_gives_the_same_result_and_refuses_other_settings(tmp_path, control_variate):
     model, costs, layout = _setup(("channel", "head"), num_hidden_layers=2, intermediate_size=32)
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     s0 = torch.full((layout.size,), 0.6)
     config = PGConfig(sparsity=0.4, kinds=("channel", "head"), steps=6, k=2, batch_size=4, lr=0.05,
-                      eval_every=3, checkpoint_every=2)
+                      eval_every=3, checkpoint_every=2, control_variate=control_variate)
     full = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "a", progress=False)
     run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "b", progress=False,
                         stop_after=3)

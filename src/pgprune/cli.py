@@ -239,6 +239,9 @@ def _add_prune(sub) -> None:
     g.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
                    help="paper: the reference code's (default); loo: exact Bernoulli score with the leave-one-out "
                         "baseline; disarm: antithetic mask pairs, K even (see docs/method.md)")
+    g.add_argument("--control-variate", action="store_true",
+                   help="subtract from each sampled loss the part its mask's kept fraction explains (slope "
+                        "fitted on earlier steps; the estimate keeps its expectation, see docs/method.md)")
     g.add_argument("--forward", default=d.forward, choices=list(FORWARDS),
                    help="gated: the K masks in one forward of the unchanged weights (default); gathered: each mask "
                         "through a pruned view of the kept weights (faster on CPUs at high sparsity, see docs/scale.md)")
@@ -290,7 +293,7 @@ def _run_prune(args) -> int:
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
         dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, init_scale=args.init_scale, steps=args.steps,
         k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
-        forward=args.forward,
+        control_variate=args.control_variate, forward=args.forward,
         projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, select=args.select, policy=args.policy, eval_every=args.eval_every,
         checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens or None,

@@ -57,6 +57,7 @@ class PruneOptions:
     lr: float = 2e-3
     lr_schedule: str = "cosine"
     estimator: str = "paper"
+    control_variate: bool = False  # subtract from each loss what the mask's kept fraction explains
     forward: str = "gated"  # gated | gathered: how the K masked models of a step run (gating.FORWARDS)
     projection: str = "cost"
     per_kind_budget: bool = False
@@ -239,7 +240,8 @@ def _pg_config(o: PruneOptions, sparsity: float, kinds: tuple[str, ...]):
     from pgprune.policy.loop import PGConfig
 
     return PGConfig(sparsity=sparsity, kinds=kinds, steps=o.steps, k=o.k, batch_size=o.batch_size, lr=o.lr,
-                    lr_schedule=o.lr_schedule, estimator=o.estimator, projection=o.projection,
+                    lr_schedule=o.lr_schedule, estimator=o.estimator,
+                    control_variate=o.control_variate, projection=o.projection,
                     per_kind_budget=o.per_kind_budget, floor=o.floor, select=o.select, seed=o.seed,
                     eval_every=o.eval_every, checkpoint_every=o.checkpoint_every, policy=o.policy)
 

@@ -12,6 +12,14 @@ baseline state, and returns the gradient estimate g [N] (the loop steps s <- s -
   K even). A unit gets signal only from pairs where its two masks differ:
   dE/d logit_i ~ 1/2 (L(m) - L(m~)) (-1)^m~_i [m_i != m~_i] max(s_i, 1 - s_i), mean over pairs.
   Units the pair agrees on (most confident ones) get exactly zero instead of the loss noise.
+
+Optional control variate (`kept_control`, `--control-variate`), for any estimator: independent
+masks keep a random amount of the model, and much of the spread of their losses is that amount,
+which says nothing about which units to keep. Each loss gets beta * (r_k - E[r]) subtracted, r_k
+= the cost-weighted kept fraction of mask k (linear in the mask), beta = the slope of loss on r
+fitted on earlier steps (within-step differences, exponential moving average), and the
+estimator's own expected response to a loss linear in the mask is added back, so the estimate
+keeps its expectation (exactly, as beta does not depend on the current samples).
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ _EPS = 1e-6
 class BaselineState:
     window: int = 5
     history: deque = field(default_factory=deque)
+    # control variate: moving averages of the within-step products of kept fraction and loss
+    kept_cov: float = 0.0
+    kept_var: float = 0.0
+    kept_decay: float = 0.95
 
     def value(self, current_mean: float) -> float:
         return sum(self.history) / len(self.history) if self.history else current_mean
@@ -41,12 +53,24 @@ class BaselineState:
         while len(self.history) > self.window:
             self.history.popleft()
 
+    def kept_slope(self) -> float:
+        """Least-squares slope of loss on kept fraction over the earlier steps (0 before any)."""
+        return self.kept_cov / self.kept_var if self.kept_var > 0 else 0.0
+
+    def push_kept(self, kept: torch.Tensor, losses: torch.Tensor) -> None:
+        dr, dl = kept.double() - kept.double().mean(), losses.double() - losses.double().mean()
+        a = self.kept_decay
+        self.kept_cov = a * self.kept_cov + (1 - a) * float((dr * dl).sum())
+        self.kept_var = a * self.kept_var + (1 - a) * float((dr * dr).sum())
+
     def state_dict(self) -> dict:
-        return {"window": self.window, "history": list(self.history)}
+        return {"window": self.window, "history": list(self.history), "kept_cov": self.kept_cov,
+                "kept_var": self.kept_var, "kept_decay": self.kept_decay}
 
     @classmethod
     def from_state(cls, d: dict) -> "BaselineState":
-        return cls(window=d["window"], history=deque(d["history"]))
+        return cls(window=d["window"], history=deque(d["history"]), kept_cov=d.get("kept_cov", 0.0),
+                   kept_var=d.get("kept_var", 0.0), kept_decay=d.get("kept_decay", 0.95))
 
 
 def paper_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
@@ -84,6 +108,13 @@ def disarm_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
 
 
 ESTIMATORS = {"paper": paper_estimator, "loo": loo_estimator, "disarm": disarm_estimator}
+# E[estimate] when the loss is linear in the mask, L(m) = c . m: the unbiased ones give c itself;
+# `paper` gives c sqrt(s (1 - s)) K / (K - 1) (its rescaled score, summed over K, divided by K - 1)
+_LINEAR_RESPONSE = {
+    "paper": lambda c, s, k: c * torch.sqrt(s * (1 - s)) * k / max(k - 1, 1),
+    "loo": lambda c, s, k: c,
+    "disarm": lambda c, s, k: c,
+}
 MIN_SAMPLES = {"paper": 1, "loo": 2, "disarm": 2}
 ANTITHETIC = {"disarm"}  # estimators that need their K masks drawn as antithetic pairs
 
@@ -96,3 +127,17 @@ def get_estimator(name: str, k: int):
     if name in ANTITHETIC and k % 2:
         raise ConfigError(f"the {name!r} estimator draws its masks in antithetic pairs: K must be even (got K={k})")
     return ESTIMATORS[name]
+
+
+def kept_control(name: str, m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor, baseline: BaselineState,
+                 cost: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Estimator `name` with the kept-fraction control variate (module text). `cost` [N]: each
+    unit's parameter cost (0 for absent units)."""
+    c = cost.double() / cost.double().sum()
+    kept = m.double() @ c  # [K]
+    beta = baseline.kept_slope()
+    adjusted = losses.double() - beta * (kept - float(s.double() @ c))
+    g, b = ESTIMATORS[name](m, s, adjusted.float(), baseline)
+    g = g.double() + beta * _LINEAR_RESPONSE[name](c, s.double().clamp(0, 1), m.shape[0])
+    baseline.push_kept(kept, losses)
+    return g.float(), b

@@ -37,7 +37,7 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.metrics.init import hard_mask
 from pgprune.policy.budget import PROJECTIONS, project
 from pgprune.policy.distributed import World
-from pgprune.policy.estimators import ANTITHETIC, BaselineState, get_estimator
+from pgprune.policy.estimators import ANTITHETIC, BaselineState, get_estimator, kept_control
 from pgprune.policy.probabilities import UnitLayout, mean_entropy, sample_masks
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -57,6 +57,7 @@ class PGConfig:
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # cosine | constant
     estimator: str = "paper"
+    control_variate: bool = False  # subtract what the masks' kept fraction explains (estimators.kept_control)
     projection: str = "cost"
     per_kind_budget: bool = False
     floor: float = 0.0  # keep probabilities within [floor, 1 - floor] so no unit freezes (exploration)
@@ -222,7 +223,10 @@ def run_policy_gradient(
                                   "remove whole layers it cannot do without")
         else:
             consecutive_skips = 0
-            g, b = estimator(m, s, losses, baseline)
+            if config.control_variate:
+                g, b = kept_control(config.estimator, m, s, losses, baseline, layout.cost)
+            else:
+                g, b = estimator(m, s, losses, baseline)
             if policy is not None:
                 policy.update(g, s, config.lr_at(step))
                 s = policy.probs()
