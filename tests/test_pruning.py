@@ -151,7 +151,8 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
                         or collect(*a, **kw))
     record = prune(_options(root, text, policy="features", init=init, units=units, estimator="loo", lr=0.2,
                             init_scale=4.0, allocation="global" if units == "layer" else "uniform",
-                            sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, compensate=True),
+                            sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, compensate=True,
+                            control_variate=True),
                    out, progress=False)
     ppl = record["perplexity"]
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
@@ -162,6 +163,7 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     assert passes == ([] if init == "block-influence" else ["dense"])
     learned = record["pg"]["policy"]
     assert learned["features"][0] == init and record["pg"]["config"]["policy"] == "features"
+    assert record["pg"]["config"]["control_variate"] is True
     if units != "layer":
         assert learned["features"] == [init] + [m for m in ("wanda-sp", "flap", "magnitude") if m != init]
         assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
