@@ -36,7 +36,7 @@ from pgprune.metrics.calibration import collect_layer_stats, feature_means  # no
 from pgprune.metrics.init import init_probabilities  # noqa: E402
 from pgprune.metrics.prune import run_metric  # noqa: E402
 from pgprune.policy.budget import project  # noqa: E402
-from pgprune.policy.estimators import ANTITHETIC, ESTIMATORS, BaselineState, kept_control  # noqa: E402
+from pgprune.policy.estimators import ANTITHETIC, ESTIMATORS, BaselineState, get_estimator  # noqa: E402
 from pgprune.policy.loop import step_generator  # noqa: E402
 from pgprune.policy.probabilities import sample_masks  # noqa: E402
 
@@ -92,12 +92,10 @@ def main() -> None:
     rows = []
     variants = [(name, False) for name in estimators] + [(name, True) for name in estimators if args.control_variate]
     for name, controlled in variants:
+        estimator = get_estimator(name, args.k, layout.cost if controlled else None)  # as in the loop
         baseline, grads = BaselineState(), []
         for m, losses in samples[name in ANTITHETIC]:
-            if controlled:  # its slope fitted on the earlier steps, as in the loop
-                g, _ = kept_control(name, m, s, losses, baseline, layout.cost)
-            else:
-                g, _ = ESTIMATORS[name](m, s, losses, baseline)
+            g, _ = estimator(m, s, losses, baseline)
             g = g.double() * s.double() * (1 - s.double())
             grads.append(g - (g @ direction) * direction)
         g = torch.stack(grads)

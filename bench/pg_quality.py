@@ -159,7 +159,8 @@ def main() -> None:
                 res.masks.save(Path(args.save_masks) / f"{sp}_{est}.safetensors",
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
-            label = (f"pg-{est}{'+cv' if args.control_variate else ''}{' features' if policy else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
+            name = est + ("+cv" if args.control_variate else "")
+            label = (f"pg-{name}{' features' if policy else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
                      f"{', compensated' if fill else ''})")
             rows.append({"sparsity": sp, "method": label,
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
@@ -167,7 +168,7 @@ def main() -> None:
                 comp = compensated_ppl(res.masks, compensation_biases(adapter, feature_means(stats), res.masks, costs))
                 rows.append({"sparsity": sp, "method": f"pg-{est} + bias compensation",
                              "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
-            runs.append({"sparsity": sp, "estimator": est + ("+cv" if args.control_variate else ""), "lr": lr, "steps": args.steps,
+            runs.append({"sparsity": sp, "estimator": name, "lr": lr, "steps": args.steps,
                          "selected_step": res.selected_step, "policy": args.policy,
                          "learned": None if policy is None else policy.describe(),
                          "seconds_per_step_incl_eval": step_times, "pg_seconds": res.seconds,

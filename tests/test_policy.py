@@ -1,3 +1,4 @@
+import itertools
 import math
 from collections import deque
 
@@ -120,13 +121,11 @@ def _exact_mean(name, s, loss, baseline_history=(), **kw):
     """E[estimate] over every draw of K=2 masks of 3 units (reference written plainly): 2 independent
     Bernoulli(s) masks, or for disarm one antithetic pair, whose per-unit states (1,1), (1,0), (0,1),
     (0,0) have probabilities max(0, 2s-1), min(s, 1-s), min(s, 1-s), max(0, 1-2s)."""
-    import itertools
-
-    lo, hi = torch.minimum(s, 1 - s), (2 * s - 1).clamp_min(0)
-    states = {(1, 1): hi, (1, 0): lo, (0, 1): lo, (0, 0): (1 - 2 * s).clamp_min(0)}
-    if name != "disarm":
-        states = {(a, b): torch.where(torch.tensor(a) > 0, s, 1 - s) * torch.where(torch.tensor(b) > 0, s, 1 - s)
-                  for a in (0, 1) for b in (0, 1)}
+    if name == "disarm":
+        lo = torch.minimum(s, 1 - s)
+        states = {(1, 1): (2 * s - 1).clamp_min(0), (1, 0): lo, (0, 1): lo, (0, 0): (1 - 2 * s).clamp_min(0)}
+    else:
+        states = {(a, b): (s if a else 1 - s) * (s if b else 1 - s) for a in (0, 1) for b in (0, 1)}
     total = torch.zeros(3, dtype=torch.float64)
     for per_unit in itertools.product(states, repeat=3):
         p = torch.prod(torch.stack([states[st][i] for i, st in enumerate(per_unit)]))
@@ -134,10 +133,8 @@ def _exact_mean(name, s, loss, baseline_history=(), **kw):
             continue
         m = torch.tensor(per_unit, dtype=torch.float64).T  # [2, 3]
         baseline = BaselineState(history=deque(baseline_history), **kw)
-        if kw:  # a fitted slope: the control variate
-            g, _ = kept_control(name, m, s, loss(m), baseline, torch.tensor([3.0, 1.0, 2.0]))
-        else:
-            g, _ = get_estimator(name, 2)(m, s, loss(m), baseline)
+        control = torch.tensor([3.0, 1.0, 2.0]) if kw else None  # a given slope: with the control variate
+        g, _ = get_estimator(name, 2, control)(m, s, loss(m), baseline)
         total += p * g.double()
     return total
 

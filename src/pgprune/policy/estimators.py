@@ -24,6 +24,7 @@ keeps its expectation (exactly, as beta does not depend on the current samples).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from pgprune.errors import ConfigError
 # Probabilities are kept away from {0, 1} in the denominators: a unit at exactly 0 or 1 is
 # deterministic (m == s), so its numerator is 0 anyway.
 _EPS = 1e-6
+_KEPT_DECAY = 0.95  # the control variate's moving average (~20 steps)
 
 
 @dataclass
@@ -43,7 +45,6 @@ class BaselineState:
     # control variate: moving averages of the within-step products of kept fraction and loss
     kept_cov: float = 0.0
     kept_var: float = 0.0
-    kept_decay: float = 0.95
 
     def value(self, current_mean: float) -> float:
         return sum(self.history) / len(self.history) if self.history else current_mean
@@ -59,18 +60,18 @@ class BaselineState:
 
     def push_kept(self, kept: torch.Tensor, losses: torch.Tensor) -> None:
         dr, dl = kept.double() - kept.double().mean(), losses.double() - losses.double().mean()
-        a = self.kept_decay
+        a = _KEPT_DECAY
         self.kept_cov = a * self.kept_cov + (1 - a) * float((dr * dl).sum())
         self.kept_var = a * self.kept_var + (1 - a) * float((dr * dr).sum())
 
     def state_dict(self) -> dict:
         return {"window": self.window, "history": list(self.history), "kept_cov": self.kept_cov,
-                "kept_var": self.kept_var, "kept_decay": self.kept_decay}
+                "kept_var": self.kept_var}
 
     @classmethod
     def from_state(cls, d: dict) -> "BaselineState":
         return cls(window=d["window"], history=deque(d["history"]), kept_cov=d.get("kept_cov", 0.0),
-                   kept_var=d.get("kept_var", 0.0), kept_decay=d.get("kept_decay", 0.95))
+                   kept_var=d.get("kept_var", 0.0))
 
 
 def paper_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
@@ -119,13 +120,17 @@ MIN_SAMPLES = {"paper": 1, "loo": 2, "disarm": 2}
 ANTITHETIC = {"disarm"}  # estimators that need their K masks drawn as antithetic pairs
 
 
-def get_estimator(name: str, k: int):
+def get_estimator(name: str, k: int, control_cost: torch.Tensor | None = None):
+    """The estimator `name`, checked against K; with `control_cost` (each unit's parameter cost) it
+    carries the kept-fraction control variate (`kept_control`), same call signature."""
     if name not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
     if k < MIN_SAMPLES[name]:
         raise ConfigError(f"the {name!r} estimator needs K >= {MIN_SAMPLES[name]} masks per step (got K={k})")
     if name in ANTITHETIC and k % 2:
         raise ConfigError(f"the {name!r} estimator draws its masks in antithetic pairs: K must be even (got K={k})")
+    if control_cost is not None:
+        return functools.partial(kept_control, name, cost=control_cost)
     return ESTIMATORS[name]
 
 
@@ -138,6 +143,6 @@ def kept_control(name: str, m: torch.Tensor, s: torch.Tensor, losses: torch.Tens
     beta = baseline.kept_slope()
     adjusted = losses.double() - beta * (kept - float(s.double() @ c))
     g, b = ESTIMATORS[name](m, s, adjusted.float(), baseline)
-    g = g.double() + beta * _LINEAR_RESPONSE[name](c, s.double().clamp(0, 1), m.shape[0])
+    g = g.double() + beta * _LINEAR_RESPONSE[name](c, s.double(), m.shape[0])
     baseline.push_kept(kept, losses)
     return g.float(), b

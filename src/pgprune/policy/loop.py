@@ -37,7 +37,7 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.metrics.init import hard_mask
 from pgprune.policy.budget import PROJECTIONS, project
 from pgprune.policy.distributed import World
-from pgprune.policy.estimators import ANTITHETIC, BaselineState, get_estimator, kept_control
+from pgprune.policy.estimators import ANTITHETIC, BaselineState, get_estimator
 from pgprune.policy.probabilities import UnitLayout, mean_entropy, sample_masks
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -156,7 +156,7 @@ def run_policy_gradient(
     if calib_windows.shape[0] < config.batch_size:
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {config.batch_size}; raise --nsamples or lower --batch-size")
-    estimator = get_estimator(config.estimator, config.k)
+    estimator = get_estimator(config.estimator, config.k, layout.cost if config.control_variate else None)
     if (policy is None) != (config.policy == "units"):
         raise ConfigError(f"config.policy={config.policy!r} needs "
                           + ("a FeaturePolicy (policy=...)" if policy is None else "no policy object"))
@@ -223,10 +223,7 @@ def run_policy_gradient(
                                   "remove whole layers it cannot do without")
         else:
             consecutive_skips = 0
-            if config.control_variate:
-                g, b = kept_control(config.estimator, m, s, losses, baseline, layout.cost)
-            else:
-                g, b = estimator(m, s, losses, baseline)
+            g, b = estimator(m, s, losses, baseline)
             if policy is not None:
                 policy.update(g, s, config.lr_at(step))
                 s = policy.probs()
