@@ -32,7 +32,7 @@ from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.lm_loss import token_nll  # noqa: E402
 from pgprune.masks import Masks  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
-from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
+from pgprune.metrics.pipeline import compensation_biases, run_metric  # noqa: E402
 from pgprune.surgery import pruned_view  # noqa: E402
 
 

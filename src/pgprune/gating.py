@@ -18,7 +18,7 @@ mask get no hook at all, so an all-ones mask reproduces the dense logits bit for
 
 Mean fill (`fill=`, FLAP's bias compensation seen from the inside): a dropped input feature of
 o_proj / down_proj is replaced by its calibration mean instead of zero, so the gated model computes
-what `surgery.prune_model(..., output_bias=metrics.prune.compensation_biases(...))` computes. A
+what `surgery.prune_model(..., output_bias=metrics.pipeline.compensation_biases(...))` computes. A
 removed layer then adds its mean update (both blocks mean-filled) to the residual stream, unless
 no kept layer precedes it: surgery folds that constant into the previous kept layer's output. The
 policy-gradient loop uses it to choose masks for the compensated model it will export.
@@ -255,7 +255,7 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     (one pruned copy alive at a time); which is faster depends on the device: bench/gating_cost.py.
     With `fill`, each view gets the matching compensation biases (the same function as `gated`)."""
     from pgprune.lm_loss import token_nll
-    from pgprune.metrics.prune import compensation_biases
+    from pgprune.metrics.pipeline import compensation_biases
     from pgprune.surgery import pruned_view
 
     _check_input_ids(input_ids, "gathered_losses")

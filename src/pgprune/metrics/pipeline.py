@@ -1,9 +1,9 @@
 """Prune with a metric, end to end: calibration -> scores -> allocation (-> FLAP biases).
 
-`prune_with_metric(...) -> (masks, output_bias or None, info)` is the one-call API; the masks and
+`metric_masks(...) -> (masks, output_bias or None, info)` is the one-call API; the masks and
 biases go straight into `pgprune.surgery.prune_model(model, masks, output_bias=...)`.
 `run_metric(...)` returns the same plus the `Allocation` and `Scores`, which the
-policy-gradient method needs to build its initial probabilities (`metrics.init`).
+policy-gradient method needs to build its initial probabilities (`pgprune.policy.initial_probabilities`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import nn
 
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
-from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, check_sparsity, lowest_in_layer,
+from pgprune.budget import check_sparsity
+from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, lowest_in_layer,
                                         uniform_plan)
 from pgprune.metrics.calibration import (LayerEdit, LayerStats, collect_layer_stats, feature_means,
                                         features_per_head_group)
@@ -229,7 +230,7 @@ def _bias_params_added(adapter, masks: Masks, costs: UnitCosts, bias) -> int:
     return n
 
 
-def prune_with_metric(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
+def metric_masks(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
                       kinds=("channel", "head"), allocation: str = "uniform", **kwargs):
     """(masks, output_bias or None, info): see `run_metric` for the options. Feed the first two
     to `pgprune.surgery.prune_model(model, masks, output_bias=output_bias)`."""
