@@ -28,9 +28,14 @@ _RENAMED = {"eval": "eval.datasets", "eval_seqlen": "eval.seqlen", "eval_max_tok
             "seqlen": "data.seqlen"}
 
 
-def run_settings(recipe: str = "paper", **options):
-    """RunSettings from flat option names (`steps=4` -> `pg.steps`), on top of `recipe` (the paper's:
-    the units policy, no compensation, unless a test says otherwise)."""
+# the units policy as pgprune's earlier defaults ran it (sigmoid start at the metric's mask, no compensation)
+UNITS_POLICY = {"pg.policy": "units", "pg.compensate": False, "pg.init_scale": 1.0, "pg.lr": 2e-3,
+                "pg.eval_every": 100}
+
+
+def run_settings(**options):
+    """RunSettings from flat option names (`steps=4` -> `pg.steps`) on top of UNITS_POLICY, unless a
+    test says otherwise."""
     from pgprune.config import RunSettings, walk_fields
 
     def path(name: str) -> str:
@@ -40,7 +45,7 @@ def run_settings(recipe: str = "paper", **options):
         assert len(paths) == 1, name
         return paths[0]
 
-    return RunSettings.from_recipe(recipe, {path(k): v for k, v in options.items()})
+    return RunSettings.from_recipe("features", {**UNITS_POLICY, **{path(k): v for k, v in options.items()}})
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,12 @@ def test_the_defaults_are_the_features_recipe():
 def test_the_paper_recipe_holds_the_authors_settings():
     s = RunSettings.from_recipe("paper")
     assert (s.pg.policy, s.pg.estimator, s.pg.init, s.pg.init_mapping, s.pg.init_scale) == \
-        ("units", "paper", "wanda-sp", "sigmoid", 1.0)
+        ("units", "paper", "wanda-sp", "per-layer", 1.0)
     assert (s.pg.lr, s.pg.lr_schedule, s.pg.steps, s.pg.k, s.pg.batch_size, s.pg.compensate) == \
         (2e-3, "cosine", 15000, 2, 8, False)
     assert (s.data.calib, s.data.seqlen, s.recipe) == ("c4", 128, "paper")
+    assert (s.pg.projection, s.pg.per_kind_budget, s.pg.baseline, s.pg.batches) == ("reference", True, "ema", "stream")
+    assert s.pool_size() == 15000 * 8  # 120k windows, each seen once
 
 
 def _parse(*argv):
@@ -105,3 +107,20 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
 def test_validation_names_what_to_fix(overrides, match):
     with pytest.raises(Exception, match=match):
         RunSettings.from_recipe("features", overrides).validate()
+
+
+def test_docs_list_every_option_with_its_default():
+    from pathlib import Path
+
+    from pgprune.config import flag_of
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    rows = {line.split("|")[2].strip(" `"): line for line in doc.splitlines() if line.startswith("| ") and "`" in line}
+    defaults = RunSettings()
+    for path, f in walk_fields(defaults):
+        if path == "recipe":
+            continue
+        assert path in rows, f"docs/method.md lacks {path}"
+        assert (flag_of(path, f) == "model" or f"`{flag_of(path, f)}`" in rows[path]), path
+        value = defaults.get(path)
+        assert (str(value) if value not in (None, "") else "—") in rows[path], path

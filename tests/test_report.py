@@ -239,3 +239,18 @@ def test_units_of_a_removed_layer_count_as_removed(workdir):
     assert 0 in rep["layers"]["kv_heads"] and rep["export_check"]["ok"] is True
     read_png(out / "probabilities.png")
     read_png(out / "structure.png")
+
+
+def test_report_shows_the_pg_settings_and_the_selected_step(pg_run):
+    out, rep = pg_run
+    run = json.loads((out / "run.json").read_text())
+    md = (out / "report.md").read_text()
+    pg = rep["pg"]
+    assert (pg["policy"], pg["estimator"], pg["compensate"], pg["select"], pg["forward"]) == \
+        ("units", "paper", False, "final", "gated")
+    assert pg["selected_step"] == run["pg"]["selected_step"] == 6
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert pg["hard_ppl_selected"] == next(r["hard_ppl"] for r in log if r["step"] == 6)
+    for label, value in (("policy", "units"), ("bias compensation", "False"), ("estimator", "paper"),
+                         ("selection", "final"), ("selected step (exported mask)", "6"), ("forward", "gated")):
+        assert f"| {label} | {value} |" in md

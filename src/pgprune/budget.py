@@ -67,8 +67,6 @@ def _sparsity_at(positions, n, costs) -> float:
 class Prefix:
     n: int  # units removed
     sparsity: float  # their true sparsity
-    n_max: int
-    max_sparsity: float
 
 
 def closest_prefix(positions: dict[str, torch.Tensor], costs: UnitCosts, target: float, *,
@@ -81,7 +79,7 @@ def closest_prefix(positions: dict[str, torch.Tensor], costs: UnitCosts, target:
     n_max = int(sum(int((p != _NEVER).sum()) for p in positions.values()))
     s_max = _sparsity_at(positions, n_max, costs)
     if target == 0.0:
-        return Prefix(0, 0.0, n_max, s_max)
+        return Prefix(0, 0.0)
     unit = max_unit_fraction(costs, tuple(positions))
     tol = unit if tolerance is None else float(tolerance)
     if n_max == 0 or target > s_max + tol:
@@ -109,7 +107,7 @@ def closest_prefix(positions: dict[str, torch.Tensor], costs: UnitCosts, target:
         raise ConfigError(f"sparsity {target:g} cannot be met within {tol:.4g} with {what}: the nearest "
                           f"reachable sparsities are {s_lo:.4f} and {s_next:.4f}. Ask for one of them "
                           "or use finer units.")
-    return Prefix(best, s_best, n_max, s_max)
+    return Prefix(best, s_best)
 
 
 def max_unit_fraction(costs: UnitCosts, kinds) -> float:
@@ -208,8 +206,27 @@ def hard_mask(probs: dict[str, torch.Tensor], costs: UnitCosts, sparsity: float,
     return masks_from_positions(positions, pre.n)
 
 
+def per_kind_hard_mask(probs: dict[str, torch.Tensor], costs: UnitCosts, sparsity: float) -> Masks:
+    """The reference code's hard mask: each kind on its own removes the floor(n * sparsity) least
+    probable of its n units (over all layers), units tied with the first kept one kept too."""
+    target = check_sparsity(sparsity)
+    out = {}
+    for kind, p in probs.items():
+        present = present_units(costs, kind)
+        values = p.double()[present]
+        keep = present.clone()
+        n_remove = int(values.numel() * target)
+        if n_remove:
+            threshold = torch.sort(values).values[n_remove]
+            keep[present] = values >= threshold
+        out[kind] = keep
+    return Masks(out)
+
+
 # --- projection onto the budget -------------------------------------------------------------------
-PROJECTIONS = ("cost", "uniform")
+# cost: one budget over all kinds, shift proportional to unit cost; uniform: the same shift for every
+# unit; reference: the authors' code, each kind keeps `keep` of its unit count, shifted down only
+PROJECTIONS = ("cost", "uniform", "reference")
 
 
 def project(s: torch.Tensor, layout, costs: UnitCosts, keep: float, mode: str = "cost",
@@ -222,6 +239,8 @@ def project(s: torch.Tensor, layout, costs: UnitCosts, keep: float, mode: str = 
         raise ConfigError(f"the probability floor must be in [0, 0.5), got {floor}")
     lo, hi = floor, 1.0 - floor
     s64 = s.double()
+    if mode == "reference":
+        return _project_down_per_kind(s64, layout, keep, lo, hi).float()
     scale = layout.cost / layout.cost[layout.present].max() if mode == "cost" else layout.present.double()
     if per_kind:
         # Each kind keeps `keep` of its own units' parameters (cost-weighted mean of s).
@@ -238,6 +257,23 @@ def project(s: torch.Tensor, layout, costs: UnitCosts, keep: float, mode: str = 
 
     v = _bisect(f, keep, "+".join(layout.kinds) + " units", iters)
     return ((s64 - v * scale).clamp(lo, hi) * layout.present).float()
+
+
+def _project_down_per_kind(s64: torch.Tensor, layout, keep: float, lo: float, hi: float,
+                           iters: int = 100) -> torch.Tensor:
+    """Each kind: clamp(s - v) with v >= 0 so that its units sum to keep x their count; a kind
+    already under that budget is only clamped (the reference code never shifts up)."""
+    out, present = layout.split(s64.clone()), layout.split(layout.present)
+    for kind in layout.kinds:
+        x, target = out[kind], keep * float(present[kind].sum())
+        total = lambda v, x=x, p=present[kind]: float(((x - v).clamp(lo, hi) * p).sum())  # noqa: E731
+        v_lo, v_hi = 0.0, max(float(x.max()), 0.0) + 1.0
+        if total(0.0) > target:
+            for _ in range(iters):
+                mid = 0.5 * (v_lo + v_hi)
+                v_lo, v_hi = (mid, v_hi) if total(mid) > target else (v_lo, mid)
+        out[kind] = (x - (0.5 * (v_lo + v_hi) if total(0.0) > target else 0.0)).clamp(lo, hi)
+    return layout.merge(out) * layout.present
 
 
 def _bisect(f, keep: float, what: str, iters: int = 100) -> float:

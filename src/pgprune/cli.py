@@ -310,7 +310,8 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args) -> int:
-    from pgprune.report import REPORT_JSON, REPORT_MD, write_report
+    from pgprune.report import write_report
+    from pgprune.run_folder import REPORT_JSON, REPORT_MD
 
     s = write_report(args.run_dir)
     sp = s["sparsity"]

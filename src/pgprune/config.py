@@ -59,8 +59,10 @@ class PGSettings:
                                    "block-influence), or constant (units policy only)")
     init_scale: float = option(8.0, "scale of the standardised init scores in the logits; larger keeps the "
                                     "samples nearer the start mask", group=ADVANCED, type=float)
-    init_mapping: str = option("sigmoid", "how init scores become probabilities", group=ADVANCED,
-                               choices=("sigmoid", "constant"))
+    init_mapping: str = option("sigmoid", "how init scores become probabilities: sigmoid (starts at the metric's "
+                                          "mask), constant, per-layer (the reference code's: each layer standardised "
+                                          "and shifted to the keep ratio; its hard mask is not the metric's)",
+                               group=ADVANCED, choices=("sigmoid", "constant", "per-layer"))
     compensate: bool = option(True, "score every sampled mask on the bias-compensated model (FLAP's: removed "
                                     "features replaced by their calibration mean) and export those biases",
                               action="boolean")
@@ -77,17 +79,25 @@ class PGSettings:
                                   "lowest perplexity on the --track set", choices=("final", "best"))
     eval_every: int = option(50, "steps between hard-mask evaluations on the --track set and checkpoints",
                              group=ADVANCED, type=int)
+    batches: str = option("resample", "resample: each step draws its batch from the calibration pool; stream: "
+                                      "step t takes the pool's next windows, each used once (the reference code's; "
+                                      "the pool is then steps x batch windows)", group=ADVANCED,
+                          choices=("resample", "stream"))
+    baseline: str = option("previous", "paper estimator's baseline: previous (mean of the last window's mean losses) "
+                                       "or ema (the reference code's moving average, the current step included)",
+                           group=ADVANCED, choices=("previous", "ema"))
     # measured not to help (bench/RESULTS.md): kept for experiments
     control_variate: bool = option(False, "subtract from each loss what its mask's kept fraction explains "
                                           "(measured: 1 of 4 paired wins)", group=EXPERIMENTAL, action="boolean")
     floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
                           type=float)
-    projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, or equal "
-                                     "(uniform)", group=EXPERIMENTAL, choices=("cost", "uniform"))
+    projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, equal "
+                                     "(uniform), or reference (the authors' code: each kind keeps its share of units, "
+                                     "shifted down only; per-kind hard mask)", group=ADVANCED,
+                             choices=("cost", "uniform", "reference"))
     per_kind_budget: bool = option(False, "units policy: hold each unit kind to the budget separately",
-                                   group=EXPERIMENTAL, action="boolean")
-    baseline_window: int = option(5, "paper estimator: moving-average baseline over this many steps",
-                                  group=EXPERIMENTAL, type=int)
+                                   group=ADVANCED, action="boolean")
+    baseline_window: int = option(5, "paper estimator: the baseline's window (steps)", group=ADVANCED, type=int)
 
 
 @dataclass
@@ -186,9 +196,14 @@ class RunSettings:
 
         return parse_unit_kinds(self.units)
 
-    def pool_size(self) -> int:
-        """Calibration windows drawn: the PG pool, or the metric's windows."""
-        return self.data.nsamples or (1024 if self.method == "pg" else 128)
+    def pool_size(self, world_size: int = 1) -> int:
+        """Calibration windows drawn: the PG pool (streamed: one window per step, sample and rank), or
+        the metric's windows."""
+        if self.method != "pg":
+            return self.data.nsamples or 128
+        if self.pg.batches == "stream":
+            return self.data.nsamples or self.pg.steps * self.pg.batch_size * world_size
+        return self.data.nsamples or 1024
 
     # --- checking ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -230,13 +245,21 @@ class RunSettings:
             raise ConfigError(f"--init-scale must be > 0, got {pg.init_scale}")
         if not 0.0 <= pg.floor < 0.5:
             raise ConfigError(f"the probability floor must be in [0, 0.5), got {pg.floor}")
+        if pg.init_mapping == "per-layer" and (pg.policy != "units" or pg.init == "constant"
+                                               or not set(kinds) <= {"channel", "head"}):
+            raise ConfigError("--init-mapping per-layer (the reference code's start) maps a metric's channel / head "
+                              "scores for the units policy; use --policy units, --units channel,head and a metric --init")
         if pg.policy == "features":
-            if pg.per_kind_budget or pg.floor > 0:
+            if pg.per_kind_budget or pg.floor > 0 or pg.projection != "cost":
                 raise ConfigError("the features policy holds one global budget by a shift in logit space; it has "
-                                  "no per-kind budget or probability floor (drop --per-kind-budget / --floor)")
+                                  "no per-kind budget, probability floor or projection (drop --per-kind-budget / "
+                                  "--floor / --projection)")
             if pg.init == "constant":
                 raise ConfigError("--policy features starts from a metric's scores; choose --init wanda-sp (or "
                                   "another metric), not constant")
+        if pg.batches == "stream" and self.pool_size() < pg.steps * pg.batch_size:
+            raise ConfigError(f"--batches stream uses each window once: {pg.steps} steps x {pg.batch_size} windows need "
+                              f"--nsamples >= {pg.steps * pg.batch_size} (got {self.pool_size()})")
         if self.pool_size() < pg.batch_size:
             raise ConfigError(f"the calibration pool of {self.pool_size()} windows is smaller than one batch of "
                               f"{pg.batch_size}; raise --nsamples or lower --batch-size")
@@ -327,13 +350,14 @@ RECIPES: dict[str, dict] = {
         },
     },
     "paper": {
-        "doc": "the authors' settings (Gao et al. 2025 and their reference code, docs/method.md): a free "
-               "probability per unit from the Wanda-sp scores through a sigmoid, SGD at lr 2e-3 with cosine "
-               "decay, 15k steps of K=2 masks on 8 x 128 C4 tokens, no compensation",
+        "doc": "the authors' settings and behaviour (Gao et al. 2025 and their reference code; docs/method.md "
+               "lists every difference): a free probability per unit from per-layer standardised Wanda-sp scores, "
+               "SGD at lr 2e-3 with cosine decay, 15k steps of K=2 masks on 8 x 128 C4 tokens each seen once, "
+               "per-kind budgets, no compensation",
         "values": {
             "pg.policy": "units",
             "pg.init": "wanda-sp",
-            "pg.init_mapping": "sigmoid",
+            "pg.init_mapping": "per-layer",  # per-layer standardised scores, shifted to the keep ratio
             "pg.init_scale": 1.0,
             "pg.compensate": False,
             "pg.estimator": "paper",
@@ -343,7 +367,11 @@ RECIPES: dict[str, dict] = {
             "pg.k": 2,
             "pg.batch_size": 8,
             "pg.select": "final",
+            "pg.baseline": "ema",      # moving average with weight 1/5, the current step included
             "pg.baseline_window": 5,
+            "pg.projection": "reference",  # per kind, unit count, shifted down only; per-kind hard mask
+            "pg.per_kind_budget": True,
+            "pg.batches": "stream",    # 120k distinct windows, each used once
             "data.calib": "c4",
             "data.seqlen": 128,
         },

@@ -92,7 +92,7 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
     """PG's policy at its start: the init metric's mask (`metric`: a `run_metric` result, None for
     --init constant). `dense_stats`: a callable giving dense calibration statistics, for the feature
     policy of a data-free init metric."""
-    from pgprune.policy.initial_probabilities import init_probabilities
+    from pgprune.policy.initial_probabilities import init_probabilities, per_layer_probabilities
     from pgprune.policy.probabilities import UnitPolicy
 
     s, pg, layout, costs = session.settings, session.settings.pg, session.layout, session.costs
@@ -101,7 +101,10 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
 
         return FeaturePolicy.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
                                          stats=None if metric.scores.stats is not None else dense_stats())
-    if metric is not None:
+    if metric is not None and pg.init_mapping == "per-layer":  # the reference code's start
+        probs = per_layer_probabilities(metric.scores.raw, costs, 1.0 - s.sparsity)
+        s0, sparsity = layout.merge({k: probs[k] for k in layout.kinds}).float(), s.sparsity
+    elif metric is not None:
         init = init_probabilities(metric.allocation, costs, pg.init_mapping, scale=pg.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in layout.kinds}).float()
         sparsity = init.sparsity  # the reachable budget closest to the request (± one unit)
@@ -172,7 +175,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
 
         pg = settings.pg
         plan = estimate_pg_memory(model, k=pg.k, batch_size=pg.batch_size, seqlen=settings.data.seqlen,
-                                  units=settings.units, nsamples=settings.pool_size(),
+                                  units=settings.units, nsamples=settings.pool_size(world.size),
                                   metric_nsamples=0 if pg.init == "constant" else METRIC_NSAMPLES,
                                   metric_batch_size=settings.execution.metric_batch_size, world_size=world.size,
                                   forward=session.forward)
@@ -193,7 +196,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     ppl = {"dense": ppl_all(None) if world.is_main else {}}
     _print_ppl("dense", ppl["dense"])
 
-    calib = get_calibration_windows(session.tokenizer, settings.data.calib, settings.pool_size(),
+    calib = get_calibration_windows(session.tokenizer, settings.data.calib, settings.pool_size(world.size),
                                     settings.data.seqlen, seed=settings.seed, data_dir=settings.data.data_dir)
     metric_name = settings.pg.init if pg_run else settings.method
     metric = None
@@ -258,7 +261,8 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
 
     settings, out = session.settings, out_folder.path
     policy = start_policy(session, metric, dense_stats)
-    init_masks = metric.masks if metric is not None else policy.hard_mask()
+    # the start: the metric's mask, except where the start is not built to be it (--init constant, per-layer)
+    init_masks = metric.masks if metric is not None and settings.pg.init_mapping != "per-layer" else policy.hard_mask()
     print(f"[pgprune] policy gradient: {policy.describe()}, budget sparsity {policy.sparsity:.4f}")
     # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.
     track = settings.track_dataset

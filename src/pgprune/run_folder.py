@@ -118,11 +118,6 @@ def load_checkpoint(run_dir: Path | None) -> dict:
                               "without --resume") from e
 
 
-def checkpoint_settings(run_dir: Path) -> dict | None:
-    """The settings a checkpoint was written with (None for a checkpoint that predates them)."""
-    return load_checkpoint(run_dir).get("settings")
-
-
 # --- probabilities.pt, masks.safetensors ----------------------------------------------------------------------
 def save_probabilities(run_dir: Path, probs: dict[str, torch.Tensor]) -> None:
     with atomic.temp_path(run_dir / PROBS_FILE) as tmp:

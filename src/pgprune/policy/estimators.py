@@ -41,16 +41,25 @@ _KEPT_DECAY = 0.95  # the control variate's moving average (~20 steps)
 
 @dataclass
 class BaselineState:
+    """The `paper` estimator's baseline. mode "previous": the mean of the last `window` mean losses,
+    the current one excluded; "ema": the reference code's, b_t = (1 - 1/window) b_(t-1) + mean loss_t / window,
+    the current step included (b_0 = the first mean loss)."""
     window: int = 5
     history: deque = field(default_factory=deque)
+    mode: str = "previous"
+    ema: float | None = None
     # control variate: moving averages of the within-step products of kept fraction and loss
     kept_cov: float = 0.0
     kept_var: float = 0.0
 
     def value(self, current_mean: float) -> float:
+        if self.mode == "ema":
+            return current_mean if self.ema is None else self.ema + (current_mean - self.ema) / self.window
         return sum(self.history) / len(self.history) if self.history else current_mean
 
     def push(self, mean_loss: float) -> None:
+        if self.mode == "ema":
+            self.ema = self.value(mean_loss)
         self.history.append(mean_loss)
         while len(self.history) > self.window:
             self.history.popleft()
@@ -67,12 +76,12 @@ class BaselineState:
 
     def state_dict(self) -> dict:
         return {"window": self.window, "history": list(self.history), "kept_cov": self.kept_cov,
-                "kept_var": self.kept_var}
+                "kept_var": self.kept_var, "mode": self.mode, "ema": self.ema}
 
     @classmethod
     def from_state(cls, d: dict) -> "BaselineState":
-        return cls(window=d["window"], history=deque(d["history"]), kept_cov=d.get("kept_cov", 0.0),
-                   kept_var=d.get("kept_var", 0.0))
+        return cls(window=d["window"], history=deque(d["history"]), kept_cov=d["kept_cov"], kept_var=d["kept_var"],
+                   mode=d["mode"], ema=d["ema"])
 
 
 def paper_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,

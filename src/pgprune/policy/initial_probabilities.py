@@ -34,7 +34,7 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.budget import present_units, solve_shift
 from pgprune.metrics.allocation import Allocation
 
-INIT_METHODS = ("sigmoid", "constant")
+INIT_METHODS = ("sigmoid", "constant")  # init_probabilities; per_layer_probabilities is the reference code's
 
 
 @dataclass
@@ -95,3 +95,23 @@ def _check_separated(probs, kept, removed, method, eps) -> None:
                           "tie; use a smaller scale (or a larger eps for constant)")
 
 
+
+
+def per_layer_probabilities(raw: dict[str, torch.Tensor], costs: UnitCosts, keep: float) -> dict[str, torch.Tensor]:
+    """The reference code's start (its `sigmap`, `--init-mapping per-layer`): in every layer and kind,
+    the scores standardised over that layer's units, through a sigmoid, shifted additively so that
+    the layer's mean probability is `keep`, clamped to [0, 1]. Each layer keeps `keep` of its units
+    in expectation, and its hard mask is not the metric's mask (DESIGN.md's lesson does not hold)."""
+    out = {}
+    for kind, scores in raw.items():
+        present = present_units(costs, kind)
+        probs = torch.zeros(scores.shape, dtype=torch.float64)
+        for i in range(costs.num_layers):
+            x = scores[i][present[i]].double()
+            if x.numel() == 0:
+                continue
+            z = (x - x.mean()) / (x.std() + 1e-8) if x.numel() > 1 else torch.zeros_like(x)
+            p = torch.sigmoid(z)
+            probs[i, present[i]] = (p + (keep - p.mean())).clamp(0.0, 1.0)
+        out[kind] = probs.float()
+    return out

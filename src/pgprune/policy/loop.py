@@ -1,7 +1,8 @@
 """The policy-gradient mask optimisation, top to bottom.
 
     for each step:
-        batch  <- B calibration windows            (seeded by (seed, step): resumable exactly)
+        batch  <- B calibration windows            (seeded by (seed, step): resumable exactly;
+                                                    batches="stream": the pool's next B windows)
         m_1..K <- Bernoulli(policy.probs())         (same generator; antithetic pairs for disarm)
         L_1..K <- loss_fn(model, batch, m)          (gated or gathered forward, no gradients)
         (distributed: rank r seeds with (seed, step, r); masks and losses of all N ranks are
@@ -113,7 +114,10 @@ def run_policy_gradient(
         fingerprint["world_size"] = world.size
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
 
-    baseline = BaselineState(window=pg.baseline_window)
+    if pg.batches == "stream" and calib_windows.shape[0] < pg.steps * pg.batch_size * world.size:
+        raise ConfigError(f"streamed batches use each window once: the pool has {calib_windows.shape[0]} windows, "
+                          f"{pg.steps} steps x {pg.batch_size} x {world.size} rank(s) need more")
+    baseline = BaselineState(window=pg.baseline_window, mode=pg.baseline)
     start, skipped, history, best = 0, 0, [], None
     if resume:
         state = _load_checkpoint(ckpt_dir, fingerprint, rewrite_log=world.is_main)
@@ -146,7 +150,11 @@ def run_policy_gradient(
     for step in range(start, end):
         s = policy.probs()
         gen = step_generator(seed, step, world.rank)
-        idx = torch.randperm(calib_windows.shape[0], generator=gen)[: pg.batch_size]
+        if pg.batches == "stream":  # the next windows, each used once
+            first = (step * world.size + world.rank) * pg.batch_size
+            idx = torch.arange(first, first + pg.batch_size)
+        else:
+            idx = torch.randperm(calib_windows.shape[0], generator=gen)[: pg.batch_size]
         batch = calib_windows[idx]  # loss_fn moves it to the model's input device
         m = sample_masks(s, pg.k, gen, antithetic=antithetic)
         losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pgprune.masks import Masks, UnitCosts
-from pgprune.budget import hard_mask, present_units, project
+from pgprune.budget import hard_mask, per_kind_hard_mask, present_units, project
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,11 @@ class UnitPolicy(Policy):
 
     def update(self, grad: torch.Tensor, lr: float) -> None:
         self.s = self._project(self.s - lr * grad)
+
+    def hard_mask(self) -> Masks:
+        if self.projection == "reference":  # the authors' per-kind top-k by unit count
+            return per_kind_hard_mask(self.layout.split(self.s.double()), self.costs, self.sparsity)
+        return super().hard_mask()
 
     def state_dict(self) -> dict:
         return {"probs": self.s.clone()}
