@@ -37,22 +37,6 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter, read_weight
 
 
-def check_masks(masks: Masks, costs: UnitCosts) -> None:
-    """Raise ConfigError unless every kind in `masks` has shape [L, units] or [K, L, units] for
-    this model."""
-    lead = None
-    for kind, t in masks.tensors.items():
-        want = (costs.num_layers, costs.units_per_layer(kind))
-        if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != want:
-            raise ConfigError(
-                f"the {kind!r} mask has shape {tuple(t.shape)} but this model needs [{want[0]}, {want[1]}] "
-                f"(or [K, {want[0]}, {want[1]}]); the masks were made for another model or before pruning")
-        k = t.shape[0] if t.dim() == 3 else None
-        if lead is not None and k != lead[1]:
-            raise ConfigError(f"mask kinds disagree on K: {lead[0]!r} has {lead[1]}, {kind!r} has {k}")
-        lead = (kind, k)
-
-
 def _num_masks(masks: Masks) -> int:
     return masks.batch_size or 1
 
@@ -149,7 +133,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
     """
     adapter = adapter or get_adapter(model)
     costs = costs or UnitCosts.from_adapter(adapter)
-    check_masks(masks, costs)
+    masks.check(costs)
     masks = masks.to("cpu")
     k = _num_masks(masks)
     eff = masks.effective(costs)
@@ -261,7 +245,7 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     _check_input_ids(input_ids, "gathered_losses")
     adapter = get_adapter(model)
     costs = costs or UnitCosts.from_adapter(adapter)
-    check_masks(masks, costs)
+    masks.check(costs)
     stack = masks if masks.batch_size is not None else Masks.stack([masks])
     ids = input_ids.to(_input_device(adapter))
     losses = []

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from pgprune.errors import ConfigError, UnsupportedModelError
-from pgprune.gating import check_masks
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models import pruned_modeling as pm
 from pgprune.models.adapter import ModelAdapter, get_adapter
@@ -152,7 +151,7 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
         model = copy_module.deepcopy(model)
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
-    check_masks(masks, costs)
+    masks.check(costs)
     if masks.batch_size is not None:
         if masks.batch_size != 1:
             raise ConfigError(f"prune_model takes one mask; got a stack of {masks.batch_size}. "
