@@ -2,7 +2,7 @@
 
 Hooks multiply activations by 0/1 keep-masks, so no weight is copied or changed:
 - heads: the input of o_proj (the concatenated head outputs), per KV group (a KV head and the
-  query heads that share it; query head h belongs to group h // queries_per_kv);
+  query heads that share it; which columns a group owns is the adapter's `expand_head_mask`);
 - channels: the input of down_proj (the MLP intermediate activations);
 - attention / MLP blocks: all their heads / channels (plus, if o_proj / down_proj has a bias, the
   block output), so the block adds nothing to the residual stream;
@@ -39,12 +39,6 @@ from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter, 
 
 def _num_masks(masks: Masks) -> int:
     return masks.batch_size or 1
-
-
-def _expand_heads(heads: torch.Tensor, width: int) -> torch.Tensor:
-    """[K, G] group keep -> [K, width] o_proj input columns (each group owns width/G columns)."""
-    per_group = width // heads.shape[-1]
-    return heads.repeat_interleave(per_group, dim=-1)
 
 
 class _Multiplier:
@@ -171,7 +165,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
         m = adapter.layer(i)
         if m.o_proj is not None:
             heads = eff["head"][:, i, : int(costs.num_kv_heads[i])]
-            add_gates(m.o_proj, _expand_heads(heads, m.o_proj.in_features), eff["attn"][:, i], "attn", i)
+            add_gates(m.o_proj, adapter.expand_head_mask(heads, "o"), eff["attn"][:, i], "attn", i)
         if m.down_proj is not None:
             chans = eff["channel"][:, i, : int(costs.intermediate[i])]
             add_gates(m.down_proj, chans, eff["mlp"][:, i], "mlp", i)

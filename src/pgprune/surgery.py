@@ -113,11 +113,6 @@ def _add_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
     lin.bias = nn.Parameter(new, requires_grad=lin.weight.requires_grad)
 
 
-def _group_rows(groups: torch.Tensor, rows_per_group: int) -> torch.Tensor:
-    """Row indices owned by the given groups when each group owns `rows_per_group` consecutive rows."""
-    return (groups[:, None] * rows_per_group + torch.arange(rows_per_group)[None, :]).reshape(-1)
-
-
 def _check_bias(output_bias: dict | None, costs: UnitCosts, hidden: int) -> dict[str, torch.Tensor]:
     if not output_bias:
         return {}
@@ -167,8 +162,7 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
     if not bool(eff["layer"].any()):
         raise ConfigError("the mask removes every decoder layer; keep at least one unit")
 
-    hidden, head_dim, g = adapter.hidden_size, adapter.head_dim, adapter.queries_per_kv
-    biases = _check_bias(output_bias, costs, hidden)
+    biases = _check_bias(output_bias, costs, adapter.hidden_size)
     old = read_structure(model, "the model to prune")  # pruning a pruned model composes
     roles = old.roles if old is not None else discover_roles(model, adapter)
     sources = old.source_layers if old is not None else list(range(L))
@@ -199,13 +193,10 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
         if bool(eff["attn"][i]):
             groups = eff["head"][i].nonzero().flatten()
             if len(groups) < int(costs.num_kv_heads[i]):
-                q_rows = _group_rows(groups, g * head_dim)
-                kv_rows = _group_rows(groups, head_dim)
-                _slice_linear(m.q_proj, out_idx=q_rows)
-                _slice_linear(m.k_proj, out_idx=kv_rows)
-                _slice_linear(m.v_proj, out_idx=kv_rows)
-                _slice_linear(m.o_proj, in_idx=q_rows)
-                pm._set_attn_counts(m.attn, len(groups), g)
+                for role, proj in (("q", m.q_proj), ("k", m.k_proj), ("v", m.v_proj)):
+                    _slice_linear(proj, out_idx=adapter.head_group_indices(groups, role))
+                _slice_linear(m.o_proj, in_idx=adapter.head_group_indices(groups, "o"))
+                pm._set_attn_counts(m.attn, len(groups), adapter.queries_per_kv)
             if nz_attn:
                 _add_bias(m.o_proj, b_attn)
         else:
