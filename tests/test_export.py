@@ -202,3 +202,88 @@ def test_cli_apply_and_info(tmp_path, capsys):
     assert "sparsity 0.00%" in capsys.readouterr().out
     assert main(["apply", str(dense_dir), "--masks", str(tmp_path / "missing.safetensors"), "--out",
                  str(tmp_path / "x")]) == 1
+
+
+# --- the structure record ----------------------------------------------------------------------------
+# config.pgprune as the first exporting version wrote it (structured_mask on the 4-layer llama case):
+# a folder exported then must keep loading, and its record must read back to the same JSON.
+OLD_RECORD = {
+    "format_version": 1,
+    "roles": {"layers": "model.layers", "attn": "self_attn", "mlp": "mlp", "input_norm": "input_layernorm",
+              "post_norm": "post_attention_layernorm", "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    "dense": {"num_hidden_layers": 4, "num_key_value_heads": 2, "num_attention_heads": 4, "intermediate_size": 96,
+              "prunable_params": 123, "total_params": 456},
+    "removed_layers": [2],
+    "layers": [
+        {"source_layer": 0, "num_key_value_heads": 0, "intermediate_size": 61, "o_proj_bias": False,
+         "down_proj_bias": False, "attn_output_bias": False, "mlp_output_bias": False},
+        {"source_layer": 3, "num_key_value_heads": 1, "intermediate_size": 0, "o_proj_bias": True,
+         "down_proj_bias": False, "attn_output_bias": False, "mlp_output_bias": True},
+    ],
+}
+
+
+def test_structure_record_round_trip(exported):
+    from pgprune.models.pruned_modeling import LayerRecord, StructureRecord
+
+    record = StructureRecord.from_dict(OLD_RECORD)
+    assert record.to_dict() == OLD_RECORD
+    assert json.dumps(record.to_dict()) == json.dumps(OLD_RECORD)  # same keys in the same order on disk
+    assert record.source_layers == [0, 3] and record.removed_layers == (2,)
+    assert record.layers[1] == LayerRecord(3, 1, 0, o_proj_bias=True, mlp_output_bias=True)
+    assert record.dense.prunable_params == 123
+    # every exported folder's record, and the in-memory model's, read back unchanged
+    _, _, out = exported
+    for case, item in out.items():
+        on_disk = json.loads((item["folder"] / "config.json").read_text())["pgprune"]
+        assert StructureRecord.from_dict(on_disk).to_dict() == on_disk, case
+        assert StructureRecord.of(item["model"]).to_dict() == item["model"].config.pgprune, case
+    assert StructureRecord.of(make_model("llama")) is None
+    # bias flags default to False, dense sizes may be absent (reading only)
+    lean = {"layers": [{"source_layer": 0, "num_key_value_heads": 2, "intermediate_size": 8}]}
+    r = StructureRecord.from_dict(lean)
+    assert r.dense is None and r.layers[0].o_proj_bias is False and r.format_version == 1
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: d.pop("layers"), "layers must be a non-empty list"),
+    (lambda d: d["layers"][1].update(num_key_value_heads="1"), r"layers\[1\]: 'num_key_value_heads' must be"),
+    (lambda d: d["layers"][0].update(intermediate_size=True), r"layers\[0\]: 'intermediate_size' must be"),
+    (lambda d: d["layers"][0].update(o_proj_bias="yes"), "'o_proj_bias' must be true or false"),
+    (lambda d: d["layers"][0].pop("source_layer"), "'source_layer' must be a non-negative integer, got None"),
+    (lambda d: d["roles"].pop("q"), "roles lacks the module name"),
+    (lambda d: d["dense"].pop("total_params"), r"dense: 'total_params'"),
+    (lambda d: d.update(removed_layers=[-1]), "removed_layers must be a list of layer indices"),
+    (lambda d: d.update(format_version=99), "update pgprune"),
+    (lambda d: d.update(layers=[[0, 1, 2]]), r"layers\[0\] must be a JSON object"),
+])
+def test_malformed_structure_record_is_a_clear_error(change, says):
+    import copy
+
+    from pgprune.models.pruned_modeling import StructureError, StructureRecord
+    from pgprune.models.structure import read_structure
+
+    bad = copy.deepcopy(OLD_RECORD)
+    change(bad)
+    with pytest.raises(StructureError, match=says):
+        StructureRecord.from_dict(bad)
+
+    class Config:
+        pgprune = bad
+
+    with pytest.raises(ModelLoadError, match=f"(?s)malformed pgprune structure record.*{says}.*pgprune apply"):
+        read_structure(Config())
+
+
+def test_load_pruned_with_a_malformed_record_names_the_file(exported, tmp_path):
+    import shutil
+
+    _, _, out = exported
+    folder = tmp_path / "broken"
+    shutil.copytree(out["llama"]["folder"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["pgprune"]["layers"][0]["num_key_value_heads"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"(?s)config\.json has a malformed.*layers\[0\]: 'num_key_value_heads'"):
+        load_pruned(folder, dtype="fp32", device="cpu")

@@ -138,3 +138,22 @@ def test_bad_masks_raise():
     none = Masks({"layer": torch.zeros(NUM_LAYERS, 1, dtype=torch.bool)})
     with pytest.raises(ConfigError, match="every decoder layer"):
         prune_model(model, none, copy=True)
+
+
+def test_adapter_owns_the_kv_group_layout():
+    """Group j owns q rows / o columns [j*g*d, (j+1)*g*d) and k / v rows [j*d, (j+1)*d) (repeat_kv)."""
+    adapter = get_adapter(make_model("llama"))  # 4 query heads, 2 KV heads, head_dim 16
+    g, d = adapter.queries_per_kv, adapter.head_dim
+    assert (g, d) == (2, 16)
+    groups = torch.tensor([1])
+    assert adapter.head_group_indices(groups, "q").tolist() == list(range(32, 64))
+    assert adapter.head_group_indices(groups, "o").tolist() == list(range(32, 64))
+    assert adapter.head_group_indices(groups, "k").tolist() == list(range(16, 32))
+    assert adapter.head_group_indices(torch.tensor([1, 0]), "v").tolist() == list(range(16, 32)) + list(range(16))
+    keep = torch.tensor([[True, False], [False, True]])
+    cols = adapter.expand_head_mask(keep, "o")
+    assert cols.shape == (2, 64) and cols[0, :32].all() and not cols[0, 32:].any() and cols[1, 32:].all()
+    x = torch.arange(64, dtype=torch.float64)
+    assert adapter.reduce_head_groups(x, "o").tolist() == [sum(range(32)), sum(range(32, 64))]
+    assert adapter.reduce_head_groups(x, "o", mean=True).tolist() == [15.5, 47.5]
+    assert adapter.head_group_cost(0) == (2 * g + 2) * d * adapter.hidden_size

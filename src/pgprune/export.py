@@ -3,8 +3,9 @@
 A folder written by `save_pruned` holds
   config.json           the family's own config (model_type unchanged, e.g. "llama"), with
                         num_hidden_layers = kept layers, layer_types sliced to them, the structure
-                        record `pgprune` (per-layer widths, removed blocks / layers, output biases,
-                        dense sizes) and auto_map -> modeling_pgprune.Pgprune<Family>ForCausalLM
+                        record `pgprune` (pruned_modeling.StructureRecord.to_dict(): per-layer widths,
+                        removed blocks / layers, output biases, dense sizes) and
+                        auto_map -> modeling_pgprune.Pgprune<Family>ForCausalLM
   model.safetensors     the pruned weights (same tensor names as the dense model, fewer of them)
   modeling_pgprune.py   a copy of pgprune/models/pruned_modeling.py (torch + transformers only)
   generation_config.json, tokenizer files (when a tokenizer is given)
@@ -33,6 +34,7 @@ from pgprune.errors import ConfigError, ModelLoadError
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models import pruned_modeling as pm
 from pgprune.models.adapter import get_adapter
+from pgprune.models.structure import read_structure
 from pgprune.surgery import is_pruned, layer_widths, prune_model
 
 MODELING_FILE = "modeling_pgprune.py"
@@ -46,19 +48,19 @@ def structure_summary(model: nn.Module) -> dict:
     fraction of all parameters removed is reported beside it."""
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
-    spec = getattr(model.config, pm.CONFIG_KEY, None) or {}
-    dense = spec.get("dense", {})
+    record = read_structure(model)
+    dense = record.dense if record is not None else None
     prunable = costs.prunable_params
     total = prunable + costs.outside_params
-    dense_prunable = int(dense.get("prunable_params", prunable))
-    dense_total = int(dense.get("total_params", total))
+    dense_prunable = dense.prunable_params if dense is not None else prunable
+    dense_total = dense.total_params if dense is not None else total
     widths = layer_widths(model)
     return {
         "model_type": model.config.model_type,
-        "pruned": bool(spec),
+        "pruned": record is not None,
         "num_layers": adapter.num_layers,
-        "dense_num_layers": int(dense.get("num_hidden_layers", adapter.num_layers)),
-        "removed_layers": list(spec.get("removed_layers", [])),
+        "dense_num_layers": dense.num_hidden_layers if dense is not None else adapter.num_layers,
+        "removed_layers": list(record.removed_layers) if record is not None else [],
         "prunable_params": prunable,
         "dense_prunable_params": dense_prunable,
         "sparsity": 1.0 - prunable / dense_prunable,
@@ -135,6 +137,11 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", devi
     torch_dtype = resolve_dtype(dtype, device)
     try:
         config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read {cfg_file} ({type(e).__name__}: {str(e)[:400]}); "
+                             "re-export the model with `pgprune apply`") from e
+    read_structure(config, str(cfg_file))  # a malformed record: a clear error before any weight is read
+    try:
         cls = pm.pruned_causal_lm_class(pm.family_causal_lm_class(config))
         placement = {"device_map": "auto"} if device == "auto" else {}
         model = cls.from_pretrained(str(path), config=config, dtype=torch_dtype, **placement)
@@ -163,7 +170,7 @@ def inspect_model(name: str) -> dict:
     if not kwargs and (Path(source) / "config.json").is_file():
         config = AutoConfig.from_pretrained(source)
         cls = pm.family_causal_lm_class(config)
-        if getattr(config, pm.CONFIG_KEY, None):
+        if read_structure(config, source) is not None:
             cls = pm.pruned_causal_lm_class(cls)
         with torch.device("meta"):
             model = cls(config)

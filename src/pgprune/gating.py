@@ -2,7 +2,7 @@
 
 Hooks multiply activations by 0/1 keep-masks, so no weight is copied or changed:
 - heads: the input of o_proj (the concatenated head outputs), per KV group (a KV head and the
-  query heads that share it; query head h belongs to group h // queries_per_kv);
+  query heads that share it; which columns a group owns is the adapter's `expand_head_mask`);
 - channels: the input of down_proj (the MLP intermediate activations);
 - attention / MLP blocks: all their heads / channels (plus, if o_proj / down_proj has a bias, the
   block output), so the block adds nothing to the residual stream;
@@ -37,30 +37,8 @@ from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter, read_weight
 
 
-def check_masks(masks: Masks, costs: UnitCosts) -> None:
-    """Raise ConfigError unless every kind in `masks` has shape [L, units] or [K, L, units] for
-    this model."""
-    lead = None
-    for kind, t in masks.tensors.items():
-        want = (costs.num_layers, costs.units_per_layer(kind))
-        if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != want:
-            raise ConfigError(
-                f"the {kind!r} mask has shape {tuple(t.shape)} but this model needs [{want[0]}, {want[1]}] "
-                f"(or [K, {want[0]}, {want[1]}]); the masks were made for another model or before pruning")
-        k = t.shape[0] if t.dim() == 3 else None
-        if lead is not None and k != lead[1]:
-            raise ConfigError(f"mask kinds disagree on K: {lead[0]!r} has {lead[1]}, {kind!r} has {k}")
-        lead = (kind, k)
-
-
 def _num_masks(masks: Masks) -> int:
     return masks.batch_size or 1
-
-
-def _expand_heads(heads: torch.Tensor, width: int) -> torch.Tensor:
-    """[K, G] group keep -> [K, width] o_proj input columns (each group owns width/G columns)."""
-    per_group = width // heads.shape[-1]
-    return heads.repeat_interleave(per_group, dim=-1)
 
 
 class _Multiplier:
@@ -149,7 +127,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
     """
     adapter = adapter or get_adapter(model)
     costs = costs or UnitCosts.from_adapter(adapter)
-    check_masks(masks, costs)
+    masks.check(costs)
     masks = masks.to("cpu")
     k = _num_masks(masks)
     eff = masks.effective(costs)
@@ -187,7 +165,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
         m = adapter.layer(i)
         if m.o_proj is not None:
             heads = eff["head"][:, i, : int(costs.num_kv_heads[i])]
-            add_gates(m.o_proj, _expand_heads(heads, m.o_proj.in_features), eff["attn"][:, i], "attn", i)
+            add_gates(m.o_proj, adapter.expand_head_mask(heads, "o"), eff["attn"][:, i], "attn", i)
         if m.down_proj is not None:
             chans = eff["channel"][:, i, : int(costs.intermediate[i])]
             add_gates(m.down_proj, chans, eff["mlp"][:, i], "mlp", i)
@@ -261,7 +239,7 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     _check_input_ids(input_ids, "gathered_losses")
     adapter = get_adapter(model)
     costs = costs or UnitCosts.from_adapter(adapter)
-    check_masks(masks, costs)
+    masks.check(costs)
     stack = masks if masks.batch_size is not None else Masks.stack([masks])
     ids = input_ids.to(_input_device(adapter))
     losses = []

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pgprune import atomic
-from pgprune.errors import ConfigError
+from pgprune.errors import CheckpointError, ConfigError
 from pgprune.models.adapter import ModelAdapter
 
 UNIT_KINDS = ("channel", "head", "attn", "mlp", "layer")
@@ -109,6 +110,8 @@ class Masks:
     """Boolean keep-masks per unit kind, `[L, units]` each, or `[K, L, units]` for K samples."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The file the masks were read from (set by `load`), so a mismatch can name it.
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for kind, t in self.tensors.items():
@@ -137,14 +140,38 @@ class Masks:
 
     def select(self, k: int) -> "Masks":
         """The k-th mask of a stack."""
-        return Masks({kind: t[k] for kind, t in self.tensors.items()})
+        return Masks({kind: t[k] for kind, t in self.tensors.items()}, self.source)
 
     @classmethod
     def stack(cls, masks: list["Masks"]) -> "Masks":
         return cls({kind: torch.stack([m[kind] for m in masks]) for kind in masks[0].kinds})
 
     def to(self, device) -> "Masks":
-        return Masks({k: t.to(device) for k, t in self.tensors.items()})
+        return Masks({k: t.to(device) for k, t in self.tensors.items()}, self.source)
+
+    def check(self, costs: UnitCosts) -> None:
+        """Raise ConfigError unless every kind has shape [L, units] or [K, L, units] for the model
+        `costs` describes (the same K for all kinds)."""
+        where = f" in {self.source}" if self.source else ""
+        hint = ("the masks were made for another model (or for this one before it was pruned); make them "
+                "for this model with `pgprune prune`")
+        lead = None
+        for kind, t in self.tensors.items():
+            layers, units = costs.num_layers, costs.units_per_layer(kind)
+            if t.dim() not in (2, 3):
+                raise ConfigError(f"the {kind!r} mask{where} has shape {tuple(t.shape)}; a mask is [layers, units] "
+                                  "or [K, layers, units]")
+            if t.shape[-2] != layers:
+                raise ConfigError(f"the {kind!r} mask{where} describes {t.shape[-2]} decoder layers but the model "
+                                  f"has {layers}; {hint}")
+            if t.shape[-1] != units:
+                raise ConfigError(f"the {kind!r} mask{where} has {t.shape[-1]} units per layer but the model has "
+                                  f"{units} (shape {tuple(t.shape)}, needed [{layers}, {units}] or "
+                                  f"[K, {layers}, {units}]); {hint}")
+            k = t.shape[0] if t.dim() == 3 else None
+            if lead is not None and k != lead[1]:
+                raise ConfigError(f"mask kinds{where} disagree on K: {lead[0]!r} has {lead[1]}, {kind!r} has {k}")
+            lead = (kind, k)
 
     # --- what is really kept -------------------------------------------------------------------
     def effective(self, costs: UnitCosts) -> dict[str, torch.Tensor]:
@@ -214,11 +241,30 @@ class Masks:
 
     @classmethod
     def load(cls, path: str | Path) -> "Masks":
+        """Read a file written by `save`. A file that is not one (not safetensors, truncated, no
+        mask tensors, unknown kinds, non-0/1 values) raises CheckpointError naming the file."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"mask file {path} does not exist; masks are written by `pgprune prune` "
                               "as masks.safetensors in the run folder")
-        return cls({k: t.bool() for k, t in load_file(str(path)).items()})
+        how = ("pass the masks.safetensors of a `pgprune prune` run folder (or a file written by "
+               "pgprune.masks.Masks.save)")
+        try:
+            raw = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"mask file {path} is not a readable safetensors file (damaged, truncated or "
+                                  f"another format: {e}); {how}") from e
+        if not raw:
+            raise CheckpointError(f"mask file {path} holds no mask tensors; {how}")
+        unknown = sorted(k for k in raw if k not in UNIT_KINDS)
+        if unknown:
+            raise CheckpointError(f"mask file {path} holds tensors {unknown} that are no unit kind (expected "
+                                  f"{', '.join(UNIT_KINDS)}); {how}")
+        for kind, t in raw.items():
+            if t.dim() not in (2, 3) or t.dtype not in (torch.uint8, torch.bool) or bool((t.to(torch.uint8) > 1).any()):
+                raise CheckpointError(f"mask file {path}: the {kind!r} tensor ({t.dtype}, shape {tuple(t.shape)}) is "
+                                      "not a 0/1 mask of shape [layers, units] or [K, layers, units]; " + how)
+        return cls({k: t.bool() for k, t in raw.items()}, str(path))
 
 
 def _present(widths: torch.Tensor, units: int) -> torch.Tensor:

@@ -86,13 +86,18 @@ def _dense_widths(record: dict) -> dict[str, list[int]]:
     L = int(desc["num_layers"])
     widths = {"head": [int(desc["num_kv_heads"])] * L, "channel": [int(desc["intermediate_size"])] * L}
     cfg = Path(str(record["settings"].get("model", ""))) / "config.json"
+    if not cfg.is_file():
+        return widths
+    from pgprune.models.pruned_modeling import CONFIG_KEY, StructureError, StructureRecord
+
     try:
-        layers = json.loads(cfg.read_text()).get("pgprune", {}).get("layers") if cfg.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        layers = None
+        structure = json.loads(cfg.read_text()).get(CONFIG_KEY)
+        layers = StructureRecord.from_dict(structure).layers if structure else None
+    except (OSError, json.JSONDecodeError, StructureError):
+        layers = None  # an unreadable input config only costs the plot its per-layer dense widths
     if layers and len(layers) == L:
-        widths = {"head": [int(x["num_key_value_heads"]) for x in layers],
-                  "channel": [int(x["intermediate_size"]) for x in layers]}
+        widths = {"head": [ls.num_key_value_heads for ls in layers],
+                  "channel": [ls.intermediate_size for ls in layers]}
     return widths
 
 

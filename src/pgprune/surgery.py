@@ -21,10 +21,10 @@ each non-zero vector adds `hidden` parameters). For a removed block of a kept la
 kept as a constant added to the residual stream (`attn_output_bias` / `mlp_output_bias`); a
 non-zero vector for a removed layer is an error. All-zero vectors are ignored.
 
-The pruned model's config records its structure in `config.pgprune` (see
-`pgprune.models.pruned_modeling`), `num_hidden_layers` counts the kept layers and `layer_types` is
-sliced to them; pruning an already pruned model composes (source layer indices and the dense
-parameter counts are carried over).
+The pruned model's config records its structure in `config.pgprune` (a
+`pruned_modeling.StructureRecord`, stored in its JSON form), `num_hidden_layers` counts the kept
+layers and `layer_types` is sliced to them; pruning an already pruned model composes (source layer
+indices and the dense parameter counts are carried over).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from pgprune.errors import ConfigError, UnsupportedModelError
-from pgprune.gating import check_masks
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models import pruned_modeling as pm
 from pgprune.models.adapter import ModelAdapter, get_adapter
+from pgprune.models.structure import read_structure
 
 
 def is_pruned(model: nn.Module) -> bool:
@@ -113,11 +113,6 @@ def _add_bias(lin: nn.Linear, bias: torch.Tensor) -> None:
     lin.bias = nn.Parameter(new, requires_grad=lin.weight.requires_grad)
 
 
-def _group_rows(groups: torch.Tensor, rows_per_group: int) -> torch.Tensor:
-    """Row indices owned by the given groups when each group owns `rows_per_group` consecutive rows."""
-    return (groups[:, None] * rows_per_group + torch.arange(rows_per_group)[None, :]).reshape(-1)
-
-
 def _check_bias(output_bias: dict | None, costs: UnitCosts, hidden: int) -> dict[str, torch.Tensor]:
     if not output_bias:
         return {}
@@ -152,7 +147,7 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
         model = copy_module.deepcopy(model)
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
-    check_masks(masks, costs)
+    masks.check(costs)
     if masks.batch_size is not None:
         if masks.batch_size != 1:
             raise ConfigError(f"prune_model takes one mask; got a stack of {masks.batch_size}. "
@@ -167,19 +162,18 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
     if not bool(eff["layer"].any()):
         raise ConfigError("the mask removes every decoder layer; keep at least one unit")
 
-    hidden, head_dim, g = adapter.hidden_size, adapter.head_dim, adapter.queries_per_kv
-    biases = _check_bias(output_bias, costs, hidden)
-    old_spec = getattr(model.config, pm.CONFIG_KEY, None) or {}
-    roles = old_spec.get("roles") or discover_roles(model, adapter)
-    old_layers = old_spec.get("layers") or [{"source_layer": i} for i in range(L)]
-    dense = old_spec.get("dense") or {
-        "num_hidden_layers": L,
-        "num_key_value_heads": adapter.dense_num_kv_heads,
-        "num_attention_heads": adapter.dense_num_heads,
-        "intermediate_size": adapter.dense_intermediate_size,
-        "prunable_params": costs.prunable_params,
-        "total_params": costs.prunable_params + costs.outside_params,
-    }
+    biases = _check_bias(output_bias, costs, adapter.hidden_size)
+    old = read_structure(model, "the model to prune")  # pruning a pruned model composes
+    roles = old.roles if old is not None else discover_roles(model, adapter)
+    sources = old.source_layers if old is not None else list(range(L))
+    dense = old.dense if old is not None and old.dense is not None else pm.DenseSizes(
+        num_hidden_layers=L,
+        num_key_value_heads=adapter.dense_num_kv_heads,
+        num_attention_heads=adapter.dense_num_heads,
+        intermediate_size=adapter.dense_intermediate_size,
+        prunable_params=costs.prunable_params,
+        total_params=costs.prunable_params + costs.outside_params,
+    )
 
     new_layers, removed = [], []
     for i in range(L):
@@ -199,13 +193,10 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
         if bool(eff["attn"][i]):
             groups = eff["head"][i].nonzero().flatten()
             if len(groups) < int(costs.num_kv_heads[i]):
-                q_rows = _group_rows(groups, g * head_dim)
-                kv_rows = _group_rows(groups, head_dim)
-                _slice_linear(m.q_proj, out_idx=q_rows)
-                _slice_linear(m.k_proj, out_idx=kv_rows)
-                _slice_linear(m.v_proj, out_idx=kv_rows)
-                _slice_linear(m.o_proj, in_idx=q_rows)
-                pm._set_attn_counts(m.attn, len(groups), g)
+                for role, proj in (("q", m.q_proj), ("k", m.k_proj), ("v", m.v_proj)):
+                    _slice_linear(proj, out_idx=adapter.head_group_indices(groups, role))
+                _slice_linear(m.o_proj, in_idx=adapter.head_group_indices(groups, "o"))
+                pm._set_attn_counts(m.attn, len(groups), adapter.queries_per_kv)
             if nz_attn:
                 _add_bias(m.o_proj, b_attn)
         else:
@@ -230,15 +221,15 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
                 _add_layer_constant(layer, "mlp_output_bias", b_mlp)
 
         m = adapter.layer(i)  # re-read: blocks may be None now
-        new_layers.append({
-            "source_layer": int(old_layers[i]["source_layer"]),
-            "num_key_value_heads": 0 if m.k_proj is None else m.k_proj.out_features // head_dim,
-            "intermediate_size": 0 if m.up_proj is None else m.up_proj.out_features,
-            "o_proj_bias": m.o_proj is not None and m.o_proj.bias is not None,
-            "down_proj_bias": m.down_proj is not None and m.down_proj.bias is not None,
-            "attn_output_bias": getattr(layer, "attn_output_bias", None) is not None,
-            "mlp_output_bias": getattr(layer, "mlp_output_bias", None) is not None,
-        })
+        new_layers.append(pm.LayerRecord(
+            source_layer=sources[i],
+            num_key_value_heads=adapter.num_kv_heads(i),
+            intermediate_size=adapter.intermediate_size(i),
+            o_proj_bias=m.o_proj is not None and m.o_proj.bias is not None,
+            down_proj_bias=m.down_proj is not None and m.down_proj.bias is not None,
+            attn_output_bias=getattr(layer, "attn_output_bias", None) is not None,
+            mlp_output_bias=getattr(layer, "mlp_output_bias", None) is not None,
+        ))
 
     layers = adapter.decoder_layers()
     config = model.config
@@ -251,16 +242,12 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
     config.num_hidden_layers = len(layers)
     if layer_types is not None:
         config.layer_types = kept_types
-    spec = {
-        "format_version": pm.FORMAT_VERSION,
-        "roles": roles,
-        "dense": dense,
-        "removed_layers": sorted(set(old_spec.get("removed_layers", []))
-                                 | {int(old_layers[i]["source_layer"]) for i in removed}),
-        "layers": new_layers,
-    }
-    setattr(config, pm.CONFIG_KEY, spec)
-    pm.mark_layers(model, spec)
+    previously_removed = set(old.removed_layers) if old is not None else set()
+    record = pm.StructureRecord(
+        layers=tuple(new_layers), roles=roles, dense=dense,
+        removed_layers=tuple(sorted(previously_removed | {sources[i] for i in removed})))
+    setattr(config, pm.CONFIG_KEY, record.to_dict())  # the config holds the JSON form (config.json)
+    pm.mark_layers(model, record)
     model.__class__ = pm.pruned_causal_lm_class(type(model))
     return model
 
@@ -273,10 +260,10 @@ def _add_layer_constant(layer: nn.Module, name: str, bias: torch.Tensor) -> None
     layer.register_parameter(name, nn.Parameter(new, requires_grad=ref.requires_grad))
 
 
-def _check_cache_slots(kept_types: list, new_layers: list[dict]) -> None:
+def _check_cache_slots(kept_types: list, new_layers: list[pm.LayerRecord]) -> None:
     """Only layers with attention own a KV-cache slot, and transformers builds slot j's cache from
     layer_types[j]; with mixed sliding/full layers that only works if the types still line up."""
-    attn_types = [t for t, ls in zip(kept_types, new_layers) if ls["num_key_value_heads"] > 0]
+    attn_types = [t for t, ls in zip(kept_types, new_layers) if ls.num_key_value_heads > 0]
     if attn_types != kept_types[: len(attn_types)]:
         raise UnsupportedModelError(
             "this model mixes attention layer types (sliding / full) and the mask removes attention blocks "
@@ -287,8 +274,8 @@ def _check_cache_slots(kept_types: list, new_layers: list[dict]) -> None:
 def layer_widths(model: nn.Module) -> list[dict]:
     """Per decoder layer: source layer, KV groups, query heads, channels, parameters."""
     adapter = get_adapter(model)
-    spec = getattr(model.config, pm.CONFIG_KEY, None) or {}
-    src = [ls["source_layer"] for ls in spec.get("layers", [])] or list(range(adapter.num_layers))
+    record = read_structure(model)
+    src = record.source_layers if record is not None else list(range(adapter.num_layers))
     out = []
     for i in range(adapter.num_layers):
         kv = adapter.num_kv_heads(i)

@@ -333,23 +333,19 @@ def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: La
                       cos_attn=cos["attn"], cos_mlp=cos["mlp"], cos_layer=cos["layer"])
 
 
-def features_per_head_group(adapter: ModelAdapter) -> int:
-    """Input features of o_proj that belong to one KV-head group (its query heads' dims)."""
-    return adapter.queries_per_kv * adapter.head_dim
-
-
 def _apply_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
     """Temporary hooks that make layer `mods` behave as if `edit` had been applied by surgery:
     removed units contribute nothing, compensation biases are added, empty blocks vanish."""
     handles = []
-    for proj, keep, bias, per_unit in (
-        (mods.o_proj, edit.head_keep, edit.attn_bias, features_per_head_group(adapter)),
-        (mods.down_proj, edit.channel_keep, edit.mlp_bias, 1),
+    head_features = None if edit.head_keep is None else adapter.expand_head_mask(edit.head_keep, "o")
+    for proj, keep, bias in (
+        (mods.o_proj, head_features, edit.attn_bias),
+        (mods.down_proj, edit.channel_keep, edit.mlp_bias),
     ):
         if proj is None or (keep is None and bias is None):
             continue
         dev = execution_device(proj)  # not proj.weight.device: "meta" while a device_map offloads it
-        feat = None if keep is None else keep.to(dev).repeat_interleave(per_unit)
+        feat = None if keep is None else keep.to(dev)
         empty = feat is not None and not bool(feat.any())
         add = None if bias is None else bias.to(dev, proj.weight.dtype)
         if feat is not None and not empty:

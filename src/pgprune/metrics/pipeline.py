@@ -19,8 +19,7 @@ from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
 from pgprune.budget import check_sparsity
 from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, lowest_in_layer,
                                         uniform_plan)
-from pgprune.metrics.calibration import (LayerEdit, LayerStats, collect_layer_stats, feature_means,
-                                        features_per_head_group)
+from pgprune.metrics.calibration import LayerEdit, LayerStats, collect_layer_stats, feature_means
 from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
 from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
 
@@ -48,7 +47,7 @@ def compensation_biases(adapter: ModelAdapter, means: dict[str, list], masks: Ma
     eff = masks.effective(costs)
     L, H = costs.num_layers, adapter.hidden_size
     out = {"attn": torch.zeros(L, H), "mlp": torch.zeros(L, H)}
-    per_head = features_per_head_group(adapter)
+    per_head = adapter.head_group_width("o")
     last_kept = None
     for i in range(L):
         kept_layer = bool(eff["layer"][i])
@@ -203,7 +202,7 @@ def _pruning_walker(m, adapter, kinds, seed, plan, compensate: bool, record: dic
 def _layer_compensation(adapter, i, st: LayerStats, keep: dict[str, torch.Tensor]):
     m = adapter.layer(i)
     out = []
-    for proj, fs, k, per_unit in ((m.o_proj, st.attn_in, keep.get("head"), features_per_head_group(adapter)),
+    for proj, fs, k, per_unit in ((m.o_proj, st.attn_in, keep.get("head"), adapter.head_group_width("o")),
                                   (m.down_proj, st.mlp_in, keep.get("channel"), 1)):
         if proj is None or k is None or bool(k.all()):
             out.append(None)

@@ -29,7 +29,7 @@ import torch
 
 from pgprune.errors import ConfigError
 from pgprune.masks import UNIT_KINDS, parse_unit_kinds
-from pgprune.metrics.calibration import LayerStats, collect_layer_stats, features_per_head_group
+from pgprune.metrics.calibration import LayerStats, collect_layer_stats
 from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
 
 ScoreFn = Callable[[ModelAdapter, int, "LayerStats | None", tuple, int], dict]
@@ -67,10 +67,6 @@ class Scores:
 # --- per-layer building blocks ------------------------------------------------------------------
 def _weights(proj) -> torch.Tensor:
     return read_weight(proj).float()
-
-
-def _group_sum(x: torch.Tensor, per_group: int) -> torch.Tensor:
-    return x.reshape(-1, per_group).sum(-1)
 
 
 def _blocks(kinds, attn: torch.Tensor | None, mlp: torch.Tensor | None, out: dict) -> dict:
@@ -112,7 +108,7 @@ def _unit_scores(adapter, i, stats, kinds, features: Callable, head_transform=No
         attn_total = f.sum()
         if "head" in kinds:
             h = f if head_transform is None else head_transform(f)
-            out["head"] = _group_sum(h, features_per_head_group(adapter))
+            out["head"] = adapter.reduce_head_groups(h, "o")
     elif "head" in kinds:
         out["head"] = torch.empty(0, dtype=torch.float64)
     if m.down_proj is not None:
@@ -151,7 +147,7 @@ def _flap_standardized(adapter, i, stats, kinds, seed) -> dict:
             out["head"] = torch.empty(0, dtype=torch.float64)
         else:
             f = _standardize_1d(_flap_features(m.o_proj, stats.attn_in).pow(2))
-            out["head"] = f.reshape(-1, features_per_head_group(adapter)).mean(-1)
+            out["head"] = adapter.reduce_head_groups(f, "o", mean=True)
     if "channel" in kinds:
         out["channel"] = (torch.empty(0, dtype=torch.float64) if m.down_proj is None
                           else _standardize_1d(_flap_features(m.down_proj, stats.mlp_in)))
@@ -163,12 +159,10 @@ def _magnitude(adapter, i, stats, kinds, seed) -> dict:
     out: dict[str, torch.Tensor] = {}
     attn_sq = mlp_sq = None
     if m.o_proj is not None:
-        g, hd = adapter.queries_per_kv, adapter.head_dim
-        q = _weights(m.q_proj).pow(2).sum(1).reshape(-1, g * hd).sum(1)
-        k = _weights(m.k_proj).pow(2).sum(1).reshape(-1, hd).sum(1)
-        v = _weights(m.v_proj).pow(2).sum(1).reshape(-1, hd).sum(1)
-        o = _weights(m.o_proj).pow(2).sum(0).reshape(-1, g * hd).sum(1)
-        per_head = (q + k + v + o).double()
+        rows = {role: _weights(proj).pow(2).sum(1) for role, proj in (("q", m.q_proj), ("k", m.k_proj),
+                                                                     ("v", m.v_proj))}
+        rows["o"] = _weights(m.o_proj).pow(2).sum(0)  # o_proj: a group owns input columns
+        per_head = sum(adapter.reduce_head_groups(x, role) for role, x in rows.items()).double()
         out["head"] = per_head.sqrt()
         attn_sq = per_head.sum()
     else:

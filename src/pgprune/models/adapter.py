@@ -10,6 +10,7 @@ names match), and decorate it with `@register_adapter("model_type", ...)`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -98,8 +99,13 @@ class LayerModules:
     post_attention_norm: nn.Module
 
 
-class ModelAdapter:
-    """Family knowledge for one loaded model. Subclasses fill in the module names."""
+class ModelAdapter(ABC):
+    """Family knowledge for one loaded model.
+
+    A subclass must implement the five abstract methods below (the module names of its family);
+    everything else has a default for the LLaMA layout (pre-norm decoder layers, q/k/v/o and
+    gate/up/down projections, grouped-query attention with consecutive head blocks) that a family
+    with another layout overrides: the shapes, the KV-head group layout and the parameter costs."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
@@ -107,21 +113,27 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
 
-    # --- whole-model modules -------------------------------------------------------------
+    # --- whole-model modules (required) --------------------------------------------------------
+    @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The ModuleList of decoder layers, in order (surgery deletes entries from it)."""
 
+    @abstractmethod
     def embed_tokens(self) -> nn.Module:
-        raise NotImplementedError
+        """The token embedding; its execution device is where input ids go."""
 
+    @abstractmethod
     def final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        """The norm after the last decoder layer (calibration stops the forward pass in front of it)."""
 
+    @abstractmethod
     def lm_head(self) -> nn.Module:
-        raise NotImplementedError
+        """The output projection from hidden states to vocabulary logits."""
 
+    @abstractmethod
     def layer(self, i: int) -> LayerModules:
-        raise NotImplementedError
+        """The modules of decoder layer i, read afresh on every call; a block that surgery removed
+        is None, and so are its projections."""
 
     # --- shapes ----------------------------------------------------------------------------
     @property
@@ -158,7 +170,38 @@ class ModelAdapter:
     def num_kv_heads(self, i: int) -> int:
         """KV-head groups present in layer i (0 when its attention block was removed)."""
         k = self.layer(i).k_proj
-        return 0 if k is None else k.out_features // self.head_dim
+        return 0 if k is None else k.out_features // self.head_group_width("k")
+
+    # --- KV-head groups: the rows / columns a unit of kind `head` owns ---------------------------
+    # Decided here once; surgery (slicing), gating (o_proj input mask), calibration (layer edits),
+    # the metric scores and the compensation all ask these methods. LLaMA layout (transformers'
+    # repeat_kv): query head h reads KV head h // queries_per_kv, so group j owns one consecutive
+    # block of rows in q_proj, k_proj and v_proj and the block of o_proj input columns that matches
+    # its q rows.
+    def head_group_width(self, role: str) -> int:
+        """How many rows of q_proj ("q"), k_proj ("k") or v_proj ("v"), or input columns of o_proj
+        ("o"), one KV-head group owns."""
+        queries = self.queries_per_kv * self.head_dim
+        return {"q": queries, "o": queries, "k": self.head_dim, "v": self.head_dim}[role]
+
+    def head_group_indices(self, groups: torch.Tensor, role: str) -> torch.Tensor:
+        """Long [len(groups) * width]: the rows ("q", "k", "v") or o_proj input columns ("o") owned
+        by the KV-head groups `groups` (a long tensor of group indices), group by group in order."""
+        width = self.head_group_width(role)
+        groups = groups.long().cpu()
+        return (groups[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+    def expand_head_mask(self, keep: torch.Tensor, role: str = "o") -> torch.Tensor:
+        """[..., G] per KV-head group -> [..., G * width] per row / column of `role` (each group's
+        value repeated over the rows / columns it owns); e.g. a keep-mask over groups becomes the
+        keep-mask over o_proj's input features."""
+        return keep.repeat_interleave(self.head_group_width(role), dim=-1)
+
+    def reduce_head_groups(self, x: torch.Tensor, role: str = "o", mean: bool = False) -> torch.Tensor:
+        """[G * width] per row / column of `role` -> [G]: the sum (or with `mean` the mean) over the
+        rows / columns each KV-head group owns (per-feature scores -> per-group scores)."""
+        per_group = x.reshape(-1, self.head_group_width(role))
+        return per_group.mean(-1) if mean else per_group.sum(-1)
 
     def intermediate_size(self, i: int) -> int:
         """MLP channels present in layer i (0 when its MLP block was removed)."""
@@ -170,11 +213,10 @@ class ModelAdapter:
         """Parameters removed with one KV-head group of layer i: its K and V heads, the query
         heads that share them, their O columns, and their slices of q/k/v biases."""
         m = self.layer(i)
-        hd, h, g = self.head_dim, self.hidden_size, self.queries_per_kv
-        cost = (2 * g + 2) * hd * h
-        for proj, heads in ((m.q_proj, g), (m.k_proj, 1), (m.v_proj, 1)):
+        cost = sum(self.head_group_width(role) for role in "qkvo") * self.hidden_size
+        for proj, role in ((m.q_proj, "q"), (m.k_proj, "k"), (m.v_proj, "v")):
             if proj is not None and proj.bias is not None:
-                cost += heads * hd
+                cost += self.head_group_width(role)
         return cost
 
     def channel_cost(self, i: int) -> int:
