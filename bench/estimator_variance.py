@@ -32,7 +32,8 @@ from _common import command_line, load_setup, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows  # noqa: E402
 from pgprune.gating import FORWARDS  # noqa: E402
-from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats
+from pgprune.reconstruction import feature_means  # noqa: E402
 from pgprune.policy.initial_probabilities import init_probabilities  # noqa: E402
 from pgprune.metrics.pipeline import run_metric  # noqa: E402
 from pgprune.budget import project  # noqa: E402

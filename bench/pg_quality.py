@@ -26,8 +26,10 @@ from _common import RESULTS_DIR, calibration_windows, save, table  # noqa: E402
 from pgprune.config import RECIPES, RunSettings  # noqa: E402
 from pgprune.data import get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
-from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
-from pgprune.metrics.pipeline import compensation_biases, run_metric  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats
+from pgprune.reconstruction import feature_means  # noqa: E402
+from pgprune.metrics.pipeline import run_metric
+from pgprune.reconstruction import compensation_biases  # noqa: E402
 from pgprune.policy.loop import run_policy_gradient  # noqa: E402
 from pgprune.pruning import load_session, start_policy  # noqa: E402
 from pgprune.surgery import prune_model  # noqa: E402

@@ -161,7 +161,8 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
 
 def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, progress: bool, world) -> dict:
     from pgprune.export import save_pruned
-    from pgprune.metrics.pipeline import compensation_biases, run_metric
+    from pgprune.metrics.pipeline import run_metric
+    from pgprune.reconstruction import compensation_biases
 
     t_start = time.perf_counter()
     out_folder = _OutFolder(out, resume, overwrite)
@@ -208,7 +209,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     masks, bias = (metric.masks, metric.output_bias) if metric is not None else (None, None)
 
     if pg_run:
-        from pgprune.metrics.calibration import feature_means
+        from pgprune.reconstruction import feature_means
 
         dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric)
         fill = feature_means(dense_stats()) if settings.pg.compensate else None

@@ -6,14 +6,15 @@
     pipeline     one call: run_metric(model, calib_ids, method, sparsity, kinds, allocation) -> MetricResult,
                  or metric_masks(...) -> (masks, output_bias, info)
 
-The budget arithmetic they share with the policies lives in pgprune.budget.
+The budget arithmetic they share with the policies lives in pgprune.budget, the bias compensation in
+pgprune.reconstruction.
 """
 
 from pgprune.metrics.allocation import ALLOCATIONS, Allocation, allocate
-from pgprune.metrics.pipeline import MetricResult, compensation_biases, metric_masks, run_metric
+from pgprune.metrics.pipeline import MetricResult, metric_masks, run_metric
 from pgprune.metrics.scores import METHODS, Scores, compute_scores
 
 __all__ = [
-    "ALLOCATIONS", "Allocation", "allocate", "MetricResult", "compensation_biases", "metric_masks",
+    "ALLOCATIONS", "Allocation", "allocate", "MetricResult", "metric_masks",
     "run_metric", "METHODS", "Scores", "compute_scores",
 ]
