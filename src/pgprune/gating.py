@@ -38,7 +38,7 @@ from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter, 
 
 
 def _num_masks(masks: Masks) -> int:
-    return masks.batch_size or 1
+    return masks.num_masks or 1
 
 
 class _Multiplier:
@@ -131,7 +131,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
     masks = masks.to("cpu")
     k = _num_masks(masks)
     eff = masks.effective(costs)
-    if masks.batch_size is None:
+    if masks.num_masks is None:
         eff = {kind: t.unsqueeze(0) for kind, t in eff.items()}  # [1, L, ...]
     hooks: list[tuple[nn.Module, str, _Multiplier]] = []
 
@@ -240,10 +240,10 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     adapter = get_adapter(model)
     costs = costs or UnitCosts.from_adapter(adapter)
     masks.check(costs)
-    stack = masks if masks.batch_size is not None else Masks.stack([masks])
+    stack = masks if masks.num_masks is not None else Masks.stack([masks])
     ids = input_ids.to(_input_device(adapter))
     losses = []
-    for j in range(stack.batch_size):
+    for j in range(stack.num_masks):
         mask = stack.select(j)
         bias = None if fill is None else compensation_biases(adapter, fill, mask, costs)
         losses.append(token_nll(pruned_view(model, mask, output_bias=bias), ids).mean())

@@ -130,7 +130,7 @@ class Masks:
         return tuple(k for k in UNIT_KINDS if k in self.tensors)
 
     @property
-    def batch_size(self) -> int | None:
+    def num_masks(self) -> int | None:
         """K for stacked masks, None for a single mask."""
         t = next(iter(self.tensors.values()), None)
         return None if t is None or t.dim() == 2 else t.shape[0]
@@ -179,7 +179,7 @@ class Masks:
         'mlp': [..., L], 'layer': [..., L]}. Padding units (beyond a layer's real width) are False.
         A block with no head / channel left is removed, and a layer with both blocks removed is
         removed too."""
-        lead = () if self.batch_size is None else (self.batch_size,)
+        lead = () if self.num_masks is None else (self.num_masks,)
         L = costs.num_layers
         device = next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
 

@@ -148,9 +148,9 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
     masks.check(costs)
-    if masks.batch_size is not None:
-        if masks.batch_size != 1:
-            raise ConfigError(f"prune_model takes one mask; got a stack of {masks.batch_size}. "
+    if masks.num_masks is not None:
+        if masks.num_masks != 1:
+            raise ConfigError(f"prune_model takes one mask; got a stack of {masks.num_masks}. "
                               "Pick one with masks.select(k)")
         masks = masks.select(0)
     if any(p.device.type == "meta" for p in model.parameters()):
