@@ -40,16 +40,14 @@ def _fmt(v) -> str:
 
 
 def load_setup(model_name: str, dtype: str, units: str):
-    """(model, tokenizer, adapter, unit costs, PG unit layout for `units`), on the CPU."""
-    from pgprune.masks import UnitCosts, parse_unit_kinds
-    from pgprune.models.adapter import get_adapter
-    from pgprune.models.load import load_model
-    from pgprune.policy.probabilities import UnitLayout
+    """(model, tokenizer, adapter, unit costs, PG unit layout for `units`), on the CPU: prune()'s own
+    setup (pgprune.pruning.load_session)."""
+    from pgprune.config import RunSettings
+    from pgprune.pruning import load_session
 
-    model, tok = load_model(model_name, dtype=dtype, device="cpu")
-    adapter = get_adapter(model)
-    costs = UnitCosts.from_adapter(adapter)
-    return model, tok, adapter, costs, UnitLayout.build(costs, parse_unit_kinds(units))
+    s = load_session(RunSettings.from_recipe("features", {"model": model_name, "execution.dtype": dtype,
+                                                          "units": units, "execution.device": "cpu"}))
+    return s.model, s.tokenizer, s.adapter, s.costs, s.layout
 
 
 VALID_TAIL = "valid-tail"  # a calibration source of the benches only: in-domain text for WikiText-2

@@ -32,11 +32,12 @@ from _common import command_line, load_setup, save, table  # noqa: E402
 
 from pgprune.data import get_calibration_windows  # noqa: E402
 from pgprune.gating import FORWARDS  # noqa: E402
-from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
-from pgprune.metrics.init import init_probabilities  # noqa: E402
-from pgprune.metrics.prune import run_metric  # noqa: E402
-from pgprune.policy.budget import project  # noqa: E402
-from pgprune.policy.estimators import ANTITHETIC, ESTIMATORS, BaselineState, get_estimator  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats
+from pgprune.reconstruction import feature_means  # noqa: E402
+from pgprune.policy.initial_probabilities import init_probabilities  # noqa: E402
+from pgprune.metrics.pipeline import run_metric  # noqa: E402
+from pgprune.budget import project  # noqa: E402
+from pgprune.policy.estimators import ESTIMATORS, BaselineState, get_estimator  # noqa: E402
 from pgprune.policy.loop import step_generator  # noqa: E402
 from pgprune.policy.probabilities import sample_masks  # noqa: E402
 
@@ -82,7 +83,7 @@ def main() -> None:
     for step in range(args.steps):  # PG's draws at fixed probabilities
         gen = step_generator(0, step)
         batch = pool[torch.randperm(pool.shape[0], generator=gen)[: args.batch_size]]
-        for antithetic in sorted({name in ANTITHETIC for name in estimators}):
+        for antithetic in sorted({ESTIMATORS[name].antithetic for name in estimators}):
             m = sample_masks(s, args.k, gen, antithetic=antithetic)
             samples[antithetic].append((m, loss_fn(model, batch, layout.masks(m), costs=costs).float()))
     seconds = time.perf_counter() - t0
@@ -94,7 +95,7 @@ def main() -> None:
     for name, controlled in variants:
         estimator = get_estimator(name, args.k, layout.cost if controlled else None)  # as in the loop
         baseline, grads = BaselineState(), []
-        for m, losses in samples[name in ANTITHETIC]:
+        for m, losses in samples[ESTIMATORS[name].antithetic]:
             g, _ = estimator(m, s, losses, baseline)
             g = g.double() * s.double() * (1 - s.double())
             grads.append(g - (g @ direction) * direction)

@@ -31,8 +31,10 @@ from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.lm_loss import token_nll  # noqa: E402
 from pgprune.masks import Masks  # noqa: E402
-from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
-from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats
+from pgprune.reconstruction import feature_means  # noqa: E402
+from pgprune.metrics.pipeline import run_metric
+from pgprune.reconstruction import compensation_biases  # noqa: E402
 from pgprune.surgery import pruned_view  # noqa: E402
 
 

@@ -15,24 +15,32 @@ matplotlib is installed.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, calibration_windows, load_setup, save, table  # noqa: E402
+from _common import RESULTS_DIR, calibration_windows, save, table  # noqa: E402
 
+from pgprune.config import RECIPES, RunSettings  # noqa: E402
 from pgprune.data import get_eval_tokens  # noqa: E402
 from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
-from pgprune.gating import FORWARDS, gated  # noqa: E402
-from pgprune.metrics.calibration import collect_layer_stats, feature_means  # noqa: E402
-from pgprune.metrics.init import init_probabilities  # noqa: E402
-from pgprune.metrics.prune import compensation_biases, run_metric  # noqa: E402
-from pgprune.policy.features import FeaturePolicy  # noqa: E402
-from pgprune.policy.loop import POLICIES, PGConfig, run_policy_gradient  # noqa: E402
+from pgprune.metrics.calibration import collect_layer_stats
+from pgprune.reconstruction import feature_means  # noqa: E402
+from pgprune.metrics.pipeline import run_metric
+from pgprune.reconstruction import compensation_biases  # noqa: E402
+from pgprune.policy.loop import run_policy_gradient  # noqa: E402
+from pgprune.pruning import load_session, start_policy  # noqa: E402
 from pgprune.surgery import prune_model  # noqa: E402
+
+# this bench's flags -> the RunSettings paths they set (the rest of a run's settings: the recipe's)
+SETTINGS_OF_FLAGS = {"model": "model", "dtype": "execution.dtype", "units": "units", "allocation": "allocation",
+                     "init_scale": "pg.init_scale", "policy": "pg.policy", "steps": "pg.steps", "lr": "pg.lr",
+                     "k": "pg.k", "control_variate": "pg.control_variate", "floor": "pg.floor", "select": "pg.select",
+                     "forward": "execution.forward", "compensate": "pg.compensate", "batch_size": "pg.batch_size",
+                     "seqlen": "data.seqlen", "seed": "seed", "eval_every": "pg.eval_every",
+                     "track_max_tokens": "eval.track_max_tokens"}
 
 
 def main() -> None:
@@ -50,7 +58,9 @@ def main() -> None:
     ap.add_argument("--init-scale", type=float, default=1.0,
                     help="sigmoid scale of the standardised init scores: larger = probabilities nearer 0/1, so "
                          "PG explores only near the metric's decision boundary")
-    ap.add_argument("--policy", default="units", choices=list(POLICIES),
+    ap.add_argument("--recipe", default=None, choices=list(RECIPES),
+                    help="take the defaults of the PG flags below from this pgprune recipe (explicit flags win)")
+    ap.add_argument("--policy", default="units", choices=["units", "features"],
                     help="units: a probability per unit (paper); features: shared logits from metric scores "
                          "and per-layer offsets (policy/features.py; --init-scale is its scale)")
     ap.add_argument("--estimators", default="paper,loo")
@@ -59,10 +69,10 @@ def main() -> None:
     ap.add_argument("--lrs", default=None, help="per-estimator lr, e.g. paper:0.05,loo:0.01")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--control-variate", action="store_true", help="PG's kept-fraction control variate")
-    ap.add_argument("--floor", type=float, default=0.0, help="probability floor (exploration), see PGConfig")
+    ap.add_argument("--floor", type=float, default=0.0, help="probability floor (exploration), see pgprune.config.PGSettings")
     ap.add_argument("--select", default="final", choices=["final", "best"],
                     help="final hard mask, or the tracked one with the lowest validation perplexity")
-    ap.add_argument("--forward", default="gated", choices=list(FORWARDS),
+    ap.add_argument("--forward", default="gated", choices=["auto", "gated", "gathered"],
                     help="how the K masked models run (same losses to float rounding; gathered skips removed work)")
     ap.add_argument("--compensate", action="store_true",
                     help="PG evaluates and exports the mean-filled (FLAP-compensated) model; the init is "
@@ -82,9 +92,27 @@ def main() -> None:
     ap.add_argument("--tag", default="pg_quality")
     ap.add_argument("--save-masks", default=None,
                     help="folder for the PG runs' masks (SPARSITY_ESTIMATOR.safetensors, for `pgprune apply`)")
+    recipe = ap.parse_known_args()[0].recipe
+    if recipe:  # the recipe's values become the defaults of the flags that set them
+        values = {**RECIPES[recipe]["values"]}
+        ap.set_defaults(**{flag: values[path] for flag, path in SETTINGS_OF_FLAGS.items() if path in values})
+        if "pg.estimator" in values:
+            ap.set_defaults(estimators=values["pg.estimator"])
     args = ap.parse_args()
 
-    model, tok, adapter, costs, layout = load_setup(args.model, args.dtype, args.units)
+    def settings_for(estimator: str, sparsity: float, lr: float) -> RunSettings:
+        """The run's settings as `pgprune prune` would hold them (data and evaluation are this bench's)."""
+        values = {path: getattr(args, flag) for flag, path in SETTINGS_OF_FLAGS.items()}
+        values.update({"pg.estimator": estimator, "sparsity": sparsity, "pg.lr": lr, "pg.init": init_method,
+                       "execution.device": "cpu"})
+        settings = RunSettings.from_recipe(args.recipe or "paper", values)
+        settings.pg.init = init_method
+        return settings
+
+    init_method, init_alloc = _method_allocation(args.init, args.allocation)
+    session = load_session(RunSettings.from_recipe("paper", {path: getattr(args, flag) for flag, path
+                                                             in SETTINGS_OF_FLAGS.items()} | {"execution.device": "cpu"}))
+    model, tok, adapter, costs, layout = session.model, session.tokenizer, session.adapter, session.costs, session.layout
     kinds = layout.kinds
     test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
     track = get_eval_tokens(tok, "wikitext2", "validation", args.data_dir)  # held out from the final test
@@ -93,10 +121,7 @@ def main() -> None:
     lrs = dict(x.split(":") for x in args.lrs.split(",")) if args.lrs else {}
 
     def ppl(masks, tokens=test, max_tokens=args.max_tokens, fill=None):
-        if masks is None:
-            return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
-        with gated(model, masks, costs=costs, fill=fill):
-            return perplexity_of_tokens(model, tokens, seqlen=128, batch_size=8, max_tokens=max_tokens).ppl
+        return session.ppl(tokens, masks, fill, max_tokens)
 
     def compensated_ppl(masks, bias):
         import copy
@@ -111,11 +136,10 @@ def main() -> None:
     print(f"dense: {dense:.3f}", flush=True)
     stats = collect_layer_stats(model, calib, batch_size=8, propagate="dense", adapter=adapter, progress=False)
     fill = feature_means(stats) if args.compensate else None  # mean fill = FLAP's compensation, same stats
-    loss_fn = FORWARDS[args.forward] if fill is None else functools.partial(FORWARDS[args.forward], fill=fill)
-    if set(kinds) <= {"attn", "mlp", "layer"} and args.init == "wanda-sp":  # block units only
-        args.init = "block-influence"
-    baselines = [_method_allocation(m, args.allocation) for m in [args.init] + args.methods.split(",") if m]
-    init_method, init_alloc = baselines[0]  # --init METHOD[:ALLOCATION]
+    loss_fn = session.loss_fn(fill)
+    if set(kinds) <= {"attn", "mlp", "layer"} and init_method == "wanda-sp":  # block units only
+        init_method = "block-influence"
+    baselines = [(init_method, init_alloc)] + [_method_allocation(m, args.allocation) for m in args.methods.split(",") if m]
     for sp in [float(x) for x in args.sparsities.split(",")]:
         metric_results = {}
         for method, alloc in dict.fromkeys(baselines):
@@ -135,22 +159,15 @@ def main() -> None:
                          "true_sparsity": init_masks.sparsity(costs),
                          "wikitext2_ppl": compensated_ppl(init_masks, compensation_biases(adapter, fill, init_masks, costs))})
             print(rows[-1], flush=True)
-        init = init_probabilities(metric_results[init_method].allocation, costs, "sigmoid", scale=args.init_scale)
-        s0 = layout.merge({k: init.probs[k] for k in kinds}).float()
         init_result = metric_results[init_method]
         for est in args.estimators.split(","):
-            policy = None
-            if args.policy == "features":  # features scored on the init metric's own statistics
-                policy = FeaturePolicy.from_metric(init_result, adapter, layout, costs, scale=args.init_scale,
-                                                   stats=stats)
             lr = float(lrs.get(est, args.lr))
-            config = PGConfig(sparsity=init.sparsity, kinds=kinds, steps=args.steps, k=args.k,
-                              batch_size=args.batch_size, lr=lr, estimator=est, eval_every=args.eval_every,
-                              checkpoint_every=10**9, floor=args.floor, select=args.select, policy=args.policy,
-                              seed=args.seed, control_variate=args.control_variate)
+            session.settings = settings = settings_for(est, sp, lr)
+            # as prune() starts it (features scored on the init metric's statistics, else the dense ones)
+            policy = start_policy(session, init_result, lambda: stats)
             t0 = time.perf_counter()
-            res = run_policy_gradient(model, pool, s0, layout, costs, config, progress=True,
-                                      loss_fn=loss_fn, policy=policy,
+            res = run_policy_gradient(model, pool, policy, settings.pg, seed=settings.seed, progress=True,
+                                      loss_fn=loss_fn,
                                       eval_fn=lambda m: _logged(ppl(m, track, args.track_max_tokens, fill)))
             seconds = time.perf_counter() - t0
             final = ppl(res.masks) if fill is None else \
@@ -160,7 +177,7 @@ def main() -> None:
                                metadata={"model": args.model, "method": f"pg-{est}", "command": " ".join(sys.argv)})
             step_times = seconds / max(args.steps, 1)
             name = est + ("+cv" if args.control_variate else "")
-            label = (f"pg-{name}{' features' if policy else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
+            label = (f"pg-{name}{' features' if args.policy == 'features' else ''} (init {init_method} {init_alloc} x{args.init_scale}, lr {lr}, floor {args.floor}, select {args.select}"
                      f"{', compensated' if fill else ''})")
             rows.append({"sparsity": sp, "method": label,
                          "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": final, "seconds": seconds})
@@ -170,7 +187,7 @@ def main() -> None:
                              "true_sparsity": res.masks.sparsity(costs), "wikitext2_ppl": comp})
             runs.append({"sparsity": sp, "estimator": name, "lr": lr, "steps": args.steps,
                          "selected_step": res.selected_step, "policy": args.policy,
-                         "learned": None if policy is None else policy.describe(),
+                         "learned": policy.describe(), "settings": settings.to_dict(),
                          "seconds_per_step_incl_eval": step_times, "pg_seconds": res.seconds,
                          "curve": [{"forward_passes": h["forward_passes"], "hard_ppl_valid": h["hard_ppl"]}
                                    for h in res.history if "hard_ppl" in h],

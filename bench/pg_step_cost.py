@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_setup, save, table  # noqa: E402
 
 from pgprune.policy.estimators import ESTIMATORS  # noqa: E402
-from pgprune.policy.loop import POLICIES  # noqa: E402
 
 
 def _setup(args):
@@ -38,7 +37,7 @@ def _setup(args):
                         generator=torch.Generator().manual_seed(0))
     args.feature_policy = None
     if args.policy == "features":  # built once, outside the timed work (a metric pass on 16 windows)
-        from pgprune.metrics.prune import run_metric
+        from pgprune.metrics.pipeline import run_metric
         from pgprune.policy.features import FeaturePolicy
 
         r = run_metric(model, ids[:16], "wanda-sp", args.sparsity, layout.kinds, "uniform", progress=False)
@@ -48,16 +47,17 @@ def _setup(args):
 
 
 def _pg(model, costs, layout, pool, args, steps, seed):
-    from pgprune.policy.loop import PGConfig, run_policy_gradient
-
     import copy
 
-    config = PGConfig(sparsity=args.sparsity, kinds=layout.kinds, steps=steps, k=args.k,
-                      batch_size=args.batch_size, seed=seed, eval_every=10**9, checkpoint_every=10**9,
-                      policy=args.policy, estimator=args.estimator)
-    s0 = layout.present.float() * (1 - args.sparsity)
-    policy = copy.deepcopy(args.feature_policy)
-    return run_policy_gradient(model, pool, s0, layout, costs, config, progress=False, policy=policy)
+    from pgprune.config import PGSettings
+    from pgprune.policy.loop import run_policy_gradient
+    from pgprune.policy.probabilities import UnitPolicy
+
+    config = PGSettings(steps=steps, k=args.k, batch_size=args.batch_size, eval_every=10**9, policy=args.policy,
+                        estimator=args.estimator)
+    policy = copy.deepcopy(args.feature_policy) if args.feature_policy is not None else \
+        UnitPolicy(layout.present.float() * (1 - args.sparsity), layout, costs, args.sparsity)
+    return run_policy_gradient(model, pool, policy, config, seed=seed, progress=False)
 
 
 def _plain(model, ids, k):
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--units", default="channel,head")
     ap.add_argument("--sparsity", type=float, default=0.3)
-    ap.add_argument("--policy", default="units", choices=list(POLICIES))
+    ap.add_argument("--policy", default="units", choices=["units", "features"])
     ap.add_argument("--estimator", default="paper", choices=list(ESTIMATORS))
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--steps-per-block", type=int, default=3)

@@ -57,14 +57,16 @@ def _setup(sizes: dict):
 
 def _timed_run(sizes: dict, steps: int, world=None) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) per PG step, after one warm-up step."""
-    from pgprune.policy.loop import PGConfig, run_policy_gradient
+    from pgprune.config import PGSettings
+    from pgprune.policy.loop import run_policy_gradient
+    from pgprune.policy.probabilities import UnitPolicy
 
     model, costs, layout, calib, s0 = _setup(sizes)
-    config = PGConfig(sparsity=0.3, steps=steps + 1, k=K, batch_size=B, lr_schedule="constant", eval_every=10**6,
-                      checkpoint_every=10**6)
-    run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world, stop_after=1)
+    config = PGSettings(policy="units", steps=steps + 1, k=K, batch_size=B, lr_schedule="constant", eval_every=10**6)
+    run_policy_gradient(model, calib, UnitPolicy(s0, layout, costs, 0.3), config, progress=False, world=world,
+                        stop_after=1)
     t0, c0 = time.perf_counter(), time.process_time()
-    run_policy_gradient(model, calib, s0, layout, costs, config, progress=False, world=world)
+    run_policy_gradient(model, calib, UnitPolicy(s0, layout, costs, 0.3), config, progress=False, world=world)
     return (time.perf_counter() - t0) / config.steps, (time.process_time() - c0) / config.steps
 
 

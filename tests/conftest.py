@@ -24,6 +24,30 @@ def char_tokenizer(vocab_size: int = 128):
     return fast
 
 
+_RENAMED = {"eval": "eval.datasets", "eval_seqlen": "eval.seqlen", "eval_max_tokens": "eval.max_tokens",
+            "seqlen": "data.seqlen"}
+
+
+# the units policy as pgprune's earlier defaults ran it (sigmoid start at the metric's mask, no compensation)
+UNITS_POLICY = {"pg.policy": "units", "pg.compensate": False, "pg.init_scale": 1.0, "pg.lr": 2e-3,
+                "pg.eval_every": 100}
+
+
+def run_settings(**options):
+    """RunSettings from flat option names (`steps=4` -> `pg.steps`) on top of UNITS_POLICY, unless a
+    test says otherwise."""
+    from pgprune.config import RunSettings, walk_fields
+
+    def path(name: str) -> str:
+        if name in _RENAMED:
+            return _RENAMED[name]
+        paths = [p for p, _ in walk_fields() if p.rsplit(".", 1)[-1] == name]
+        assert len(paths) == 1, name
+        return paths[0]
+
+    return RunSettings.from_recipe("features", {**UNITS_POLICY, **{path(k): v for k, v in options.items()}})
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from pgprune.evaluate.perplexity import perplexity_of_tokens
 from pgprune.gating import gated_logits, masked_losses
 from pgprune.masks import Masks
-from pgprune.metrics.prune import run_metric
+from pgprune.metrics.pipeline import run_metric
 from structure_helpers import costs_of, make_model, random_ids, random_mask, structured_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,12 +17,14 @@ from pgprune.gating import masked_losses
 from pgprune.masks import UnitCosts
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
-from pgprune.policy.budget import project
+from pgprune.budget import project
 from pgprune.policy.estimators import BaselineState, get_estimator
-from pgprune.policy.loop import PGConfig, run_policy_gradient, step_generator
-from pgprune.policy.probabilities import UnitLayout, sample_masks
+from pgprune.config import PGSettings
+from pgprune.policy.loop import lr_at, run_policy_gradient, step_generator
+from pgprune.policy.probabilities import UnitLayout, UnitPolicy, sample_masks
 
 WORLD = 2
+SPARSITY, SEED = 0.3, 5
 
 
 def _setup():
@@ -31,7 +33,7 @@ def _setup():
     layout = UnitLayout.build(costs, ("channel", "head"))
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(1))
     s0 = layout.present.float() * 0.7
-    config = PGConfig(sparsity=0.3, steps=4, k=2, batch_size=3, lr=0.05, seed=5, eval_every=100)
+    config = PGSettings(steps=4, k=2, batch_size=3, lr=0.05, eval_every=100)
     return model, costs, layout, calib, s0, config
 
 
@@ -57,8 +59,8 @@ def _worker(rank: int, port: int, out_dir: str, fail_rank: int | None, results) 
                 raise RuntimeError(f"rank {rank} fails on purpose")
             return masked_losses(model, batch, masks, costs=costs)
 
-        result = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=out_dir, progress=False,
-                                     loss_fn=loss_fn, world=TorchWorld())
+        result = run_policy_gradient(model, calib, UnitPolicy(s0, layout, costs, SPARSITY), config, seed=SEED,
+                                     out_dir=out_dir, progress=False, loss_fn=loss_fn, world=TorchWorld())
         results.put((rank, "ok", result.probs.tolist(), result.history[-1]["forward_passes"]))
     except BaseException as exc:  # report everything to the parent
         results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -95,19 +97,19 @@ def _launch(tmp_path, fail_rank=None, timeout=120.0):
 def _reference(model, costs, layout, calib, s0, config):
     """One process taking rank 0's and rank 1's samples of every step, in rank order."""
     estimator = get_estimator(config.estimator, config.k)
-    keep = 1.0 - config.sparsity
+    keep = 1.0 - SPARSITY
     s = project(s0.float(), layout, costs, keep, config.projection, config.per_kind_budget)
     baseline = BaselineState(window=config.baseline_window)
     for step in range(config.steps):
         ms, ls = [], []
         for rank in range(WORLD):
-            gen = step_generator(config.seed, step, rank)
+            gen = step_generator(SEED, step, rank)
             idx = torch.randperm(calib.shape[0], generator=gen)[: config.batch_size]
             m = sample_masks(s, config.k, gen)
             ms.append(m)
             ls.append(masked_losses(model, calib[idx], layout.masks(m), costs=costs).float())
         g, _ = estimator(torch.cat(ms), s, torch.cat(ls), baseline)
-        s = project(s - config.lr_at(step) * g, layout, costs, keep, config.projection, config.per_kind_budget)
+        s = project(s - lr_at(config, step) * g, layout, costs, keep, config.projection, config.per_kind_budget)
     return s
 
 
@@ -124,7 +126,8 @@ def test_two_ranks_match_one_process_with_all_samples(tmp_path):
     assert got[0][3] == config.steps * config.k * WORLD
     # a single process with the same seed differs (it sees only rank 0's samples): the check bites
     model, costs, layout, calib, s0, config = _setup()
-    single = run_policy_gradient(model, calib, s0, layout, costs, config, progress=False).probs
+    single = run_policy_gradient(model, calib, UnitPolicy(s0, layout, costs, SPARSITY), config, seed=SEED,
+                                 progress=False).probs
     assert not torch.allclose(single, ref, atol=1e-6)
     # only rank 0 wrote the log and checkpoint, with the world size in the fingerprint
     assert (tmp_path / "checkpoint.pt").is_file()
@@ -167,7 +170,7 @@ def test_pgprune_prune_under_torchrun(tmp_path):
     text.write_text("Structured pruning removes whole channels, heads and layers of a network. " * 60)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "pgprune.cli", "prune", str(tmp_path / "model"),
+           "--master-port", str(_free_port()), "-m", "pgprune", "prune", str(tmp_path / "model"),
            "--method", "pg", "--sparsity", "0.25", "--calib", f"text:{text}", "--eval", f"text:{text}",
            "--nsamples", "16", "--seqlen", "32", "--eval-seqlen", "32", "--steps", "3", "--k", "2",
            "--batch-size", "2", "--eval-every", "3", "--track-max-tokens", "256", "--dtype", "fp32", "--out", str(out)]
@@ -176,6 +179,7 @@ def test_pgprune_prune_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert set(run["perplexity"]) == {"dense", "init", "gated", "pruned"}
+    assert run["execution"]["world_size"] == 2 and run["execution"]["forward"] in ("gated", "gathered")
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3]  # one writer: no duplicated records
     assert log[-1]["forward_passes"] == 3 * 2 * 2

@@ -5,12 +5,13 @@ import torch
 
 from pgprune.errors import ConfigError
 from pgprune.masks import UnitCosts
-from pgprune.metrics.init import expected_keep_ratio, hard_mask
-from pgprune.metrics.prune import run_metric
+from pgprune.budget import expected_keep_ratio, hard_mask
+from pgprune.metrics.pipeline import run_metric
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
 from pgprune.policy.features import FeaturePolicy, log_features
-from pgprune.policy.loop import PGConfig, run_policy_gradient
+from pgprune.config import PGSettings, RunSettings
+from pgprune.policy.loop import run_policy_gradient
 from pgprune.policy.probabilities import UnitLayout
 
 CASES = [(("channel", "head"), "wanda-sp", "uniform"), (("channel", "head"), "flap", "global"),
@@ -86,7 +87,7 @@ def test_one_update_is_an_adam_step_along_the_autograd_gradient():
     s = torch.sigmoid(policy.scale * z + policy.shift) * layout.present
     (g_s * s).sum().backward()
     before_w, before_a = policy.weights.clone(), policy.offsets.clone()
-    policy.update(g_s, policy.probs(), lr=0.01)
+    policy.update(g_s, lr=0.01)
     expected_w = before_w - 0.01 * torch.sign(w.grad)
     expected_a = before_a - 0.01 * torch.sign(a.grad)
     assert torch.allclose(policy.weights, expected_w, atol=1e-6) and torch.allclose(policy.offsets, expected_a, atol=1e-6)
@@ -111,10 +112,9 @@ def test_learns_to_rank_by_the_feature_that_lowers_the_loss():
     target = torch.exp(policy.features[:, mag]) * layout.present  # removing high-magnitude units hurts
     loss = _feature_loss(target.float())
     start = policy.weights.clone()
-    config = PGConfig(sparsity=r.allocation.sparsity, kinds=layout.kinds, steps=150, k=2, batch_size=1, lr=0.05,
-                      estimator="loo", policy="features", eval_every=1000, checkpoint_every=1000)
+    config = PGSettings(steps=150, k=2, batch_size=1, lr=0.05, estimator="loo", eval_every=1000)
     calib = torch.zeros(2, 4, dtype=torch.long)
-    res = run_policy_gradient(model, calib, None, layout, costs, config, loss_fn=loss, progress=False, policy=policy)
+    res = run_policy_gradient(model, calib, policy, config, loss_fn=loss, progress=False)
     assert (policy.weights[:, mag] > start[:, mag] + 0.2).all()  # channels and heads moved onto magnitude
     flat = lambda m: torch.cat([m[k].float().reshape(1, -1) for k in layout.kinds], -1)  # noqa: E731
     before = float(((1 - flat(r.allocation.masks)) * target).sum())
@@ -132,10 +132,9 @@ def test_learns_which_layers_to_remove():
     def loss(model, batch, masks, costs=None):
         return ((1 - masks["layer"].float().reshape(masks["layer"].shape[0], -1)) * price).sum(-1)
 
-    config = PGConfig(sparsity=r.allocation.sparsity, kinds=("layer",), steps=200, k=2, batch_size=1, lr=0.05,
-                      estimator="loo", policy="features", eval_every=1000, checkpoint_every=1000)
-    res = run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), None, layout, costs, config, loss_fn=loss,
-                              progress=False, policy=policy)
+    config = PGSettings(steps=200, k=2, batch_size=1, lr=0.05, estimator="loo", eval_every=1000)
+    res = run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), policy, config, loss_fn=loss,
+                              progress=False)
     cost = lambda m: float(((1 - m["layer"].float().reshape(-1)) * price).sum())  # noqa: E731
     assert cost(res.masks) < cost(r.allocation.masks)
     assert res.masks.sparsity(costs) == pytest.approx(r.allocation.sparsity, abs=1e-9)
@@ -144,33 +143,22 @@ def test_learns_which_layers_to_remove():
 def test_resume_restores_the_policy_and_its_optimiser(tmp_path):
     model, costs, layout, r, _ = _policy(("channel", "head"), "wanda-sp", "uniform")
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
-    config = PGConfig(sparsity=r.allocation.sparsity, kinds=layout.kinds, steps=6, k=2, batch_size=4, lr=0.1,
-                      estimator="loo", policy="features", eval_every=3, checkpoint_every=2)
+    config = PGSettings(steps=6, k=2, batch_size=4, lr=0.1, estimator="loo", eval_every=3)
 
     def fresh():
         return _policy(("channel", "head"), "wanda-sp", "uniform")[-1]
 
-    full = run_policy_gradient(model, calib, None, layout, costs, config, out_dir=tmp_path / "a", progress=False,
-                               policy=fresh())
-    run_policy_gradient(model, calib, None, layout, costs, config, out_dir=tmp_path / "b", progress=False,
-                        stop_after=3, policy=fresh())
-    resumed = run_policy_gradient(model, calib, None, layout, costs, config, out_dir=tmp_path / "b",
-                                  progress=False, resume=True, policy=fresh())
+    full = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "a", progress=False)
+    run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False, stop_after=3)
+    resumed = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False,
+                                  resume=True)
     assert torch.equal(full.probs, resumed.probs) and full.history == resumed.history
     assert not torch.equal(full.probs, fresh().probs())  # it did move
 
 
-def test_policy_setting_and_object_must_agree():
-    model, costs, layout, r, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
-    calib = torch.zeros(8, 8, dtype=torch.long)
-    config = PGConfig(sparsity=r.allocation.sparsity, kinds=layout.kinds, steps=1, policy="features")
-    with pytest.raises(ConfigError, match="FeaturePolicy"):
-        run_policy_gradient(model, calib, None, layout, costs, config, progress=False)
-    with pytest.raises(ConfigError, match="no policy object"):
-        run_policy_gradient(model, calib, policy.probs(), layout, costs, PGConfig(**{**config.__dict__, "policy": "units"}),
-                            progress=False, policy=policy)
+def test_bad_feature_policy_settings_are_refused():
     with pytest.raises(ConfigError, match="policy must be"):
-        PGConfig(sparsity=0.3, policy="neural").validate()
-    for extra in ({"per_kind_budget": True}, {"floor": 0.05}):
+        RunSettings.from_recipe("features", {"pg.policy": "neural"}).validate()
+    for extra in ({"pg.per_kind_budget": True}, {"pg.floor": 0.05}):
         with pytest.raises(ConfigError, match="features policy"):
-            PGConfig(sparsity=0.3, policy="features", **extra).validate()
+            RunSettings.from_recipe("features", extra).validate()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pgprune.errors import ConfigError
 from pgprune.gating import FORWARDS, gated, gated_logits, gathered_losses, masked_losses
 from pgprune.masks import Masks
-from pgprune.metrics.prune import compensation_biases
+from pgprune.reconstruction import compensation_biases
 from pgprune.models.adapter import get_adapter
 from pgprune.surgery import prune_model
 from structure_helpers import (CASES, costs_of, logits, make_model, random_ids, random_mask, structured_mask,

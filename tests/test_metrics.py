@@ -14,9 +14,10 @@ import torch
 
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import Masks, UnitCosts
-from pgprune.metrics import (allocate, compute_scores, expected_keep_ratio, hard_mask,
-                             init_probabilities, prune_with_metric, run_metric)
-from pgprune.metrics.allocation import global_positions, masks_from_positions, present_units
+from pgprune.budget import expected_keep_ratio, hard_mask
+from pgprune.metrics import allocate, compute_scores, metric_masks, run_metric
+from pgprune.policy.initial_probabilities import init_probabilities
+from pgprune.budget import global_positions, masks_from_positions, present_units
 from pgprune.metrics.calibration import FeatureStats, LayerStats, capture_layer_inputs, collect_layer_stats
 from pgprune.metrics.scores import scores_from_stats
 from pgprune.models.adapter import get_adapter
@@ -253,36 +254,36 @@ def test_unreachable_budgets():
     assert allocate(heads, costs, 0.0, "global").sparsity == 0.0
 
 
-def test_bad_inputs_of_prune_with_metric():
+def test_bad_inputs_of_metric_masks():
     model = make("llama")
     x = ids(4, 8)
     with pytest.raises(DataError, match="only 4 calibration windows"):
-        prune_with_metric(model, x, "wanda-sp", 0.2, nsamples=10, progress=False)
+        metric_masks(model, x, "wanda-sp", 0.2, nsamples=10, progress=False)
     with pytest.raises(ConfigError, match="needs calibration"):
-        prune_with_metric(model, None, "flap", 0.2)
+        metric_masks(model, None, "flap", 0.2)
     with pytest.raises(ConfigError, match="cannot score"):
-        prune_with_metric(model, x, "block-influence", 0.2, ("channel",))
+        metric_masks(model, x, "block-influence", 0.2, ("channel",))
     with pytest.raises(ConfigError, match="unknown metric"):
-        prune_with_metric(model, x, "taylor", 0.2)
+        metric_masks(model, x, "taylor", 0.2)
     with pytest.raises(ConfigError, match="propagate='pruned'"):
-        prune_with_metric(model, x, "wanda-sp", 0.2, allocation="global", propagate="pruned")
+        metric_masks(model, x, "wanda-sp", 0.2, allocation="global", propagate="pruned")
     with pytest.raises(DataError, match="vocabulary"):
-        prune_with_metric(model, x + 1000, "wanda-sp", 0.2, progress=False)
+        metric_masks(model, x + 1000, "wanda-sp", 0.2, progress=False)
     with pytest.raises(DataError, match="LongTensor"):
-        prune_with_metric(model, x[0], "wanda-sp", 0.2, progress=False)
+        metric_masks(model, x[0], "wanda-sp", 0.2, progress=False)
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
-        prune_with_metric(model, x, "wanda-sp", 1.0, progress=False)
+        metric_masks(model, x, "wanda-sp", 1.0, progress=False)
 
 
 def test_seeded_runs_are_reproducible():
     model = make("llama")
     x = ids(4, 8)
-    a = prune_with_metric(model, x, "wanda-sp", 0.3, progress=False)[0]
-    b = prune_with_metric(model, x, "wanda-sp", 0.3, progress=False)[0]
+    a = metric_masks(model, x, "wanda-sp", 0.3, progress=False)[0]
+    b = metric_masks(model, x, "wanda-sp", 0.3, progress=False)[0]
     assert all(torch.equal(a[k], b[k]) for k in a.kinds)
-    r1 = prune_with_metric(model, None, "random", 0.3, allocation="global", seed=1)[0]
-    r1b = prune_with_metric(model, None, "random", 0.3, allocation="global", seed=1)[0]
-    r2 = prune_with_metric(model, None, "random", 0.3, allocation="global", seed=2)[0]
+    r1 = metric_masks(model, None, "random", 0.3, allocation="global", seed=1)[0]
+    r1b = metric_masks(model, None, "random", 0.3, allocation="global", seed=1)[0]
+    r2 = metric_masks(model, None, "random", 0.3, allocation="global", seed=2)[0]
     assert torch.equal(r1["channel"], r1b["channel"]) and not torch.equal(r1["channel"], r2["channel"])
 
 
@@ -290,7 +291,7 @@ def test_seeded_runs_are_reproducible():
 def test_flap_compensation_is_the_mean_of_removed_features_and_lowers_the_error():
     model = make("llama")
     x = ids(6, 12)
-    masks, bias, info = prune_with_metric(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
+    masks, bias, info = metric_masks(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
     assert info["bias_compensation"] and bias is not None
     _, acts = reference_layer_stats(model, x)
     a = get_adapter(model)
@@ -316,7 +317,7 @@ def test_flap_compensation_lowers_layer_output_error_after_surgery():
     surgery = pytest.importorskip("pgprune.surgery")
     model = make("llama")
     x = ids(6, 12)
-    masks, bias, _ = prune_with_metric(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
+    masks, bias, _ = metric_masks(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
     _, acts = reference_layer_stats(model, x)
     plain = surgery.prune_model(model, masks, copy=True)
     comp = surgery.prune_model(model, masks, output_bias=bias, copy=True)
@@ -438,12 +439,12 @@ def test_every_family_prunes_to_budget(family):
     for method, kinds, alloc in (("wanda-sp", ("channel", "head"), "uniform"),
                                  ("flap", ("channel", "head"), "global"),
                                  ("block-influence", ("attn", "mlp"), "global")):
-        masks, bias, info = prune_with_metric(model, x, method, 0.3, kinds, alloc, progress=False)
+        masks, bias, info = metric_masks(model, x, method, 0.3, kinds, alloc, progress=False)
         step = max(int(costs.unit_cost(k).max()) for k in kinds) / costs.prunable_params
         assert abs(info["sparsity"] - 0.3) <= step / 2 + 1e-9
         assert info["sparsity"] == pytest.approx(masks.sparsity(costs))
     surgery = pytest.importorskip("pgprune.surgery")
-    masks, bias, info = prune_with_metric(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
+    masks, bias, info = metric_masks(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
     pruned = surgery.prune_model(copy.deepcopy(model), masks, output_bias=bias)
     kept = int(masks.kept_prunable_params(costs)) + info["bias_params_added"]
     assert get_adapter(pruned).prunable_params() == kept

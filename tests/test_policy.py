@@ -7,14 +7,14 @@ import torch
 
 from pgprune.errors import CheckpointError, ConfigError
 from pgprune.masks import UnitCosts
-from pgprune.metrics.init import expected_keep_ratio
+from pgprune.budget import expected_keep_ratio, project
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
-from pgprune.policy.budget import project
 from pgprune.policy.estimators import (BaselineState, disarm_estimator, get_estimator, kept_control, loo_estimator,
                                        paper_estimator)
-from pgprune.policy.loop import PGConfig, run_policy_gradient
-from pgprune.policy.probabilities import UnitLayout, sample_masks
+from pgprune.config import PGSettings, RunSettings
+from pgprune.policy.loop import run_policy_gradient
+from pgprune.policy.probabilities import UnitLayout, UnitPolicy, sample_masks
 
 
 def _setup(kinds=("channel", "head"), **sizes):
@@ -204,12 +204,10 @@ def test_pg_learns_to_keep_the_important_units(estimator):
     model, costs, layout = _setup(("channel",), num_hidden_layers=2, intermediate_size=16)
     L, I = costs.num_layers, costs.units_per_layer("channel")
     weights = torch.rand(L, I, generator=torch.Generator().manual_seed(5))
-    config = PGConfig(sparsity=0.1, kinds=("channel",), steps=400, k=4, batch_size=1, lr=0.02,
-                      estimator=estimator, eval_every=1000, checkpoint_every=1000)
+    config = PGSettings(steps=400, k=4, batch_size=1, lr=0.02, estimator=estimator, eval_every=1000)
     calib = torch.zeros(4, 8, dtype=torch.long)
-    s0 = torch.full((layout.size,), 0.5)
-    res = run_policy_gradient(model, calib, s0, layout, costs, config, loss_fn=_importance_loss(weights),
-                              progress=False)
+    policy = UnitPolicy(torch.full((layout.size,), 0.5), layout, costs, 0.1)
+    res = run_policy_gradient(model, calib, policy, config, loss_fn=_importance_loss(weights), progress=False)
     kept = res.masks["channel"].reshape(-1)
     ideal = torch.zeros_like(kept)
     ideal[weights.reshape(-1).topk(int(kept.sum())).indices] = True
@@ -222,23 +220,20 @@ def test_resume_gives_the_same_result_and_refuses_other_settings(tmp_path, contr
     model, costs, layout = _setup(("channel", "head"), num_hidden_layers=2, intermediate_size=32)
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     s0 = torch.full((layout.size,), 0.6)
-    config = PGConfig(sparsity=0.4, kinds=("channel", "head"), steps=6, k=2, batch_size=4, lr=0.05,
-                      eval_every=3, checkpoint_every=2, control_variate=control_variate)
-    full = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "a", progress=False)
-    run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "b", progress=False,
-                        stop_after=3)
-    resumed = run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "b",
-                                  progress=False, resume=True)
+    fresh = lambda: UnitPolicy(s0, layout, costs, 0.4)  # noqa: E731
+    config = PGSettings(steps=6, k=2, batch_size=4, lr=0.05, eval_every=3, control_variate=control_variate)
+    full = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "a", progress=False)
+    run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False, stop_after=3)
+    resumed = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False,
+                                  resume=True)
     assert torch.equal(full.probs, resumed.probs)
     assert full.history == resumed.history
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
-    other = PGConfig(**{**config.__dict__, "lr": 0.1})
+    other = PGSettings(**{**config.__dict__, "lr": 0.1})
     with pytest.raises(CheckpointError, match="lr"):
-        run_policy_gradient(model, calib, s0, layout, costs, other, out_dir=tmp_path / "b", resume=True,
-                            progress=False)
+        run_policy_gradient(model, calib, fresh(), other, out_dir=tmp_path / "b", resume=True, progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        run_policy_gradient(model, calib, s0, layout, costs, config, out_dir=tmp_path / "c", resume=True,
-                            progress=False)
+        run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "c", resume=True, progress=False)
 
 
 def _same(a, b) -> bool:
@@ -249,8 +244,8 @@ def test_select_best_returns_the_evaluated_mask_with_the_lowest_perplexity(tmp_p
     model, costs, layout = _setup(("channel", "head"), num_hidden_layers=2, intermediate_size=32)
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     s0 = torch.full((layout.size,), 0.6)
-    config = PGConfig(sparsity=0.4, kinds=("channel", "head"), steps=8, k=2, batch_size=4, lr=0.3,
-                      eval_every=2, checkpoint_every=2, select="best")
+    fresh = lambda: UnitPolicy(s0, layout, costs, 0.4)  # noqa: E731
+    config = PGSettings(steps=8, k=2, batch_size=4, lr=0.3, eval_every=2, select="best")
     seen = []
     scores = iter([50.0, 40.0, 30.0, 45.0, 35.0])  # steps 0, 2, 4, 6, 8: step 4 is the best
 
@@ -258,23 +253,23 @@ def test_select_best_returns_the_evaluated_mask_with_the_lowest_perplexity(tmp_p
         seen.append(masks)
         return next(scores)
 
-    res = run_policy_gradient(model, calib, s0, layout, costs, config, eval_fn=eval_fn, progress=False)
+    res = run_policy_gradient(model, calib, fresh(), config, eval_fn=eval_fn, progress=False)
     assert res.selected_step == 4 and _same(res.masks, seen[2])
     assert not _same(res.masks, seen[-1])  # lr 0.3 moved the hard mask after step 4
-    final = run_policy_gradient(model, calib, s0, layout, costs, PGConfig(**{**config.__dict__, "select": "final"}),
+    final = run_policy_gradient(model, calib, fresh(), PGSettings(**{**config.__dict__, "select": "final"}),
                                 eval_fn=lambda m: 1.0, progress=False)
     assert final.selected_step == 8 and _same(final.masks, seen[-1])
     # resumed across the best step: the same pick
     scores = iter([50.0, 40.0, 30.0, 45.0, 35.0])
-    run_policy_gradient(model, calib, s0, layout, costs, config, eval_fn=lambda m: next(scores), progress=False,
+    run_policy_gradient(model, calib, fresh(), config, eval_fn=lambda m: next(scores), progress=False,
                         out_dir=tmp_path, stop_after=5)
-    resumed = run_policy_gradient(model, calib, s0, layout, costs, config, eval_fn=lambda m: next(scores),
+    resumed = run_policy_gradient(model, calib, fresh(), config, eval_fn=lambda m: next(scores),
                                   progress=False, out_dir=tmp_path, resume=True)
     assert resumed.selected_step == 4 and _same(resumed.masks, seen[2])
     with pytest.raises(ConfigError, match="eval_fn"):
-        run_policy_gradient(model, calib, s0, layout, costs, config, progress=False)
+        run_policy_gradient(model, calib, fresh(), config, progress=False)
     with pytest.raises(ConfigError, match="select"):
-        PGConfig(sparsity=0.3, select="last").validate()
+        RunSettings.from_recipe("features", {"pg.select": "last"}).validate()
 
 
 def test_nan_losses_are_skipped_and_counted():
@@ -286,9 +281,9 @@ def test_nan_losses_are_skipped_and_counted():
         k = masks["channel"].shape[0]
         return torch.full((k,), math.nan) if calls["n"] % 2 else torch.rand(k)
 
-    config = PGConfig(sparsity=0.3, kinds=("channel",), steps=10, k=2, batch_size=1, lr=0.01)
+    config = PGSettings(steps=10, k=2, batch_size=1, lr=0.01)
     s0 = torch.full((layout.size,), 0.7)
-    res = run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), s0, layout, costs, config,
+    res = run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), UnitPolicy(s0, layout, costs, 0.3), config,
                               loss_fn=flaky, progress=False)
     assert res.skipped_steps == 5
     assert torch.isfinite(res.probs).all()
@@ -297,21 +292,20 @@ def test_nan_losses_are_skipped_and_counted():
         return torch.full((2,), math.nan)
 
     with pytest.raises(ConfigError, match="NaN"):
-        run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), s0, layout, costs,
-                            PGConfig(sparsity=0.3, kinds=("channel",), steps=30, k=2, batch_size=1),
-                            loss_fn=always_nan, progress=False)
+        run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), UnitPolicy(s0, layout, costs, 0.3),
+                            PGSettings(steps=30, k=2, batch_size=1), loss_fn=always_nan, progress=False)
 
 
 def test_bad_settings():
     model, costs, layout = _setup(("channel",))
     s0 = torch.full((layout.size,), 0.5)
     with pytest.raises(ConfigError, match="fewer than one batch"):
-        run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), s0, layout, costs,
-                            PGConfig(sparsity=0.3, kinds=("channel",), batch_size=8), progress=False)
+        run_policy_gradient(model, torch.zeros(2, 4, dtype=torch.long), UnitPolicy(s0, layout, costs, 0.3),
+                            PGSettings(batch_size=8), progress=False)
     with pytest.raises(ConfigError, match="sparsity"):
-        PGConfig(sparsity=1.0).validate()
+        RunSettings.from_recipe("features", {"sparsity": 1.0}).validate()
     with pytest.raises(ConfigError, match="K >= 2"):
-        PGConfig(sparsity=0.3, estimator="loo", k=1).validate()
+        RunSettings.from_recipe("features", {"pg.estimator": "loo", "pg.k": 1}).validate()
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
@@ -320,8 +314,8 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
 
     model, costs, layout = _setup(("channel",), num_hidden_layers=2, intermediate_size=32)
     calib = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
-    config = PGConfig(sparsity=0.3, kinds=("channel",), steps=4, k=2, batch_size=4, lr=0.05, eval_every=2)
-    res = run_policy_gradient(model, calib, torch.full((layout.size,), 0.7), layout, costs, config,
+    config = PGSettings(steps=4, k=2, batch_size=4, lr=0.05, eval_every=2)
+    res = run_policy_gradient(model, calib, UnitPolicy(torch.full((layout.size,), 0.7), layout, costs, 0.3), config,
                               eval_fn=lambda masks: 10.0 + float(masks["channel"].sum()) / 1000, progress=False,
                               tensorboard=tmp_path / "tb")
     events = EventAccumulator(str(tmp_path / "tb"))

@@ -12,9 +12,9 @@ from pgprune.errors import ConfigError
 from pgprune.evaluate.perplexity import evaluate_perplexity
 from pgprune.export import load_pruned
 from pgprune.models.synthetic import synthetic_model
-from pgprune.pruning import PruneOptions, prune
+from pgprune.pruning import prune
 
-from conftest import char_tokenizer
+from conftest import char_tokenizer, run_settings
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,10 +31,12 @@ def workdir(tmp_path_factory):
 
 
 def _options(root, text, **kw):
+    # the paper recipe's policy (units, no compensation) on the gated forward, unless a test says otherwise
     base = dict(model=str(root / "model"), method="pg", init="wanda-sp", steps=4, eval_every=2, units="channel,head",
                 sparsity=0.25, calib=f"text:{text}", eval=f"text:{text}", nsamples=16, seqlen=32, eval_seqlen=32,
-                eval_max_tokens=None, track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu")
-    return PruneOptions(**{**base, **kw})
+                eval_max_tokens=None, track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu",
+                forward="gated")
+    return run_settings(**{**base, **kw})
 
 
 def test_pg_pipeline_exports_the_model_it_evaluated(workdir):
@@ -57,7 +59,7 @@ def test_pg_pipeline_exports_the_model_it_evaluated(workdir):
     again = evaluate_perplexity(model, tok, name, seqlen=32).ppl
     assert again == pytest.approx(ppl["pruned"][name], rel=1e-4)
     run = json.loads((out / "run.json").read_text())
-    assert run["pg"]["config"]["steps"] == 4 and run["pg"]["track"]["split"] == "validation"
+    assert run["settings"]["pg"]["steps"] == 4 and run["pg"]["track"]["split"] == "validation"
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
     # The step-0 hard mask is the metric method's mask (DESIGN.md: start where the metric ends).
@@ -91,7 +93,7 @@ def test_bad_sparsity(workdir):
     root, text = workdir
     with pytest.raises(ConfigError, match="sparsity"):
         prune(_options(root, text, sparsity=1.0), root / "bad", progress=False)
-    with pytest.raises(ConfigError, match="forward must be one of gated, gathered"):
+    with pytest.raises(ConfigError, match="forward must be one of auto, gated, gathered"):
         prune(_options(root, text, forward="sliced"), root / "bad", progress=False)
 
 
@@ -162,8 +164,8 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     # fill and (magnitude: a data-free metric) the features
     assert passes == ([] if init == "block-influence" else ["dense"])
     learned = record["pg"]["policy"]
-    assert learned["features"][0] == init and record["pg"]["config"]["policy"] == "features"
-    assert record["pg"]["config"]["control_variate"] is True
+    assert learned["features"][0] == init and record["settings"]["pg"]["policy"] == "features"
+    assert record["settings"]["pg"]["control_variate"] is True
     if units != "layer":
         assert learned["features"] == [init] + [m for m in ("wanda-sp", "flap", "magnitude") if m != init]
         assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
@@ -188,3 +190,43 @@ def test_bad_pg_settings_refused_before_the_model_loads(workdir, monkeypatch, ba
     monkeypatch.setattr(load, "load_model", lambda *a, **kw: pytest.fail("loaded the model before refusing"))
     with pytest.raises(ConfigError, match=match):
         prune(_options(root, text, **bad), root / "bad-pg", progress=False)
+
+
+def _no_model_load(monkeypatch):
+    from pgprune.models import load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **kw: pytest.fail("loaded the model before refusing"))
+
+
+def test_unknown_method_is_refused_before_the_model_loads(workdir, monkeypatch):
+    root, text = workdir
+    _no_model_load(monkeypatch)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        prune(_options(root, text, method="nope"), root / "bad-method", progress=False)
+    assert not (root / "bad-method").exists()
+
+
+@pytest.mark.parametrize("case", ["unknown model", "missing data", "unreachable sparsity"])
+def test_a_run_that_fails_early_leaves_no_folder(workdir, case):
+    from pgprune.errors import PgpruneError
+
+    root, text = workdir
+    kw = {"unknown model": dict(model=str(root / "no-such-model")),
+          "missing data": dict(calib=f"text:{root / 'no-such-text.txt'}"),
+          "unreachable sparsity": dict(units="layer", sparsity=0.999, method="magnitude")}[case]
+    out = root / f"early-{case.replace(' ', '-')}"
+    with pytest.raises(PgpruneError):
+        prune(_options(root, text, **kw), out, progress=False)
+    assert not out.exists()
+
+
+def test_resume_with_other_settings_is_refused_before_loading(workdir, monkeypatch):
+    root, text = workdir
+    out = root / "resume-early"
+    prune(_options(root, text, steps=2), out, progress=False)
+    _no_model_load(monkeypatch)
+    from pgprune.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="pg.lr"):
+        prune(_options(root, text, steps=2, lr=0.5), out, resume=True, progress=False)
+    assert (out / "run.json").is_file()  # the finished run is untouched

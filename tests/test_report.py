@@ -19,10 +19,10 @@ from pgprune.cli import main  # noqa: E402
 from pgprune.errors import CheckpointError  # noqa: E402
 from pgprune.masks import Masks  # noqa: E402
 from pgprune.models.synthetic import synthetic_model  # noqa: E402
-from pgprune.pruning import PruneOptions, prune  # noqa: E402
+from pgprune.pruning import prune  # noqa: E402
 from pgprune.report import write_report  # noqa: E402
 
-from conftest import char_tokenizer  # noqa: E402
+from conftest import char_tokenizer, run_settings  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = ("dense", "init", "gated", "pruned")
@@ -45,7 +45,7 @@ def workdir(tmp_path_factory):
 def pg_run(workdir):
     root, text = workdir
     out = root / "run_pg"
-    prune(PruneOptions(model=str(root / "model"), method="pg", init="magnitude", steps=6, eval_every=2,
+    prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="magnitude", steps=6, eval_every=2,
                        units="channel,head", sparsity=0.2, calib=f"text:{text}", eval=f"text:{text}", nsamples=16,
                        seqlen=32, eval_seqlen=32, eval_max_tokens=None, track_max_tokens=256, batch_size=4,
                        dtype="fp32", device="cpu"), out, progress=False)
@@ -90,7 +90,7 @@ def test_pg_report_markdown_mentions_sparsity_and_every_stage(pg_run):
     md = (out / "report.md").read_text()
     assert f"{run['masks']['sparsity']:.2%} of prunable parameters" in md
     assert f"{run['masks']['total_sparsity']:.2%} of all parameters" in md
-    assert f"seqlen {run['options']['eval_seqlen']}" in md and "all tokens" in md
+    assert f"seqlen {run['settings']['eval']['seqlen']}" in md and "all tokens" in md
     rows = table_rows(md)
     assert set(rows) == set(STAGES) == set(run["perplexity"])
     for stage, values in run["perplexity"].items():
@@ -117,8 +117,8 @@ def test_pg_report_json_matches_the_run_files(pg_run):
 
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     pg = rep["pg"]
-    assert pg["steps_logged"] == run["options"]["steps"] == 6
-    assert pg["forward_passes"] == 6 * run["options"]["k"]
+    assert pg["steps_logged"] == run["settings"]["pg"]["steps"] == 6
+    assert pg["forward_passes"] == 6 * run["settings"]["pg"]["k"]
     assert pg["skipped_steps"] == 0
     tracked = [r["hard_ppl"] for r in log if "hard_ppl" in r]
     assert len(tracked) == 1 + 6 // 2  # step 0, then every eval_every steps
@@ -158,7 +158,7 @@ def test_pg_plots_are_valid_pngs_with_the_expected_panels(pg_run):
 def test_metric_run_report_has_no_pg_plots(metric_run):
     out, rep = metric_run
     run = json.loads((out / "run.json").read_text())
-    assert run["options"]["method"] == "magnitude" and rep["pg"] is None
+    assert run["settings"]["method"] == "magnitude" and rep["pg"] is None
     assert set(rep["plots"]) == {"structure"}
     read_png(out / "structure.png")
     assert not (out / "probabilities.png").exists() and not (out / "training.png").exists()
@@ -224,7 +224,7 @@ def test_damaged_log_skipped_steps_and_nan_perplexity(pg_run, tmp_path):
 def test_units_of_a_removed_layer_count_as_removed(workdir):
     root, text = workdir
     out = root / "run_pg_layers"
-    prune(PruneOptions(model=str(root / "model"), method="pg", init="magnitude", allocation="global", steps=2,
+    prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="magnitude", allocation="global", steps=2,
                        eval_every=2, units="channel,head,layer", sparsity=0.35, calib=f"text:{text}",
                        eval=f"text:{text}", nsamples=16, seqlen=32, eval_seqlen=32, eval_max_tokens=256,
                        track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu"), out, progress=False)
@@ -239,3 +239,18 @@ def test_units_of_a_removed_layer_count_as_removed(workdir):
     assert 0 in rep["layers"]["kv_heads"] and rep["export_check"]["ok"] is True
     read_png(out / "probabilities.png")
     read_png(out / "structure.png")
+
+
+def test_report_shows_the_pg_settings_and_the_selected_step(pg_run):
+    out, rep = pg_run
+    run = json.loads((out / "run.json").read_text())
+    md = (out / "report.md").read_text()
+    pg = rep["pg"]
+    assert (pg["policy"], pg["estimator"], pg["compensate"], pg["select"], pg["forward"]) == \
+        ("units", "paper", False, "final", "gated")
+    assert pg["selected_step"] == run["pg"]["selected_step"] == 6
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert pg["hard_ppl_selected"] == next(r["hard_ppl"] for r in log if r["step"] == 6)
+    for label, value in (("policy", "units"), ("bias compensation", "False"), ("estimator", "paper"),
+                         ("selection", "final"), ("selected step (exported mask)", "6"), ("forward", "gated")):
+        assert f"| {label} | {value} |" in md

@@ -16,6 +16,8 @@ _LAZY = {
     "PgpruneError": "pgprune.errors",
     "evaluate_perplexity": "pgprune.evaluate.perplexity",
     "load_pruned": "pgprune.models.load",
+    "prune": "pgprune.pruning",
+    "RunSettings": "pgprune.config",
 }
 
 

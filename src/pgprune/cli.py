@@ -196,115 +196,82 @@ def _run_info(args) -> int:
 
 
 # --- prune ------------------------------------------------------------------------------------
-def _add_prune(sub) -> None:
-    from pgprune.gating import FORWARDS
-    from pgprune.policy.estimators import ESTIMATORS
-    from pgprune.policy.loop import POLICIES, SELECTIONS
-    from pgprune.pruning import PruneOptions
+# The options are RunSettings' fields (pgprune.config): each field's metadata carries its flag, help
+# and group. Defaults are not set here: an option given on the command line overrides --recipe.
+_SHOW_ALL = False  # set by main() when --help-all is asked for
+_GROUP_TITLES = {
+    "advanced": "advanced (shown by --help-all)",
+    "experimental": "experimental: measured not to help on SmolLM2 (bench/RESULTS.md), kept for research",
+}
 
-    d = PruneOptions()
+
+def _add_prune(sub) -> None:
+    from pgprune.config import MAIN, RECIPES, RunSettings, flag_of, walk_fields
+
     p = sub.add_parser(
         "prune", help="prune a model (policy gradient, or a metric method) and export it",
         description="Prune MODEL to the given sparsity (fraction of the decoder layers' parameters removed) "
                     "and write the pruned Hugging Face folder, masks, run.json and metrics.jsonl into --out. "
                     "--method pg learns the masks with forward passes only (policy gradient), starting from "
-                    "--init; the other methods are metric baselines.")
-    p.add_argument("model", metavar="MODEL", nargs="?", default=d.model,
-                   help=f"hub id, local folder, .gguf file or smollm2-135m (default: {d.model})")
-    p.add_argument("--method", default=d.method,
-                   help="pg (default), wanda-sp, flap, magnitude, random, block-influence")
-    p.add_argument("--sparsity", type=float, default=d.sparsity, help=f"fraction of prunable parameters to remove (default {d.sparsity})")
-    p.add_argument("--units", default=d.units, help="unit kinds: channel,head,attn,mlp,layer (default channel,head)")
-    p.add_argument("--allocation", default=d.allocation, choices=["uniform", "global"],
-                   help="metric methods / pg init: same fraction per layer, or one global threshold")
-    p.add_argument("--calib", default=d.calib, help=f"calibration data (default {d.calib}; c4, wikitext2, text:PATH)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128; pg: a pool of 1024)")
-    p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"calibration window length (default {d.seqlen})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("policy gradient (--method pg)")
-    g.add_argument("--init", default=d.init, help="metric method for the initial probabilities, or constant (default wanda-sp)")
-    g.add_argument("--init-mapping", default=d.init_mapping, choices=["sigmoid", "constant"])
-    g.add_argument("--init-scale", type=float, default=d.init_scale,
-                   help="sigmoid mapping: scale of the standardised scores; larger puts most probabilities near "
-                        f"0 or 1, so the samples stay near the initial mask (default {d.init_scale})")
-    g.add_argument("--policy", default=d.policy, choices=list(POLICIES),
-                   help="units: one free keep-probability per unit (the paper's, default); features: a few shared "
-                        "logit parameters (metric-score weights + per-layer offsets, --init-scale its scale; "
-                        "see docs/method.md)")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps}, the paper's; short CPU runs: a few hundred with --lr 0.02)")
-    g.add_argument("--k", type=int, default=d.k, help="masks sampled per step (default 2)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="calibration windows per step (default 8)")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the probabilities; --policy features: Adam's step size (default {d.lr})")
-    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "constant"])
-    g.add_argument("--estimator", default=d.estimator, choices=list(ESTIMATORS),
-                   help="paper: the reference code's (default); loo: exact Bernoulli score with the leave-one-out "
-                        "baseline; disarm: antithetic mask pairs, K even (see docs/method.md)")
-    g.add_argument("--control-variate", action="store_true",
-                   help="subtract from each sampled loss the part its mask's kept fraction explains (slope "
-                        "fitted on earlier steps; the estimate keeps its expectation, see docs/method.md)")
-    g.add_argument("--forward", default=d.forward, choices=list(FORWARDS),
-                   help="gated: the K masks in one forward of the unchanged weights (default); gathered: each mask "
-                        "through a pruned view of the kept weights (faster on CPUs at high sparsity, see docs/scale.md)")
-    g.add_argument("--projection", default=d.projection, choices=["cost", "uniform"],
-                   help="budget projection shift: proportional to unit cost (default) or equal")
-    g.add_argument("--per-kind-budget", action="store_true", help="hold each unit kind to the budget separately (paper)")
-    g.add_argument("--select", choices=SELECTIONS, default=d.select,
-                   help="final: the hard mask at the last step; best: the periodically evaluated hard mask "
-                        f"(initial one included) with the lowest held-out perplexity (default {d.select})")
-    g.add_argument("--floor", type=float, default=d.floor,
-                   help=f"keep every probability within [floor, 1-floor] while optimising, so no unit freezes (default {d.floor})")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between hard-mask evaluations / checkpoints")
-    g.add_argument("--compensate", action="store_true",
-                   help="pg: evaluate every masked model with FLAP's bias compensation (dropped features "
-                        "replaced by their calibration mean) and export the model with those biases")
-    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
-                   help="write TensorBoard event files of the loop (default DIR: RUN_DIR/tensorboard; needs "
-                        "pip install 'pgprune[tensorboard]')")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--eval", default=d.eval, help=f"perplexity datasets (default {d.eval})")
-    e.add_argument("--eval-seqlen", type=int, default=d.eval_seqlen,
-                   help=f"perplexity window length (default {d.eval_seqlen}, as the paper, LLM-Pruner and FLAP)")
-    e.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens,
-                   help=f"tokens per dataset for dense/init/final perplexity (default {d.eval_max_tokens}; 0 = all)")
-    e.add_argument("--track-max-tokens", type=int, default=d.track_max_tokens,
-                   help="tokens for the periodic hard-mask perplexity during pg")
+                    "--init's mask. Settings come from --recipe (default 'features', our best measured; "
+                    "'paper': the authors' settings); options given here override it.",
+        epilog="recipes: " + "; ".join(f"{n}: {r['doc']}" for n, r in RECIPES.items()))
+    defaults = RunSettings()
+    groups = {g: p.add_argument_group(t) for g, t in _GROUP_TITLES.items()}
+    for path, f in walk_fields(defaults):
+        meta = f.metadata
+        group = meta["group"]
+        target = p if group == MAIN else groups[group]
+        default = defaults.get(path)
+        shown = "" if path == "recipe" or default in (None, "") else f" (default {default})"
+        text = meta["help"] + shown
+        if group != MAIN and not _SHOW_ALL:
+            text = argparse.SUPPRESS
+        kwargs = dict(meta["argparse"])
+        if kwargs.pop("action", None) == "boolean":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        if flag_of(path, f) == "model":  # the positional
+            target.add_argument("model", metavar="MODEL", nargs="?", default=argparse.SUPPRESS, help=text)
+            continue
+        kwargs.setdefault("metavar", None if "choices" in kwargs or "action" in kwargs else f.name.upper())
+        target.add_argument(flag_of(path, f), dest=path, default=argparse.SUPPRESS, help=text, **kwargs)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the pg run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--report", action="store_true",
                    help="write report.md, report.json and plots into --out at the end (needs matplotlib)")
-    _add_common_model_options(p)
-    _add_common_data_options(p)
+    p.add_argument("--help-all", action="help", help="show every option, the advanced and experimental ones too")
+
+
+def settings_from_args(args):
+    """RunSettings from parsed `prune` options: the recipe, then every option given explicitly."""
+    from pgprune.config import RunSettings, walk_fields
+
+    given = {path: getattr(args, path) for path, _ in walk_fields() if hasattr(args, path)}
+    return RunSettings.from_recipe(given.pop("recipe", "features"), given)
 
 
 def _run_prune(args) -> int:
-    from pgprune.pruning import PruneOptions, prune
+    from pgprune.pruning import prune
 
+    settings = settings_from_args(args)
     if args.report:  # fail now, not after a long run, when matplotlib is missing
         from pgprune.report import require_matplotlib
 
         require_matplotlib()
-    if args.tensorboard is not None and args.method == "pg":  # likewise for tensorboard
+    if settings.execution.tensorboard is not None and settings.method == "pg":  # likewise for tensorboard
         from pgprune.policy.loop import require_tensorboard
 
         require_tensorboard()
-    opts = PruneOptions(
-        model=args.model, method=args.method, sparsity=args.sparsity, units=args.units, allocation=args.allocation,
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-        dtype=args.dtype, device=args.device, init=args.init, init_mapping=args.init_mapping, init_scale=args.init_scale, steps=args.steps,
-        k=args.k, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, estimator=args.estimator,
-        control_variate=args.control_variate, forward=args.forward,
-        projection=args.projection, per_kind_budget=args.per_kind_budget, floor=args.floor, select=args.select, policy=args.policy, eval_every=args.eval_every,
-        checkpoint_every=args.eval_every, eval=args.eval, eval_seqlen=args.eval_seqlen,
-        eval_max_tokens=args.eval_max_tokens or None,
-        track_max_tokens=args.track_max_tokens, compensate=args.compensate, tensorboard=args.tensorboard)
     from pgprune.policy.distributed import init_from_env, shutdown
 
     world, rank_device = init_from_env()  # under torchrun: process group + this rank's device
     if world.size > 1:
-        opts.device = str(rank_device)
+        settings.execution.device = str(rank_device)
     try:
-        record = prune(opts, args.out, resume=args.resume, overwrite=args.overwrite, progress=world.is_main,
+        record = prune(settings, args.out, resume=args.resume, overwrite=args.overwrite, progress=world.is_main,
                        world=world)
     finally:
         shutdown()
@@ -312,17 +279,19 @@ def _run_prune(args) -> int:
         return 0
     ppl = record["perplexity"]
     m = record["masks"]
-    print(f"\npruned {args.model} with {args.method}: sparsity {m['sparsity']:.4f} of prunable parameters "
-          f"({m['total_sparsity']:.4f} of all), perplexity at seqlen {opts.eval_seqlen}"
-          + (f" on the first {opts.eval_max_tokens} tokens" if opts.eval_max_tokens else "") + ":")
+    print(f"\npruned {settings.model} with {settings.method}: sparsity {m['sparsity']:.4f} of prunable parameters "
+          f"({m['total_sparsity']:.4f} of all), perplexity at seqlen {settings.eval.seqlen}"
+          + (f" on the first {settings.eval.max_tokens} tokens" if settings.eval.max_tokens else "") + ":")
     stages = [s for s in ("dense", "init", "gated", "pruned") if s in ppl]
-    print("  " + "dataset".ljust(12) + "".join(s.rjust(12) for s in stages))
+    labels = {"dense": "dense", "init": "start", "gated": "final", "pruned": "exported"}
+    print("  " + "dataset".ljust(12) + "".join(labels[s].rjust(12) for s in stages))
     for name in ppl["dense"]:
         print("  " + name.ljust(12) + "".join(f"{ppl[s][name]:12.3f}" for s in stages))
     print(f"wrote {record['pruned_model']} (reload: pgprune.load_pruned or AutoModelForCausalLM.from_pretrained("
           "..., trust_remote_code=True))")
     if args.report:
-        from pgprune.report import REPORT_MD, write_report
+        from pgprune.report import write_report
+        from pgprune.run_folder import REPORT_MD
 
         write_report(args.out)
         print(f"wrote {args.out}/{REPORT_MD}")
@@ -341,7 +310,8 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args) -> int:
-    from pgprune.report import REPORT_JSON, REPORT_MD, write_report
+    from pgprune.report import write_report
+    from pgprune.run_folder import REPORT_JSON, REPORT_MD
 
     s = write_report(args.run_dir)
     sp = s["sparsity"]
@@ -382,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _SHOW_ALL
+    argv = sys.argv[1:] if argv is None else argv
+    _SHOW_ALL = "--help-all" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

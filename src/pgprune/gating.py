@@ -18,7 +18,7 @@ mask get no hook at all, so an all-ones mask reproduces the dense logits bit for
 
 Mean fill (`fill=`, FLAP's bias compensation seen from the inside): a dropped input feature of
 o_proj / down_proj is replaced by its calibration mean instead of zero, so the gated model computes
-what `surgery.prune_model(..., output_bias=metrics.prune.compensation_biases(...))` computes. A
+what `surgery.prune_model(..., output_bias=reconstruction.compensation_biases(...))` computes. A
 removed layer then adds its mean update (both blocks mean-filled) to the residual stream, unless
 no kept layer precedes it: surgery folds that constant into the previous kept layer's output. The
 policy-gradient loop uses it to choose masks for the compensated model it will export.
@@ -122,7 +122,7 @@ def gated(model: nn.Module, masks: Masks, *, costs: UnitCosts | None = None,
     removed on exit, also when the body raises. Works under no_grad / inference_mode, in any
     dtype, and with device_map models (masks follow each activation's device).
     `fill`: {"attn": [L] means of o_proj's input, "mlp": [L] means of down_proj's input}
-    (`metrics.calibration.feature_means`): dropped features take these values (mean fill, see the
+    (`reconstruction.feature_means`): dropped features take these values (mean fill, see the
     module doc), also in removed layers that have a kept layer before them.
     """
     adapter = adapter or get_adapter(model)
@@ -233,7 +233,7 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     (one pruned copy alive at a time); which is faster depends on the device: bench/gating_cost.py.
     With `fill`, each view gets the matching compensation biases (the same function as `gated`)."""
     from pgprune.lm_loss import token_nll
-    from pgprune.metrics.prune import compensation_biases
+    from pgprune.reconstruction import compensation_biases
     from pgprune.surgery import pruned_view
 
     _check_input_ids(input_ids, "gathered_losses")

@@ -1,14 +1,8 @@
 """Run reports: `write_report(run_dir)` turns a run folder into report.md, report.json and plots.
 
-A run folder is what `pgprune.pruning.prune` (CLI `pgprune prune ... --out DIR`) writes:
-
-    run.json            options, model, machine, masks summary, perplexity per stage, pg info
-    metrics.jsonl       one record per PG step (pg only)
-    probabilities.pt    final keep-probabilities {kind: [L, units]} (pg only)
-    masks.safetensors   the final hard mask
-    model/              the pruned Hugging Face folder
-
-The report reads only these files (no model weights are loaded), and writes into the same folder,
+A run folder is what `pgprune.prune` (CLI `pgprune prune ... --out DIR`) writes; its files and
+their readers are pgprune.run_folder's. The report reads only run.json, metrics.jsonl,
+probabilities.pt, masks.safetensors and the exported model's config (no model weights are loaded), and writes into the same folder,
 each file atomically:
 
     report.md           model, method, sparsity, perplexity table, PG settings, plots embedded
@@ -28,15 +22,11 @@ import math
 from pathlib import Path
 
 from pgprune import atomic
-from pgprune.errors import CheckpointError, ConfigError
+from pgprune.errors import ConfigError
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-PROBS_FILE = "probabilities.pt"
-MASKS_FILE = "masks.safetensors"
-MODEL_DIR = "model"
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
+from pgprune.run_folder import (METRICS_FILE, MODEL_DIR, PROBS_FILE, REPORT_JSON, REPORT_MD, read_metrics,
+                                read_probabilities, read_record)
+
 SCHEMA = "pgprune.report/1"
 
 STAGES = {
@@ -56,11 +46,11 @@ def write_report(run_dir: str | Path, *, inspect_export: bool = True) -> dict:
     per-layer widths and parameter counts match the mask summary in run.json.
     """
     run_dir = Path(run_dir)
-    record = _read_run(run_dir)
+    record = read_record(run_dir)
     plt = require_matplotlib()
-    pg = record.get("method") == "pg" or "pg" in record
-    steps, bad_lines = _read_metrics(run_dir / METRICS_FILE)
-    probs, hard = _read_probabilities(run_dir)
+    pg = record["settings"]["method"] == "pg" or "pg" in record
+    steps, bad_lines = read_metrics(run_dir)
+    probs, hard = read_probabilities(run_dir)
     summary = _summary(record, run_dir, steps, bad_lines)
     export = _check_export(run_dir, record) if inspect_export else None
     if export is not None:
@@ -88,71 +78,6 @@ def write_report(run_dir: str | Path, *, inspect_export: bool = True) -> dict:
     return summary
 
 
-# --- reading the run folder -----------------------------------------------------------------------
-def _read_run(run_dir: Path) -> dict:
-    how = ("a run folder is written by `pgprune prune MODEL --out DIR` "
-           "(Python: pgprune.pruning.prune(PruneOptions(...), DIR))")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist; {how}")
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        unfinished = (run_dir / "checkpoint.pt").is_file() or (run_dir / METRICS_FILE).is_file()
-        hint = (" It holds a PG checkpoint / metrics log, so the run did not finish: continue it with "
-                "`pgprune prune ... --resume --out DIR` using the original options." if unfinished else "")
-        raise CheckpointError(f"{run_dir} has no {RUN_FILE}, so it is not a finished run folder; {how}.{hint}")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-run `pgprune prune` into a new folder") from e
-    missing = [k for k in ("options", "model", "masks", "perplexity") if k not in record]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it was not written by a finished "
-                              "`pgprune prune` of this version: re-run it")
-    record.setdefault("method", record["options"].get("method"))
-    return record
-
-
-def _read_metrics(path: Path) -> tuple[list[dict], int]:
-    """Step records of metrics.jsonl, and the count of unreadable lines (a run killed mid-append
-    can leave half a line)."""
-    if not path.is_file():
-        return [], 0
-    records, bad = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(r, dict) and "step" in r:
-            records.append(r)
-        else:
-            bad += 1
-    return records, bad
-
-
-def _read_probabilities(run_dir: Path) -> tuple[dict, dict]:
-    """({kind: [L, units] float}, {kind: [L, units] bool final hard mask or None})."""
-    path = run_dir / PROBS_FILE
-    if not path.is_file():
-        return {}, {}
-    import torch
-
-    try:
-        probs = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: report it instead of a traceback
-        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e}); re-run the pg run") from e
-    hard: dict = {}
-    if (run_dir / MASKS_FILE).is_file():
-        from pgprune.masks import Masks
-
-        masks = Masks.load(run_dir / MASKS_FILE)
-        hard = {k: masks[k] for k in masks.kinds if k in probs and masks[k].shape == probs[k].shape}
-    return {k: v.float() for k, v in probs.items()}, hard
-
-
 def _dense_widths(record: dict) -> dict[str, list[int]]:
     """Per-layer KV heads / channels of the model the run started from. A uniform dense model
     is described by run.json; an input that was itself a pruned folder carries per-layer widths
@@ -160,7 +85,7 @@ def _dense_widths(record: dict) -> dict[str, list[int]]:
     desc = record["model"]
     L = int(desc["num_layers"])
     widths = {"head": [int(desc["num_kv_heads"])] * L, "channel": [int(desc["intermediate_size"])] * L}
-    cfg = Path(str(record["options"].get("model", ""))) / "config.json"
+    cfg = Path(str(record["settings"].get("model", ""))) / "config.json"
     if not cfg.is_file():
         return widths
     from pgprune.models.pruned_modeling import CONFIG_KEY, StructureError, StructureRecord
@@ -177,14 +102,15 @@ def _dense_widths(record: dict) -> dict[str, list[int]]:
 
 
 def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> dict:
-    o, m, desc = record["options"], record["masks"], record["model"]
+    o, m, desc = record["settings"], record["masks"], record["model"]
     proto = record.get("perplexity_protocol", {})
     dense = _dense_widths(record)
     out = {
         "schema": SCHEMA,
         "run_dir": str(run_dir),
         "model": {"name": o.get("model"), **desc},
-        "method": record["method"],
+        "method": o["method"],
+        "recipe": o.get("recipe"),
         "units": m.get("kinds", []),
         "sparsity": {
             "target": o.get("sparsity"),
@@ -203,11 +129,11 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "dense_channels": dense["channel"], "channels": m["channels_per_layer"],
         },
         "perplexity": record["perplexity"],
-        "perplexity_protocol": {"seqlen": proto.get("seqlen", o.get("eval_seqlen")),
-                                "max_tokens": proto.get("max_tokens", o.get("eval_max_tokens")),
+        "perplexity_protocol": {"seqlen": proto.get("seqlen", o["eval"]["seqlen"]),
+                                "max_tokens": proto.get("max_tokens", o["eval"]["max_tokens"]),
                                 "split": proto.get("split", "test"),
                                 "window_caps": _window_caps(record["perplexity"])},
-        "calibration": {"source": o.get("calib"), "nsamples": o.get("nsamples"), "seqlen": o.get("seqlen")},
+        "calibration": {"source": o["data"]["calib"], "nsamples": o["data"]["nsamples"], "seqlen": o["data"]["seqlen"]},
         "wall_seconds": record.get("seconds"),
         "machine": record.get("machine", {}),
         "pg": None,
@@ -215,14 +141,17 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
     if "metric" in record:
         out["metric"] = {k: record["metric"].get(k) for k in ("method", "allocation", "sparsity", "removed_units")}
     if "pg" in record:
-        pg = record["pg"]
-        cfg = pg.get("config", {})
+        pg, cfg = record["pg"], o["pg"]
         tracked = [r for r in steps if r.get("hard_ppl") is not None]
         last = steps[-1] if steps else {}
         out["pg"] = {
-            "init": o.get("init"), "init_mapping": o.get("init_mapping"), "allocation": o.get("allocation"),
-            **{k: cfg.get(k) for k in ("steps", "k", "batch_size", "lr", "lr_schedule", "estimator", "projection",
-                                      "per_kind_budget", "baseline_window", "seed", "eval_every", "sparsity")},
+            "allocation": o.get("allocation"), "seed": o.get("seed"),
+            **{k: cfg.get(k) for k in ("policy", "init", "init_mapping", "init_scale", "compensate", "estimator",
+                                      "select", "steps", "k", "batch_size", "lr", "lr_schedule", "eval_every",
+                                      "control_variate", "projection", "per_kind_budget", "floor", "baseline_window")},
+            "forward": record.get("execution", {}).get("forward"),
+            "sparsity": pg.get("start_sparsity"),
+            "selected_step": pg.get("selected_step"),
             "steps_logged": sum(1 for r in steps if r.get("step", 0) > 0),
             "forward_passes": last.get("forward_passes"),
             "skipped_steps": pg.get("skipped_steps"),
@@ -233,6 +162,8 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "hard_ppl_start": tracked[0]["hard_ppl"] if tracked and tracked[0].get("step") == 0 else None,
             "hard_ppl_best": min((r["hard_ppl"] for r in tracked if _finite(r["hard_ppl"])), default=None),
             "hard_ppl_final": tracked[-1]["hard_ppl"] if tracked else None,
+            "hard_ppl_selected": next((r["hard_ppl"] for r in tracked if r.get("step") == pg.get("selected_step")),
+                                      None),
             "entropy_final": next((r["entropy"] for r in reversed(steps) if r.get("entropy") is not None), None),
         }
     return out
@@ -470,10 +401,14 @@ def _markdown(s: dict) -> str:
         tr = p.get("track") or {}
         lines += ["", "## Policy gradient", "",
                   "| setting | value |", "|---|---|"]
-        for key, label in (("init", "init"), ("init_mapping", "init mapping"), ("allocation", "init allocation"),
-                           ("steps", "steps"), ("k", "masks per step (K)"), ("batch_size", "batch (windows)"),
-                           ("lr", "learning rate"), ("lr_schedule", "lr schedule"), ("estimator", "estimator"),
-                           ("projection", "budget projection"), ("per_kind_budget", "per-kind budget"),
+        for key, label in (("policy", "policy"), ("init", "init"), ("init_mapping", "init mapping"),
+                           ("init_scale", "init scale"), ("allocation", "init allocation"),
+                           ("compensate", "bias compensation"), ("estimator", "estimator"),
+                           ("select", "selection"), ("selected_step", "selected step (exported mask)"),
+                           ("forward", "forward"), ("steps", "steps"), ("k", "masks per step (K)"),
+                           ("batch_size", "batch (windows)"), ("lr", "learning rate"), ("lr_schedule", "lr schedule"),
+                           ("control_variate", "control variate"), ("projection", "budget projection"),
+                           ("per_kind_budget", "per-kind budget"), ("floor", "probability floor"),
                            ("baseline_window", "baseline window"), ("eval_every", "eval every (steps)"),
                            ("seed", "seed")):
             lines.append(f"| {label} | {p.get(key)} |")
@@ -486,7 +421,8 @@ def _markdown(s: dict) -> str:
                      if p["skipped_in_log"] else ""),
                   f"- hard-mask perplexity on `{tr.get('dataset')}` (first {tr.get('max_tokens')} tokens, seqlen "
                   f"{proto['seqlen']}): step 0 {_num(p['hard_ppl_start'])}, best {_num(p['hard_ppl_best'])}, "
-                  f"final {_num(p['hard_ppl_final'])}",
+                  f"last step {_num(p['hard_ppl_final'])}, selected step {p['selected_step']} (the exported mask, "
+                  f"whose test perplexity the table's final rows show) {_num(p['hard_ppl_selected'])}",
                   f"- final mean entropy of the keep-probabilities: {_num(p['entropy_final'], '.4f')} nats "
                   f"(log 2 = {math.log(2):.4f}: undecided)"]
         if p["unreadable_log_lines"]:

@@ -1,19 +1,20 @@
-"""Metric-based structured pruning: baselines and initialisers of the policy-gradient method.
+"""Metric-based structured pruning: baselines and the starting masks of the policy-gradient method.
 
     calibration  layer-by-layer statistics on calibration windows (collect_layer_stats)
     scores       METHODS registry: wanda-sp, flap, magnitude, random, block-influence (compute_scores)
     allocation   uniform / global budgets met exactly (allocate)
-    init         keep-probabilities whose hard mask is the metric's mask (init_probabilities, hard_mask)
-    prune        one call: prune_with_metric(model, calib_ids, method, sparsity, kinds, allocation)
+    pipeline     one call: run_metric(model, calib_ids, method, sparsity, kinds, allocation) -> MetricResult,
+                 or metric_masks(...) -> (masks, output_bias, info)
+
+The budget arithmetic they share with the policies lives in pgprune.budget, the bias compensation in
+pgprune.reconstruction.
 """
 
 from pgprune.metrics.allocation import ALLOCATIONS, Allocation, allocate
-from pgprune.metrics.init import INIT_METHODS, InitProbabilities, expected_keep_ratio, hard_mask, init_probabilities
-from pgprune.metrics.prune import MetricResult, compensation_biases, prune_with_metric, run_metric
+from pgprune.metrics.pipeline import MetricResult, metric_masks, run_metric
 from pgprune.metrics.scores import METHODS, Scores, compute_scores
 
 __all__ = [
-    "ALLOCATIONS", "Allocation", "allocate", "INIT_METHODS", "InitProbabilities", "expected_keep_ratio",
-    "hard_mask", "init_probabilities", "MetricResult", "compensation_biases", "prune_with_metric",
+    "ALLOCATIONS", "Allocation", "allocate", "MetricResult", "metric_masks",
     "run_metric", "METHODS", "Scores", "compute_scores",
 ]

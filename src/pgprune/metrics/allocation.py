@@ -22,38 +22,17 @@ found by bisection and lands within half a unit of the target whenever the targe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
+from pgprune.budget import (_NEVER, check_sparsity, closest_prefix, finite_or_never, global_positions,
+                            masks_from_positions, present_units)
 from pgprune.errors import ConfigError
 from pgprune.masks import BLOCK_KINDS, UNIT_KINDS, Masks, UnitCosts
 
 ALLOCATIONS = ("uniform", "global")
 FINE_KINDS = ("channel", "head")
-_NEVER = torch.iinfo(torch.long).max  # position of units that do not exist
-
-
-def present_units(costs: UnitCosts, kind: str) -> torch.Tensor:
-    """[L, units] True where a unit of `kind` exists (its block and layer included)."""
-    U = costs.units_per_layer(kind)
-    if kind in ("head", "channel"):
-        width = costs.num_kv_heads if kind == "head" else costs.intermediate
-        return torch.arange(U)[None, :] < width[:, None]
-    attn, mlp = costs.num_kv_heads > 0, costs.intermediate > 0
-    return {"attn": attn, "mlp": mlp, "layer": attn | mlp}[kind][:, None].clone()
-
-
-def check_sparsity(sparsity: float) -> float:
-    try:
-        s = float(sparsity)
-    except (TypeError, ValueError):
-        raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
-    if not (0.0 <= s < 1.0) or math.isnan(s):
-        raise ConfigError(f"sparsity must be in [0, 1) (the fraction of prunable parameters to remove), "
-                          f"got {sparsity!r}")
-    return s
 
 
 def _check_scores(scores: dict[str, torch.Tensor], costs: UnitCosts) -> None:
@@ -65,108 +44,7 @@ def _check_scores(scores: dict[str, torch.Tensor], costs: UnitCosts) -> None:
             raise ConfigError(f"scores[{kind!r}] has shape {tuple(t.shape)}, the model needs {want}")
 
 
-# --- prefix of an order ------------------------------------------------------------------------------
-def masks_from_positions(positions: dict[str, torch.Tensor], n: int) -> Masks:
-    """The mask that removes the first n units of an order (`positions[kind]`: [L, units] long)."""
-    return Masks({k: p >= n for k, p in positions.items()})
-
-
-def _sparsity_at(positions, n, costs) -> float:
-    return masks_from_positions(positions, n).sparsity(costs)
-
-
-@dataclass
-class Prefix:
-    n: int  # units removed
-    sparsity: float  # their true sparsity
-    n_max: int
-    max_sparsity: float
-
-
-def closest_prefix(positions: dict[str, torch.Tensor], costs: UnitCosts, target: float, *,
-                   tolerance: float | None = None, what: str = "these units") -> Prefix:
-    """The prefix of the order whose sparsity is closest to `target` (ties: the shorter one).
-
-    Raises ConfigError when the target cannot be met: beyond what removing every unit gives,
-    further than `tolerance` (default: the largest single unit) from any prefix, or rounding to
-    removing nothing at all."""
-    n_max = int(sum(int((p != _NEVER).sum()) for p in positions.values()))
-    s_max = _sparsity_at(positions, n_max, costs)
-    if target == 0.0:
-        return Prefix(0, 0.0, n_max, s_max)
-    unit = max_unit_fraction(costs, tuple(positions))
-    tol = unit if tolerance is None else float(tolerance)
-    if n_max == 0 or target > s_max + tol:
-        raise ConfigError(f"sparsity {target:g} cannot be reached by removing {what}: removing all of them "
-                          f"gives {s_max:.4f}. Lower the sparsity or add unit kinds (e.g. --units channel,head).")
-    lo, hi = 0, n_max  # invariant: s(lo) <= target, and s(hi) > target unless hi == n_max
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _sparsity_at(positions, mid, costs) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    s_lo = _sparsity_at(positions, lo, costs)
-    best, s_best = lo, s_lo
-    if lo < n_max:
-        s_hi = _sparsity_at(positions, lo + 1, costs)
-        if abs(s_hi - target) < abs(s_lo - target):
-            best, s_best = lo + 1, s_hi
-    if best == 0:
-        s_one = _sparsity_at(positions, 1, costs)
-        raise ConfigError(f"sparsity {target:g} rounds to removing nothing with {what}: the smallest step "
-                          f"is one unit = sparsity {s_one:.4f}. Ask for at least that, or use finer units.")
-    if abs(s_best - target) > tol:
-        s_next = _sparsity_at(positions, min(lo + 1, n_max), costs)
-        raise ConfigError(f"sparsity {target:g} cannot be met within {tol:.4g} with {what}: the nearest "
-                          f"reachable sparsities are {s_lo:.4f} and {s_next:.4f}. Ask for one of them "
-                          "or use finer units.")
-    return Prefix(best, s_best, n_max, s_max)
-
-
-def max_unit_fraction(costs: UnitCosts, kinds) -> float:
-    """The largest single unit of `kinds`, as a fraction of the prunable parameters."""
-    biggest = 0
-    for k in kinds:
-        c = costs.unit_cost(k)[present_units(costs, k)]
-        if c.numel():
-            biggest = max(biggest, int(c.max()))
-    return biggest / max(costs.prunable_params, 1)
-
-
 # --- orders ---------------------------------------------------------------------------------------------
-def _finite_or_never(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    bad = present & ~torch.isfinite(scores)
-    if bad.any():
-        raise ConfigError("scores contain NaN or infinite values for existing units; check the "
-                          "calibration data (all-constant inputs?) or the model weights")
-    return present
-
-
-def global_positions(keys: dict[str, torch.Tensor], costs: UnitCosts) -> dict[str, torch.Tensor]:
-    """Ascending key over all layers and kinds; ties in (kind, layer, unit) order."""
-    flat_keys, owners = [], []
-    for kind in UNIT_KINDS:
-        if kind not in keys:
-            continue
-        pres = _finite_or_never(keys[kind], present_units(costs, kind))
-        idx = pres.flatten().nonzero().squeeze(1)
-        flat_keys.append(keys[kind].flatten()[idx].double())
-        owners += [(kind, idx)]
-    positions = {k: torch.full(keys[k].shape, _NEVER, dtype=torch.long) for k in keys}
-    if not flat_keys:
-        return positions
-    allk = torch.cat(flat_keys)
-    order = torch.sort(allk, stable=True).indices  # stable: ties keep (kind, layer, unit) order
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
-    start = 0
-    for kind, idx in owners:
-        positions[kind].view(-1)[idx] = rank[start:start + idx.numel()]
-        start += idx.numel()
-    return positions
-
-
 def spread_order(n: int) -> torch.Tensor:
     """A permutation of range(n) whose every prefix is spread over the range (bit reversal),
     starting from the last layer: first layers are usually the most sensitive to pruning."""
@@ -324,7 +202,7 @@ def uniform_masks(raw: dict[str, torch.Tensor], costs: UnitCosts, plan: UniformP
         t = torch.zeros(costs.num_layers, costs.units_per_layer(kind), dtype=torch.bool)
         for i in range(costs.num_layers):
             w = int(width[i])
-            _finite_or_never(raw[kind][i, :w], torch.ones(w, dtype=torch.bool))
+            finite_or_never(raw[kind][i, :w], torch.ones(w, dtype=torch.bool))
             t[i, :w] = lowest_in_layer(raw[kind][i], int(counts[i]), w)
         out[kind] = t
     return Masks(out)

@@ -95,14 +95,6 @@ class LayerStats:
         return {"attn": self.cos_attn, "mlp": self.cos_mlp, "layer": self.cos_layer}[block] / max(self.tokens, 1)
 
 
-def feature_means(stats: list[LayerStats]) -> dict[str, list]:
-    """{"attn": [L], "mlp": [L]}: the calibration means of the inputs of o_proj / down_proj per
-    layer (None where the block is absent): the values FLAP's compensation and the gated forward's
-    mean fill put in place of dropped features."""
-    return {"attn": [None if st.attn_in is None else st.attn_in.mean for st in stats],
-            "mlp": [None if st.mlp_in is None else st.mlp_in.mean for st in stats]}
-
-
 @dataclass
 class LayerEdit:
     """What to remove from one layer while propagating calibration data (`propagate="pruned"`).

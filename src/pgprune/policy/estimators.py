@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -40,16 +41,25 @@ _KEPT_DECAY = 0.95  # the control variate's moving average (~20 steps)
 
 @dataclass
 class BaselineState:
+    """The `paper` estimator's baseline. mode "previous": the mean of the last `window` mean losses,
+    the current one excluded; "ema": the reference code's, b_t = (1 - 1/window) b_(t-1) + mean loss_t / window,
+    the current step included (b_0 = the first mean loss)."""
     window: int = 5
     history: deque = field(default_factory=deque)
+    mode: str = "previous"
+    ema: float | None = None
     # control variate: moving averages of the within-step products of kept fraction and loss
     kept_cov: float = 0.0
     kept_var: float = 0.0
 
     def value(self, current_mean: float) -> float:
+        if self.mode == "ema":
+            return current_mean if self.ema is None else self.ema + (current_mean - self.ema) / self.window
         return sum(self.history) / len(self.history) if self.history else current_mean
 
     def push(self, mean_loss: float) -> None:
+        if self.mode == "ema":
+            self.ema = self.value(mean_loss)
         self.history.append(mean_loss)
         while len(self.history) > self.window:
             self.history.popleft()
@@ -66,12 +76,12 @@ class BaselineState:
 
     def state_dict(self) -> dict:
         return {"window": self.window, "history": list(self.history), "kept_cov": self.kept_cov,
-                "kept_var": self.kept_var}
+                "kept_var": self.kept_var, "mode": self.mode, "ema": self.ema}
 
     @classmethod
     def from_state(cls, d: dict) -> "BaselineState":
-        return cls(window=d["window"], history=deque(d["history"]), kept_cov=d.get("kept_cov", 0.0),
-                   kept_var=d.get("kept_var", 0.0))
+        return cls(window=d["window"], history=deque(d["history"]), kept_cov=d["kept_cov"], kept_var=d["kept_var"],
+                   mode=d["mode"], ema=d["ema"])
 
 
 def paper_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
@@ -108,30 +118,42 @@ def disarm_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
     return g.float(), float(losses.mean())
 
 
-ESTIMATORS = {"paper": paper_estimator, "loo": loo_estimator, "disarm": disarm_estimator}
-# E[estimate] when the loss is linear in the mask, L(m) = c . m: the unbiased ones give c itself;
-# `paper` gives c sqrt(s (1 - s)) K / (K - 1) (its rescaled score, summed over K, divided by K - 1)
-_LINEAR_RESPONSE = {
-    "paper": lambda c, s, k: c * torch.sqrt(s * (1 - s)) * k / max(k - 1, 1),
-    "loo": lambda c, s, k: c,
-    "disarm": lambda c, s, k: c,
-}
-MIN_SAMPLES = {"paper": 1, "loo": 2, "disarm": 2}
-ANTITHETIC = {"disarm"}  # estimators that need their K masks drawn as antithetic pairs
+@dataclass(frozen=True)
+class Estimator:
+    """One registry entry: the estimate, what it needs of K, and its expected response to a loss
+    linear in the mask, L(m) = c . m (what the control variate adds back)."""
+    name: str
+    estimate: Callable  # (m [K, N], s [N], losses [K], BaselineState) -> (g [N], baseline value)
+    linear_response: Callable  # (c [N], s [N], K) -> E[estimate] for L(m) = c . m
+    min_samples: int = 1
+    antithetic: bool = False  # its K masks are drawn as antithetic pairs (K even)
+    summary: str = ""
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    # the rescaled score summed over K and divided by K - 1 gives c sqrt(s (1 - s)) K / (K - 1)
+    Estimator("paper", paper_estimator, lambda c, s, k: c * torch.sqrt(s * (1 - s)) * k / max(k - 1, 1),
+              summary="the reference code's: (m - s) / sqrt(s (1 - s)), moving-average baseline"),
+    Estimator("loo", loo_estimator, lambda c, s, k: c, min_samples=2,
+              summary="exact Bernoulli score with the leave-one-out baseline (unbiased)"),
+    Estimator("disarm", disarm_estimator, lambda c, s, k: c, min_samples=2, antithetic=True,
+              summary="antithetic pairs, DisARM (unbiased)"),
+)}
 
 
 def get_estimator(name: str, k: int, control_cost: torch.Tensor | None = None):
-    """The estimator `name`, checked against K; with `control_cost` (each unit's parameter cost) it
-    carries the kept-fraction control variate (`kept_control`), same call signature."""
+    """The estimate function of `name`, checked against K; with `control_cost` (each unit's parameter
+    cost) it carries the kept-fraction control variate (`kept_control`), same call signature."""
     if name not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
-    if k < MIN_SAMPLES[name]:
-        raise ConfigError(f"the {name!r} estimator needs K >= {MIN_SAMPLES[name]} masks per step (got K={k})")
-    if name in ANTITHETIC and k % 2:
+    e = ESTIMATORS[name]
+    if k < e.min_samples:
+        raise ConfigError(f"the {name!r} estimator needs K >= {e.min_samples} masks per step (got K={k})")
+    if e.antithetic and k % 2:
         raise ConfigError(f"the {name!r} estimator draws its masks in antithetic pairs: K must be even (got K={k})")
     if control_cost is not None:
         return functools.partial(kept_control, name, cost=control_cost)
-    return ESTIMATORS[name]
+    return e.estimate
 
 
 def kept_control(name: str, m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor, baseline: BaselineState,
@@ -142,7 +164,8 @@ def kept_control(name: str, m: torch.Tensor, s: torch.Tensor, losses: torch.Tens
     kept = m.double() @ c  # [K]
     beta = baseline.kept_slope()
     adjusted = losses.double() - beta * (kept - float(s.double() @ c))
-    g, b = ESTIMATORS[name](m, s, adjusted.float(), baseline)
-    g = g.double() + beta * _LINEAR_RESPONSE[name](c, s.double(), m.shape[0])
+    e = ESTIMATORS[name]
+    g, b = e.estimate(m, s, adjusted.float(), baseline)
+    g = g.double() + beta * e.linear_response(c, s.double(), m.shape[0])
     baseline.push_kept(kept, losses)
     return g.float(), b

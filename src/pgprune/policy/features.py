@@ -31,9 +31,9 @@ import torch
 
 from pgprune.errors import ConfigError
 from pgprune.masks import UnitCosts
-from pgprune.metrics.allocation import Allocation, present_units
-from pgprune.metrics.init import hard_mask, solve_shift
-from pgprune.policy.probabilities import UnitLayout
+from pgprune.budget import present_units, solve_shift
+from pgprune.metrics.allocation import Allocation
+from pgprune.policy.probabilities import Policy, UnitLayout
 
 FEATURE_METRICS = ("wanda-sp", "flap", "magnitude")
 FEATURE_KINDS = ("channel", "head")
@@ -56,15 +56,16 @@ def log_features(raw: dict[str, torch.Tensor], costs: UnitCosts) -> dict[str, to
     return out
 
 
-class FeaturePolicy:
+class FeaturePolicy(Policy):
     """Keep-probabilities s = sigmoid(logits) from a few shared parameters (see the module text)."""
 
-    def __init__(self, layout: UnitLayout, costs: UnitCosts, keep: float, scale: float,
+    def __init__(self, layout: UnitLayout, costs: UnitCosts, sparsity: float, scale: float,
                  features: torch.Tensor, feature_names: tuple[str, ...], weights: torch.Tensor,
                  offsets: torch.Tensor):
         if scale <= 0:
             raise ConfigError(f"the policy scale must be > 0, got {scale}")
-        self.layout, self.costs, self.keep, self.scale = layout, costs, keep, float(scale)
+        self.layout, self.costs, self.scale = layout, costs, float(scale)
+        self.sparsity, self.keep = float(sparsity), 1.0 - float(sparsity)
         self.features = features  # [N, F] float64, 0 for block kinds and absent units
         self.feature_names = tuple(feature_names)
         kind_index = torch.cat([torch.full((L * u,), i, dtype=torch.long)
@@ -102,8 +103,8 @@ class FeaturePolicy:
             if kind in FEATURE_KINDS:
                 weights[i, 0] = 1.0
         offsets = _boundary_offsets(allocation, layout, costs, features[:, 0])
-        policy = cls(layout, costs, 1.0 - allocation.sparsity, scale, features, names, weights, offsets)
-        got = hard_mask(layout.split(policy.probs().double()), costs, allocation.sparsity)
+        policy = cls(layout, costs, allocation.sparsity, scale, features, names, weights, offsets)
+        got = policy.hard_mask()
         # compared in effect: units of a removed layer cost nothing, so either prefix may hold them
         got, want = got.effective(costs), allocation.masks.effective(costs)
         if any(not torch.equal(got[k], want[k]) for k in got):
@@ -142,9 +143,9 @@ class FeaturePolicy:
     def _solve_shift(self) -> None:
         self.shift = solve_shift(self.layout.split(self.scale * self.scores()), self.costs, self.keep)
 
-    def update(self, grad_s: torch.Tensor, s: torch.Tensor, lr: float) -> None:
+    def update(self, grad_s: torch.Tensor, lr: float) -> None:
         """One Adam step on (w, a) from an estimate of dE[L]/ds, then the budget shift."""
-        s64 = s.double()
+        s64 = self.probs().double()
         r = grad_s.double() * s64 * (1 - s64) * self.scale * self.layout.present  # dE[L]/d(score)
         g_w = torch.zeros_like(self.weights).index_add_(0, self.kind_of, self.features * r[:, None])
         g_a = torch.zeros_like(self.offsets).index_add_(0, self.group, r)
@@ -172,7 +173,7 @@ class FeaturePolicy:
 
     def describe(self) -> dict:
         """What the run learned, for run.json: the feature weights per kind."""
-        return {"scale": self.scale, "features": list(self.feature_names), "orthonormalised": True,
+        return {"policy": "features", "scale": self.scale, "features": list(self.feature_names), "orthonormalised": True,
                 "params": self.num_params,
                 "weights": {k: [float(x) for x in self.weights[i]] for i, k in enumerate(self.layout.kinds)}}
 

@@ -1,19 +1,26 @@
-"""Bernoulli keep-probabilities over the prunable units, kept as one flat vector.
+"""Bernoulli keep-probabilities over the prunable units, and the policies that produce them.
 
 The policy-gradient loop works on a flat vector `s` [N] (every unit of every chosen kind); the
 `UnitLayout` converts between it and the per-kind `[L, units]` tensors that `Masks`, the budget
 and the metric initialisers use. Units that do not exist (padding in layers narrower than the
 widest) stay at probability 0 and are never sampled.
+
+A `Policy` owns the probabilities and the budget: the loop asks it for `probs()`, hands it the
+estimated gradient with `update(grad, lr)`, reads the hard mask with `hard_mask()`, and saves /
+restores it with `state_dict()` / `load_state_dict()`. Two policies implement it: `UnitPolicy`
+here (a free probability per unit, projected back onto the budget after every step: the paper's)
+and `FeaturePolicy` (policy/features.py: a few shared logit parameters).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 from pgprune.masks import Masks, UnitCosts
-from pgprune.metrics.allocation import present_units
+from pgprune.budget import hard_mask, per_kind_hard_mask, present_units, project
 
 
 @dataclass(frozen=True)
@@ -64,3 +71,69 @@ def mean_entropy(s: torch.Tensor, present: torch.Tensor) -> float:
     """Mean Bernoulli entropy (nats) over existing units: log 2 = undecided, 0 = decided."""
     p = s[present].double().clamp(1e-12, 1 - 1e-12)
     return float((-(p * p.log() + (1 - p) * (1 - p).log())).mean())
+
+
+class Policy(ABC):
+    """Keep-probabilities under a parameter budget, updated from gradient estimates."""
+
+    layout: UnitLayout
+    costs: UnitCosts
+    sparsity: float  # the budget: fraction of the prunable parameters removed
+
+    @abstractmethod
+    def probs(self) -> torch.Tensor:
+        """[N] float32 keep-probabilities (0 for absent units), meeting the budget in expectation."""
+
+    @abstractmethod
+    def update(self, grad: torch.Tensor, lr: float) -> None:
+        """One step from an estimate `grad` [N] of dE[L]/ds at the current probabilities."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything `load_state_dict` needs to continue exactly (tensors cloned)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """JSON-able description for run.json (what it is and what it learned)."""
+
+    def hard_mask(self) -> Masks:
+        """The most probable units that fit the budget (the closest reachable prefix)."""
+        return hard_mask(self.layout.split(self.probs().double()), self.costs, self.sparsity)
+
+
+class UnitPolicy(Policy):
+    """The paper's policy: a free probability per unit, s <- project(s - lr * g) (pgprune.budget.project)."""
+
+    def __init__(self, s0: torch.Tensor, layout: UnitLayout, costs: UnitCosts, sparsity: float, *,
+                 projection: str = "cost", per_kind_budget: bool = False, floor: float = 0.0):
+        self.layout, self.costs, self.sparsity = layout, costs, float(sparsity)
+        self.projection, self.per_kind_budget, self.floor = projection, per_kind_budget, floor
+        self.s = self._project(s0.float())
+
+    def _project(self, s: torch.Tensor) -> torch.Tensor:
+        return project(s, self.layout, self.costs, 1.0 - self.sparsity, self.projection, self.per_kind_budget,
+                       floor=self.floor)
+
+    def probs(self) -> torch.Tensor:
+        return self.s
+
+    def update(self, grad: torch.Tensor, lr: float) -> None:
+        self.s = self._project(self.s - lr * grad)
+
+    def hard_mask(self) -> Masks:
+        if self.projection == "reference":  # the authors' per-kind top-k by unit count
+            return per_kind_hard_mask(self.layout.split(self.s.double()), self.costs, self.sparsity)
+        return super().hard_mask()
+
+    def state_dict(self) -> dict:
+        return {"probs": self.s.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.s = state["probs"].clone()
+
+    def describe(self) -> dict:
+        return {"policy": "units", "units": self.layout.size, "projection": self.projection,
+                "per_kind_budget": self.per_kind_budget, "floor": self.floor}

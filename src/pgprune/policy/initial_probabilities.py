@@ -31,10 +31,10 @@ import torch
 
 from pgprune.errors import ConfigError
 from pgprune.masks import Masks, UnitCosts
-from pgprune.metrics.allocation import (Allocation, check_sparsity, closest_prefix, global_positions,
-                                        masks_from_positions, present_units)
+from pgprune.budget import present_units, solve_shift
+from pgprune.metrics.allocation import Allocation
 
-INIT_METHODS = ("sigmoid", "constant")
+INIT_METHODS = ("sigmoid", "constant")  # init_probabilities; per_layer_probabilities is the reference code's
 
 
 @dataclass
@@ -48,47 +48,6 @@ class InitProbabilities:
     @property
     def keep_ratio(self) -> float:
         return 1.0 - self.sparsity
-
-
-def expected_keep_ratio(probs: dict[str, torch.Tensor], costs: UnitCosts) -> torch.Tensor:
-    """Expected kept fraction of the prunable parameters when each unit is kept independently
-    with its probability (kinds absent from `probs` are kept). Accepts [L, units] tensors or
-    [..., L, units] stacks (returns [...]). Ignores the rule that a block whose units are all
-    removed loses its own small fixed parameters (biases, norms)."""
-    ref = next(iter(probs.values()))
-    lead = ref.shape[:-2]
-    L = costs.num_layers
-    dt = torch.float64
-
-    def p(kind: str) -> torch.Tensor:
-        if kind not in probs:
-            return torch.ones(*lead, L, costs.units_per_layer(kind), dtype=dt)
-        return probs[kind].to(dt) * present_units(costs, kind)
-
-    heads = p("head").sum(-1) * costs.head_cost
-    chans = p("channel").sum(-1) * costs.channel_cost
-    attn = p("attn")[..., 0] * (costs.attn_fixed + heads) * (costs.num_kv_heads > 0)
-    mlp = p("mlp")[..., 0] * (costs.mlp_fixed + chans) * (costs.intermediate > 0)
-    layer = p("layer")[..., 0] * (costs.layer_fixed * ((costs.num_kv_heads > 0) | (costs.intermediate > 0)) + attn + mlp)
-    return layer.sum(-1) / costs.prunable_params
-
-
-def solve_shift(logits: dict[str, torch.Tensor], costs: UnitCosts, keep: float) -> float:
-    """b such that expected_keep_ratio(sigmoid(logits + b)) == keep (monotone: bisection)."""
-    f = lambda b: float(expected_keep_ratio({k: torch.sigmoid(z + b) for k, z in logits.items()}, costs))  # noqa: E731
-    lo, hi = -60.0, 60.0
-    if not (f(lo) < keep < f(hi)):
-        raise ConfigError(f"keep ratio {keep:.4f} cannot be an expectation over these units: it must lie "
-                          f"between {f(lo):.4f} (every unit dropped) and {f(hi):.4f} (every unit kept)")
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if f(mid) < keep:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12:
-            break
-    return 0.5 * (lo + hi)
 
 
 def init_probabilities(allocation: Allocation, costs: UnitCosts, method: str = "sigmoid", *,
@@ -136,13 +95,23 @@ def _check_separated(probs, kept, removed, method, eps) -> None:
                           "tie; use a smaller scale (or a larger eps for constant)")
 
 
-def hard_mask(probs: dict[str, torch.Tensor], costs: UnitCosts, sparsity: float, *,
-              tolerance: float | None = None) -> Masks:
-    """Top-k under the budget: keep the most probable units, removing the least probable prefix
-    whose true sparsity is closest to `sparsity` (the same rule as the metric allocations; ties
-    in (kind, layer, unit) order)."""
-    target = check_sparsity(sparsity)
-    positions = global_positions({k: v.double() for k, v in probs.items()}, costs)
-    pre = closest_prefix(positions, costs, target, tolerance=tolerance,
-                         what="+".join(probs) + " units by probability")
-    return masks_from_positions(positions, pre.n)
+
+
+def per_layer_probabilities(raw: dict[str, torch.Tensor], costs: UnitCosts, keep: float) -> dict[str, torch.Tensor]:
+    """The reference code's start (its `sigmap`, `--init-mapping per-layer`): in every layer and kind,
+    the scores standardised over that layer's units, through a sigmoid, shifted additively so that
+    the layer's mean probability is `keep`, clamped to [0, 1]. Each layer keeps `keep` of its units
+    in expectation, and its hard mask is not the metric's mask (DESIGN.md's lesson does not hold)."""
+    out = {}
+    for kind, scores in raw.items():
+        present = present_units(costs, kind)
+        probs = torch.zeros(scores.shape, dtype=torch.float64)
+        for i in range(costs.num_layers):
+            x = scores[i][present[i]].double()
+            if x.numel() == 0:
+                continue
+            z = (x - x.mean()) / (x.std() + 1e-8) if x.numel() > 1 else torch.zeros_like(x)
+            p = torch.sigmoid(z)
+            probs[i, present[i]] = (p + (keep - p.mean())).clamp(0.0, 1.0)
+        out[kind] = probs.float()
+    return out

@@ -1,9 +1,9 @@
 """Prune with a metric, end to end: calibration -> scores -> allocation (-> FLAP biases).
 
-`prune_with_metric(...) -> (masks, output_bias or None, info)` is the one-call API; the masks and
+`metric_masks(...) -> (masks, output_bias or None, info)` is the one-call API; the masks and
 biases go straight into `pgprune.surgery.prune_model(model, masks, output_bias=...)`.
 `run_metric(...)` returns the same plus the `Allocation` and `Scores`, which the
-policy-gradient method needs to build its initial probabilities (`metrics.init`).
+policy-gradient method needs to build its initial probabilities (`pgprune.policy.initial_probabilities`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from torch import nn
 
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
-from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, check_sparsity, lowest_in_layer,
+from pgprune.budget import check_sparsity
+from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, lowest_in_layer,
                                         uniform_plan)
-from pgprune.metrics.calibration import LayerEdit, LayerStats, collect_layer_stats, feature_means
+from pgprune.metrics.calibration import LayerEdit, LayerStats, collect_layer_stats
 from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
-from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
+from pgprune.models.adapter import get_adapter
+from pgprune.reconstruction import (bias_params_added, compensation_biases, feature_means,
+                                    layer_compensation_biases)
 
 
 @dataclass
@@ -31,47 +34,6 @@ class MetricResult:
     scores: Scores
     info: dict
     dense_stats: list[LayerStats] | None = None  # the calibration statistics, when dense-propagated (reusable)
-
-
-def compensation_biases(adapter: ModelAdapter, means: dict[str, list], masks: Masks,
-                        costs: UnitCosts | None = None) -> dict[str, torch.Tensor]:
-    """FLAP's bias compensation: the removed input features of o_proj / down_proj are replaced by
-    their calibration mean, i.e. W[:, removed] @ mean[removed] is added to the projection's output.
-    A removed block of a kept layer becomes that constant (its mean output). A removed layer's
-    mean update (both blocks) goes to the MLP output of the last kept layer before it: the removed
-    layers in between pass the residual stream through unchanged, so adding it there is the same;
-    with no kept layer before it, it is dropped. `means`: `feature_means(stats)` (the values the
-    gated forward's mean fill uses). Returns {"attn": [L, hidden], "mlp": [L, hidden]} float32."""
-    costs = costs or UnitCosts.from_adapter(adapter)
-    eff = masks.effective(costs)
-    L, H = costs.num_layers, adapter.hidden_size
-    out = {"attn": torch.zeros(L, H), "mlp": torch.zeros(L, H)}
-    per_head = adapter.head_group_width("o")
-    last_kept = None
-    for i in range(L):
-        kept_layer = bool(eff["layer"][i])
-        if not kept_layer and last_kept is None:
-            continue
-        m = adapter.layer(i)
-        for block, proj, keep, per_unit in (
-            ("attn", m.o_proj, eff["head"][i], per_head),
-            ("mlp", m.down_proj, eff["channel"][i], 1),
-        ):
-            if proj is None:
-                continue
-            width = proj.in_features // per_unit
-            removed = ~keep[:width].repeat_interleave(per_unit)
-            if not bool(removed.any()):
-                continue
-            w = read_weight(proj).double()
-            mean = means[block][i].double().to(w.device) * removed.to(w.device)
-            if kept_layer:
-                out[block][i] += (w @ mean).float().cpu()
-            else:
-                out["mlp"][last_kept] += (w @ mean).float().cpu()
-        if kept_layer:
-            last_kept = i
-    return out
 
 
 def _default_propagate(method, allocation: str, kinds) -> str:
@@ -165,7 +127,7 @@ def run_metric(
         "sparsity": alloc.sparsity,
         "propagate": propagate if need_stats else None,
         "bias_compensation": compensate,
-        "bias_params_added": _bias_params_added(adapter, masks, costs, bias),
+        "bias_params_added": bias_params_added(adapter, masks, costs, bias),
         "calibration": None if not need_stats else {
             "nsamples": None if calib_ids is None else int(calib_ids.shape[0]),
             "seqlen": None if calib_ids is None else int(calib_ids.shape[1]),
@@ -192,43 +154,13 @@ def _pruning_walker(m, adapter, kinds, seed, plan, compensate: bool, record: dic
         record[i] = keep
         edit = LayerEdit(head_keep=keep.get("head"), channel_keep=keep.get("channel"))
         if compensate:
-            edit.attn_bias, edit.mlp_bias = _layer_compensation(adapter, i, st, keep)
+            edit.attn_bias, edit.mlp_bias = layer_compensation_biases(adapter, st, i, keep)
         return edit
 
     return on_layer
 
 
-def _layer_compensation(adapter, i, st: LayerStats, keep: dict[str, torch.Tensor]):
-    m = adapter.layer(i)
-    out = []
-    for proj, fs, k, per_unit in ((m.o_proj, st.attn_in, keep.get("head"), adapter.head_group_width("o")),
-                                  (m.down_proj, st.mlp_in, keep.get("channel"), 1)):
-        if proj is None or k is None or bool(k.all()):
-            out.append(None)
-            continue
-        removed = ~k.repeat_interleave(per_unit)
-        w = read_weight(proj).double()
-        out.append((w @ (fs.mean.to(w.device) * removed.to(w.device))).float())
-    return out[0], out[1]
-
-
-def _bias_params_added(adapter, masks: Masks, costs: UnitCosts, bias) -> int:
-    """Parameters surgery adds for the compensation: a new bias vector for every kept block whose
-    projection had none (and a residual constant for removed blocks of kept layers)."""
-    if bias is None:
-        return 0
-    eff = masks.effective(costs)
-    n = 0
-    for i in range(costs.num_layers):
-        lm = adapter.layer(i)
-        for block, proj in (("attn", lm.o_proj), ("mlp", lm.down_proj)):
-            if bool(bias[block][i].ne(0).any()) and (proj is None or proj.bias is None
-                                                     or not bool(eff[block][i])):
-                n += adapter.hidden_size
-    return n
-
-
-def prune_with_metric(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
+def metric_masks(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
                       kinds=("channel", "head"), allocation: str = "uniform", **kwargs):
     """(masks, output_bias or None, info): see `run_metric` for the options. Feed the first two
     to `pgprune.surgery.prune_model(model, masks, output_bias=output_bias)`."""

@@ -1,0 +1,379 @@
+"""A run's settings: one typed, nested structure, and the named recipes that preset it.
+
+`RunSettings` is the single source of truth for what `pgprune prune` does. The CLI builds its
+options from these fields (each field's metadata carries its flag and help: adding a knob means one
+field here and its docs), `prune()` reads them, `run.json` and the PG checkpoint store them whole
+(`to_dict`), and a resumed run must match them except for `RESUME_MAY_CHANGE`.
+
+Recipes (`RECIPES`, `--recipe NAME`) are named, commented sets of values, nanoGPT-config style;
+explicit options override them. The defaults of the dataclasses are the `features` recipe, our
+best measured one (tests check that they agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pgprune.errors import ConfigError
+
+# Field groups shown by `pgprune prune --help`; the others only by --help-all.
+MAIN, ADVANCED, EXPERIMENTAL = "main", "advanced", "experimental"
+
+
+def option(default, help: str, *, flag: str | None = None, group: str = MAIN, choices=None, default_factory=None,
+           **argparse_kwargs):
+    """A settings field with its CLI description (flag defaults to --field-name)."""
+    meta = {"help": help, "flag": flag, "group": group, "choices": choices, "argparse": argparse_kwargs}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def max_tokens_arg(value: str) -> int | None:
+    """CLI parser of a token limit: 0 means no limit (None)."""
+    n = int(value)
+    if n < 0:
+        raise ValueError("must be >= 0")
+    return n or None
+
+
+@dataclass
+class DataSettings:
+    calib: str = option("wiki-sample", "calibration text: wiki-sample (offline default), c4, wikitext2, ptb, text:PATH")
+    nsamples: int | None = option(None, "calibration windows (default: 128 for metrics; a pool of 1024 PG draws "
+                                        "its batches from)", type=int)
+    seqlen: int = option(128, "calibration window length in tokens", type=int)
+    data_dir: str | None = option(None, "local data folder (WikiText-2, PTB, C4 files; see README); default: "
+                                        "PGPRUNE_DATA_DIR, else the Hugging Face hub")
+
+
+@dataclass
+class PGSettings:
+    """The policy-gradient method (--method pg)."""
+    policy: str = option("features", "units: one free keep-probability per unit (the paper's); features: a few "
+                                     "shared logit parameters over metric scores and per-layer widths (docs/method.md)",
+                         choices=("units", "features"))
+    init: str = option("wanda-sp", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
+                                   "block-influence), or constant (units policy only)")
+    init_scale: float = option(8.0, "scale of the standardised init scores in the logits; larger keeps the "
+                                    "samples nearer the start mask", group=ADVANCED, type=float)
+    init_mapping: str = option("sigmoid", "how init scores become probabilities: sigmoid (starts at the metric's "
+                                          "mask), constant, per-layer (the reference code's: each layer standardised "
+                                          "and shifted to the keep ratio; its hard mask is not the metric's)",
+                               group=ADVANCED, choices=("sigmoid", "constant", "per-layer"))
+    compensate: bool = option(True, "score every sampled mask on the bias-compensated model (FLAP's: removed "
+                                    "features replaced by their calibration mean) and export those biases",
+                              action="boolean")
+    steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
+    lr: float = option(0.02, "learning rate (units: SGD on the probabilities; features: Adam's step size)",
+                       type=float)
+    lr_schedule: str = option("cosine", "learning-rate schedule", group=ADVANCED, choices=("cosine", "constant"))
+    k: int = option(2, "masks sampled per step", group=ADVANCED, type=int)
+    batch_size: int = option(8, "calibration windows per step", group=ADVANCED, type=int)
+    estimator: str = option("paper", "gradient estimator: paper (the reference code's); loo and disarm are "
+                                     "unbiased but measured noisier here (bench/RESULTS.md)", group=ADVANCED,
+                            choices=("paper", "loo", "disarm"))
+    select: str = option("final", "final: the hard mask at the last step; best: the tracked hard mask with the "
+                                  "lowest perplexity on the --track set", choices=("final", "best"))
+    eval_every: int = option(50, "steps between hard-mask evaluations on the --track set and checkpoints",
+                             group=ADVANCED, type=int)
+    batches: str = option("resample", "resample: each step draws its batch from the calibration pool; stream: "
+                                      "step t takes the pool's next windows, each used once (the reference code's; "
+                                      "the pool is then steps x batch windows)", group=ADVANCED,
+                          choices=("resample", "stream"))
+    baseline: str = option("previous", "paper estimator's baseline: previous (mean of the last window's mean losses) "
+                                       "or ema (the reference code's moving average, the current step included)",
+                           group=ADVANCED, choices=("previous", "ema"))
+    # measured not to help (bench/RESULTS.md): kept for experiments
+    control_variate: bool = option(False, "subtract from each loss what its mask's kept fraction explains "
+                                          "(measured: 1 of 4 paired wins)", group=EXPERIMENTAL, action="boolean")
+    floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
+                          type=float)
+    projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, equal "
+                                     "(uniform), or reference (the authors' code: each kind keeps its share of units, "
+                                     "shifted down only; per-kind hard mask)", group=ADVANCED,
+                             choices=("cost", "uniform", "reference"))
+    per_kind_budget: bool = option(False, "units policy: hold each unit kind to the budget separately",
+                                   group=ADVANCED, action="boolean")
+    baseline_window: int = option(5, "paper estimator: the baseline's window (steps)", group=ADVANCED, type=int)
+
+
+@dataclass
+class EvalSettings:
+    datasets: str = option("wikitext2", "perplexity datasets, comma-separated (wikitext2, ptb, c4, wiki-sample, "
+                                        "text:PATH)", flag="--eval")
+    seqlen: int = option(128, "perplexity window length (128 as the paper, LLM-Pruner and FLAP)",
+                         flag="--eval-seqlen", group=ADVANCED, type=int)
+    max_tokens: int | None = option(32768, "tokens per dataset for the dense / start / final perplexity (0 = all)",
+                                    flag="--eval-max-tokens", type=max_tokens_arg)
+    track: str | None = option(None, "dataset whose validation split scores the periodic hard masks (default: the "
+                                     "first --eval dataset)", group=ADVANCED)
+    track_max_tokens: int = option(8192, "tokens of the periodic hard-mask perplexity", group=ADVANCED, type=int)
+
+
+@dataclass
+class ExecutionSettings:
+    dtype: str = option("auto", "weights: auto is bf16 where the device computes it natively, else fp32",
+                        choices=("auto", "bf16", "fp16", "fp32"))
+    device: str | None = option(None, "cpu, cuda, cuda:N, or auto (all GPUs, accelerate's device_map)")
+    forward: str = option("auto", "how PG runs its K masked models: gated (one batched forward of the unchanged "
+                                  "weights), gathered (each mask through a view of its kept weights), auto: the "
+                                  "faster where measured (CPU: gathered; CUDA: gated)", group=ADVANCED,
+                          choices=("auto", "gated", "gathered"))
+    metric_batch_size: int = option(8, "windows per forward when collecting calibration statistics",
+                                    group=ADVANCED, type=int)
+    tensorboard: str | None = option(None, "write TensorBoard event files of the PG loop (default DIR: "
+                                           "RUN_DIR/tensorboard; needs pgprune[tensorboard])", group=ADVANCED,
+                                     nargs="?", const="", metavar="DIR")
+
+
+@dataclass
+class RunSettings:
+    model: str = option("smollm2-135m", "hub id, local folder, .gguf file or smollm2-135m", flag="model")
+    method: str = option("pg", "pg (policy gradient), or a metric baseline: wanda-sp, flap, magnitude, random, "
+                               "block-influence")
+    sparsity: float = option(0.3, "fraction of the prunable (decoder-layer attention and MLP) parameters to remove",
+                             type=float)
+    units: str = option("channel,head", "unit kinds: channel, head, attn, mlp, layer (comma-separated)")
+    allocation: str = option("uniform", "metric methods and PG's start: the same fraction per layer, or one "
+                                        "global threshold", group=ADVANCED, choices=("uniform", "global"))
+    seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
+    recipe: str = option("features", "named preset of these settings (see --help-all / docs/method.md); "
+                                     "explicit options override it", choices=("features", "paper"))
+    data: DataSettings = field(default_factory=DataSettings)
+    pg: PGSettings = field(default_factory=PGSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+
+    # --- building ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_recipe(cls, name: str = "features", overrides: dict[str, Any] | None = None) -> "RunSettings":
+        """The recipe's settings with `overrides` ({"pg.lr": 0.01, "sparsity": 0.5, ...}) applied."""
+        if name not in RECIPES:
+            raise ConfigError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+        settings = cls()
+        settings.set_many({**RECIPES[name]["values"], "recipe": name})
+        settings.set_many(overrides or {})
+        return settings
+
+    def set_many(self, values: dict[str, Any]) -> None:
+        for path, value in values.items():
+            self.set(path, value)
+
+    def set(self, path: str, value: Any) -> None:
+        """Set a field by its dotted path ("pg.lr", "sparsity")."""
+        *parents, name = path.split(".")
+        target = self
+        for p in parents:
+            target = getattr(target, p, None)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"unknown setting {path!r}")
+        if name not in {f.name for f in fields(target)}:
+            raise ConfigError(f"unknown setting {path!r}")
+        setattr(target, name, value)
+
+    def get(self, path: str) -> Any:
+        target = self
+        for p in path.split("."):
+            target = getattr(target, p)
+        return target
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSettings":
+        """Inverse of to_dict; unknown keys are an error (a run.json from another version says so)."""
+        settings = cls()
+        settings.set_many(dict(_flatten(d)))
+        return settings
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        from pgprune.masks import parse_unit_kinds
+
+        return parse_unit_kinds(self.units)
+
+    def pool_size(self, world_size: int = 1) -> int:
+        """Calibration windows drawn: the PG pool (streamed: one window per step, sample and rank), or
+        the metric's windows."""
+        if self.method != "pg":
+            return self.data.nsamples or 128
+        if self.pg.batches == "stream":
+            return self.data.nsamples or self.pg.steps * self.pg.batch_size * world_size
+        return self.data.nsamples or 1024
+
+    # --- checking ---------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Every option checked before anything is loaded: one ConfigError / DataError naming what to fix."""
+        from pgprune.budget import check_sparsity
+        from pgprune.data import get_source
+        from pgprune.metrics.scores import METHODS
+
+        for path, f in walk_fields(self):
+            choices = f.metadata.get("choices")
+            if choices and self.get(path) not in choices:
+                raise ConfigError(f"{flag_of(path, f)} must be one of {', '.join(choices)}, got {self.get(path)!r}")
+        check_sparsity(self.sparsity)
+        kinds = self.kinds
+        if self.method != "pg" and self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose pg or a metric: {', '.join(METHODS)}")
+        if self.data.seqlen < 1 or self.eval.seqlen < 1:
+            raise ConfigError("--seqlen and --eval-seqlen must be >= 1")
+        if self.data.nsamples is not None and self.data.nsamples < 1:
+            raise ConfigError(f"--nsamples must be >= 1, got {self.data.nsamples}")
+        for name in [self.data.calib, *self.eval_datasets, *([self.eval.track] if self.eval.track else [])]:
+            get_source(name)
+        if not self.eval_datasets:
+            raise ConfigError("--eval needs at least one dataset")
+        if self.method == "pg":
+            self._validate_pg(kinds)
+
+    def _validate_pg(self, kinds) -> None:
+        from pgprune.metrics.scores import METHODS
+        from pgprune.policy.estimators import get_estimator
+
+        pg = self.pg
+        if pg.init != "constant" and pg.init not in METHODS:
+            raise ConfigError(f"unknown --init {pg.init!r}; choose constant or a metric: {', '.join(METHODS)}")
+        if pg.steps < 0 or pg.batch_size < 1 or pg.lr < 0 or pg.eval_every < 1 or pg.baseline_window < 1:
+            raise ConfigError("--steps must be >= 0, --batch-size >= 1, --lr >= 0, --eval-every >= 1 and the "
+                              "baseline window >= 1")
+        if pg.init_scale <= 0:
+            raise ConfigError(f"--init-scale must be > 0, got {pg.init_scale}")
+        if not 0.0 <= pg.floor < 0.5:
+            raise ConfigError(f"the probability floor must be in [0, 0.5), got {pg.floor}")
+        if pg.init_mapping == "per-layer" and (pg.policy != "units" or pg.init == "constant"
+                                               or not set(kinds) <= {"channel", "head"}):
+            raise ConfigError("--init-mapping per-layer (the reference code's start) maps a metric's channel / head "
+                              "scores for the units policy; use --policy units, --units channel,head and a metric --init")
+        if pg.policy == "features":
+            if pg.per_kind_budget or pg.floor > 0 or pg.projection != "cost":
+                raise ConfigError("the features policy holds one global budget by a shift in logit space; it has "
+                                  "no per-kind budget, probability floor or projection (drop --per-kind-budget / "
+                                  "--floor / --projection)")
+            if pg.init == "constant":
+                raise ConfigError("--policy features starts from a metric's scores; choose --init wanda-sp (or "
+                                  "another metric), not constant")
+        if pg.batches == "stream" and self.pool_size() < pg.steps * pg.batch_size:
+            raise ConfigError(f"--batches stream uses each window once: {pg.steps} steps x {pg.batch_size} windows need "
+                              f"--nsamples >= {pg.steps * pg.batch_size} (got {self.pool_size()})")
+        if self.pool_size() < pg.batch_size:
+            raise ConfigError(f"the calibration pool of {self.pool_size()} windows is smaller than one batch of "
+                              f"{pg.batch_size}; raise --nsamples or lower --batch-size")
+        get_estimator(pg.estimator, pg.k)
+
+    def describe(self) -> str:
+        """The resolved settings, one `path=value` per setting (PG's only for --method pg)."""
+        items = [f"{path}={self.get(path)!r}" for path, _ in walk_fields(self)
+                 if self.method == "pg" or not path.startswith("pg.")]
+        return ", ".join(items)
+
+    def resume_fingerprint(self) -> dict:
+        """The settings a resumed run must share with its checkpoint (all but RESUME_MAY_CHANGE)."""
+        d = self.to_dict()
+        for path in RESUME_MAY_CHANGE:
+            *parents, name = path.split(".")
+            target = d
+            for p in parents:
+                target = target[p]
+            target.pop(name)
+        return d
+
+    @property
+    def eval_datasets(self) -> list[str]:
+        return [n.strip() for n in self.eval.datasets.split(",") if n.strip()]
+
+    @property
+    def track_dataset(self) -> str:
+        return self.eval.track or self.eval_datasets[0]
+
+
+# Settings a resumed run may change: where it runs and what it reports, not what it learns.
+RESUME_MAY_CHANGE = ("execution.device", "execution.tensorboard", "data.data_dir", "eval.datasets",
+                     "eval.max_tokens")
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """'path: old then, new now' for every leaf where two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"]
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def walk_fields(obj=None, prefix: str = ""):
+    """(dotted path, dataclass field) of every leaf setting, in declaration order."""
+    obj = obj if obj is not None else RunSettings()
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from walk_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def flag_of(path: str, f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+# --- recipes ------------------------------------------------------------------------------------------------
+RECIPES: dict[str, dict] = {
+    "features": {
+        "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): the feature policy started at the "
+               "Wanda-sp mask, every sampled mask scored bias-compensated, 300 steps",
+        "values": {
+            "pg.policy": "features",   # a few shared logit parameters: re-ranks 46k channels in 300 steps
+            "pg.init": "wanda-sp",     # start where the metric method ends
+            "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
+            "pg.compensate": True,     # FLAP's bias compensation is worth more than most mask choices
+            "pg.estimator": "paper",   # steadiest direction at the start (split-half cosine 0.65)
+            "pg.steps": 300,
+            "pg.lr": 0.02,             # Adam's step size on the shared parameters
+            "pg.lr_schedule": "cosine",
+            "pg.k": 2,
+            "pg.batch_size": 8,
+            "pg.select": "final",      # no selection on held-out perplexity: nothing tuned on the test domain
+            "data.calib": "wiki-sample",
+        },
+    },
+    "paper": {
+        "doc": "the authors' settings and behaviour (Gao et al. 2025 and their reference code; docs/method.md "
+               "lists every difference): a free probability per unit from per-layer standardised Wanda-sp scores, "
+               "SGD at lr 2e-3 with cosine decay, 15k steps of K=2 masks on 8 x 128 C4 tokens each seen once, "
+               "per-kind budgets, no compensation",
+        "values": {
+            "pg.policy": "units",
+            "pg.init": "wanda-sp",
+            "pg.init_mapping": "per-layer",  # per-layer standardised scores, shifted to the keep ratio
+            "pg.init_scale": 1.0,
+            "pg.compensate": False,
+            "pg.estimator": "paper",
+            "pg.steps": 15000,         # 120k samples at batch 8
+            "pg.lr": 2e-3,             # LLaMA-2-7B (LLaMA-3-8B: 6e-3)
+            "pg.lr_schedule": "cosine",
+            "pg.k": 2,
+            "pg.batch_size": 8,
+            "pg.select": "final",
+            "pg.baseline": "ema",      # moving average with weight 1/5, the current step included
+            "pg.baseline_window": 5,
+            "pg.projection": "reference",  # per kind, unit count, shifted down only; per-kind hard mask
+            "pg.per_kind_budget": True,
+            "pg.batches": "stream",    # 120k distinct windows, each used once
+            "data.calib": "c4",
+            "data.seqlen": 128,
+        },
+    },
+}
