@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from pgprune.metrics.scores import METHODS
     from pgprune.models.adapter import get_adapter
     from pgprune.models.load import load_model
-    from pgprune.surgery import prune_model
+    from pgprune.surgery import remove_units
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     adapter = get_adapter(model)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                                            seed=args.seed, progress=False,
                                            stats=None if _walks(method, alloc, kinds) else stats)
                             method_s = time.perf_counter() - t
-                            pruned = prune_model(model, r.masks, output_bias=r.output_bias, copy=True)
+                            pruned = remove_units(model, r.masks, output_bias=r.output_bias, copy=True)
                         res = ppl(pruned)
                         del pruned
                     except Exception as e:  # a failing cell is a result too; keep going

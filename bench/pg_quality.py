@@ -32,7 +32,7 @@ from pgprune.metrics.pipeline import run_metric
 from pgprune.reconstruction import compensation_biases  # noqa: E402
 from pgprune.policy.loop import run_policy_gradient  # noqa: E402
 from pgprune.pruning import load_session, start_policy  # noqa: E402
-from pgprune.surgery import prune_model  # noqa: E402
+from pgprune.surgery import remove_units  # noqa: E402
 
 # this bench's flags -> the RunSettings paths they set (the rest of a run's settings: the recipe's)
 SETTINGS_OF_FLAGS = {"model": "model", "dtype": "execution.dtype", "units": "units", "allocation": "allocation",
@@ -126,7 +126,7 @@ def main() -> None:
     def compensated_ppl(masks, bias):
         import copy
 
-        pruned = prune_model(copy.deepcopy(model), masks, output_bias=bias)
+        pruned = remove_units(copy.deepcopy(model), masks, output_bias=bias)
         return perplexity_of_tokens(pruned, test, seqlen=128, batch_size=8, max_tokens=args.max_tokens).ppl
 
     rows, runs = [], []

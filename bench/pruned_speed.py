@@ -34,7 +34,7 @@ from pgprune.evaluate.speed import compare_speed, machine_info
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import get_adapter
 from pgprune.models.load import load_model
-from pgprune.surgery import prune_model
+from pgprune.surgery import remove_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line  # noqa: E402
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         for uneven in (False, True):
             name = f"{'uneven' if uneven else 'uniform'}-{round(100 * s)}%"
             masks = target_mask(costs, s, uneven, seed=round(1000 * s) + uneven)
-            pruned = prune_model(dense, masks, copy=True)
+            pruned = remove_units(dense, masks, copy=True)
             models[name] = pruned
             info[name] = _mask_info(masks, costs, target_sparsity=s)
     for entry in args.masks:
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         if not path:
             p.error(f"--masks takes NAME=FILE, got {entry!r}")
         masks = Masks.load(path)
-        models[name] = prune_model(dense, masks, copy=True)
+        models[name] = remove_units(dense, masks, copy=True)
         info[name] = _mask_info(masks, costs, target_sparsity=None, mask_file=path)
     info["dense"] = {"target_sparsity": 0.0, "sparsity": 0.0}
 

@@ -16,7 +16,7 @@ from pgprune.errors import ConfigError, ModelLoadError
 from pgprune.export import load_pruned, save_pruned, structure_summary
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import get_adapter
-from pgprune.surgery import prune_model
+from pgprune.surgery import remove_units
 from structure_helpers import (CASES, NUM_LAYERS, costs_of, logits, make_model, random_ids, structured_mask,
                                tiny_tokenizer)
 
@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
         costs = costs_of(model)
         masks = structured_mask(costs)
         bias = _bias(model) if case == "llama-bias" else None
-        pruned = prune_model(model, masks, output_bias=bias)
+        pruned = remove_units(model, masks, output_bias=bias)
         folder = root / case
         save_pruned(pruned, tiny_tokenizer() if case == "llama" else None, folder, masks=masks, extra={"case": case})
         with torch.no_grad():
@@ -178,7 +178,7 @@ def test_cli_apply_and_info(tmp_path, capsys):
     bias = _bias(model)
     save_file({k: v.contiguous() for k, v in bias.items()}, str(tmp_path / "bias.safetensors"))
     ids = random_ids(2, 9)
-    want = logits(prune_model(model, masks, output_bias=bias, copy=True), ids)
+    want = logits(remove_units(model, masks, output_bias=bias, copy=True), ids)
     gated = gated_logits(model, ids, masks)
 
     out = tmp_path / "pruned"

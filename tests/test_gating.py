@@ -11,7 +11,7 @@ from pgprune.gating import FORWARDS, gated, gated_logits, gathered_losses, maske
 from pgprune.masks import Masks
 from pgprune.reconstruction import compensation_biases
 from pgprune.models.adapter import get_adapter
-from pgprune.surgery import prune_model
+from pgprune.surgery import remove_units
 from structure_helpers import (CASES, costs_of, logits, make_model, random_ids, random_mask, structured_mask,
                                zeroed_reference)
 
@@ -132,7 +132,7 @@ def test_mean_fill_equals_compensated_pruning(case):
         assert (got - gated_logits(model, ids, mk)).abs().max() > 1e-2  # the fill really changes the model
         comp = compensation_biases(adapter, fill, mk, costs)
         assert all(torch.allclose(comp[b], bias[b], atol=1e-5) for b in bias)
-        pruned = prune_model(model, mk, output_bias=comp, copy=True)
+        pruned = remove_units(model, mk, output_bias=comp, copy=True)
         assert (logits(pruned, ids) - want).abs().max() <= 1e-4
     # K masks in one batch, and the gathered forward, agree with one mask at a time
     stack = Masks.stack(masks)

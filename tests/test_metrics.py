@@ -319,8 +319,8 @@ def test_flap_compensation_lowers_layer_output_error_after_surgery():
     x = ids(6, 12)
     masks, bias, _ = metric_masks(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
     _, acts = reference_layer_stats(model, x)
-    plain = surgery.prune_model(model, masks, copy=True)
-    comp = surgery.prune_model(model, masks, output_bias=bias, copy=True)
+    plain = surgery.remove_units(model, masks, copy=True)
+    comp = surgery.remove_units(model, masks, output_bias=bias, copy=True)
     a = get_adapter(model)
     layer_kwargs = capture_layer_inputs(model, x, batch_size=x.shape[0]).kwargs[0]  # one batch
     with torch.no_grad():
@@ -341,7 +341,7 @@ def test_pruned_propagation_sees_the_pruned_model():
     model = make("llama")
     x = ids(5, 10)
     r = run_metric(model, x, "flap", 0.3, ("channel", "head"), "uniform", propagate="pruned", progress=False)
-    pruned = surgery.prune_model(model, r.masks, output_bias=r.output_bias, copy=True)
+    pruned = surgery.remove_units(model, r.masks, output_bias=r.output_bias, copy=True)
     _, acts = reference_layer_stats(pruned, x)
     a = get_adapter(model)
     per_head = a.queries_per_kv * a.head_dim
@@ -445,7 +445,7 @@ def test_every_family_prunes_to_budget(family):
         assert info["sparsity"] == pytest.approx(masks.sparsity(costs))
     surgery = pytest.importorskip("pgprune.surgery")
     masks, bias, info = metric_masks(model, x, "flap", 0.3, ("channel", "head"), "uniform", progress=False)
-    pruned = surgery.prune_model(copy.deepcopy(model), masks, output_bias=bias)
+    pruned = surgery.remove_units(copy.deepcopy(model), masks, output_bias=bias)
     kept = int(masks.kept_prunable_params(costs)) + info["bias_params_added"]
     assert get_adapter(pruned).prunable_params() == kept
 

@@ -10,7 +10,7 @@ from pgprune.errors import ConfigError
 from pgprune.gating import gated_logits
 from pgprune.masks import Masks, UnitCosts
 from pgprune.models.adapter import get_adapter
-from pgprune.surgery import is_pruned, prune_model, pruned_view
+from pgprune.surgery import is_pruned, remove_units, pruned_view
 from structure_helpers import (CASES, NUM_LAYERS, costs_of, logits, make_model, random_ids, random_mask,
                                structured_mask, zeroed_reference)
 
@@ -30,7 +30,7 @@ def test_pruned_equals_gated_and_counts_match(case):
     ids = random_ids(2, 12)
     for masks in (structured_mask(costs), random_mask(costs, seed=11)):
         want = gated_logits(model, ids, masks)
-        pruned = prune_model(model, masks, copy=True)
+        pruned = remove_units(model, masks, copy=True)
         assert (logits(pruned, ids) - want).abs().max() <= 1e-4
         assert (logits(zeroed_reference(model, masks), ids) - want).abs().max() <= 1e-4
 
@@ -49,7 +49,7 @@ def test_pruned_equals_gated_and_counts_match(case):
 @pytest.mark.parametrize("case", ["llama", "mistral", "qwen2", "qwen3", "llama-mha"])
 def test_generation_with_cache_equals_without(case):
     model = make_model(case)
-    pruned = prune_model(model, structured_mask(costs_of(model)))  # layer 0 has no attention left
+    pruned = remove_units(model, structured_mask(costs_of(model)))  # layer 0 has no attention left
     assert pruned.config.pgprune["layers"][0]["num_key_value_heads"] == 0
     prompt = random_ids(2, 7, seed=3)
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -65,7 +65,7 @@ def test_all_ones_prune_is_exact(case):
     model = make_model(case)
     ids = random_ids(2, 10)
     dense = logits(model, ids)
-    pruned = prune_model(model, Masks.full(costs_of(model), ["head", "channel", "layer"]), copy=True)
+    pruned = remove_units(model, Masks.full(costs_of(model), ["head", "channel", "layer"]), copy=True)
     assert torch.equal(logits(pruned, ids), dense)
     assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters())
     assert not is_pruned(model) and is_pruned(pruned)  # copy=True left the input alone
@@ -84,7 +84,7 @@ def test_bias_compensation(case):
     bias["mlp"][1] = 0  # an all-zero vector adds nothing
     ids = random_ids(2, 10)
     want = logits(zeroed_reference(model, masks, output_bias=bias), ids)
-    pruned = prune_model(model, masks, output_bias=bias, copy=True)
+    pruned = remove_units(model, masks, output_bias=bias, copy=True)
     assert (logits(pruned, ids) - want).abs().max() <= 1e-4
     layers = pruned.config.pgprune["layers"]
     # kept layers 0, 1, 3: layer 0 lost attention (constant), layer 3 lost its MLP (constant)
@@ -107,22 +107,22 @@ def test_bias_compensation(case):
 
     bad = {"attn": torch.ones(NUM_LAYERS, hidden)}
     with pytest.raises(ConfigError, match="layer 2 is removed"):
-        prune_model(model, masks, output_bias=bad, copy=True)
+        remove_units(model, masks, output_bias=bad, copy=True)
     with pytest.raises(ConfigError, match="shape"):
-        prune_model(model, masks, output_bias={"attn": torch.ones(2, hidden)}, copy=True)
+        remove_units(model, masks, output_bias={"attn": torch.ones(2, hidden)}, copy=True)
 
 
 def test_pruning_twice_composes():
     model = make_model("llama")
     costs = costs_of(model)
     ids = random_ids(2, 10)
-    once = prune_model(model, structured_mask(costs), copy=True)
+    once = remove_units(model, structured_mask(costs), copy=True)
     costs1 = costs_of(once)
     second = Masks({"channel": torch.rand(costs1.num_layers, costs1.units_per_layer("channel"),
                                           generator=torch.Generator().manual_seed(1)) > 0.3,
                     "layer": torch.tensor([[True], [False], [True]])})
     want = gated_logits(once, ids, second)
-    twice = prune_model(once, second, copy=True)
+    twice = remove_units(once, second, copy=True)
     assert (logits(twice, ids) - want).abs().max() <= 1e-4
     spec = twice.config.pgprune
     assert [ls["source_layer"] for ls in spec["layers"]] == [0, 3]
@@ -134,10 +134,10 @@ def test_bad_masks_raise():
     model = make_model("llama")
     costs = costs_of(model)
     with pytest.raises(ConfigError, match="one mask"):
-        prune_model(model, Masks.stack([structured_mask(costs)] * 2), copy=True)
+        remove_units(model, Masks.stack([structured_mask(costs)] * 2), copy=True)
     none = Masks({"layer": torch.zeros(NUM_LAYERS, 1, dtype=torch.bool)})
     with pytest.raises(ConfigError, match="every decoder layer"):
-        prune_model(model, none, copy=True)
+        remove_units(model, none, copy=True)
 
 
 def test_adapter_owns_the_kv_group_layout():

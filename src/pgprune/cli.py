@@ -160,12 +160,12 @@ def _run_apply(args) -> int:
     from pgprune.export import format_summary, save_pruned, structure_summary
     from pgprune.masks import Masks
     from pgprune.models.load import load_model
-    from pgprune.surgery import prune_model
+    from pgprune.surgery import remove_units
 
     masks = Masks.load(args.masks)
     bias = load_file(args.output_bias) if args.output_bias else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    prune_model(model, masks, output_bias=bias)
+    remove_units(model, masks, output_bias=bias)
     out = save_pruned(model, tokenizer, args.out, masks=masks, overwrite=args.overwrite,
                       extra={"source_model": args.model, "masks_file": str(args.masks),
                              "output_bias_file": args.output_bias})

@@ -38,7 +38,7 @@ from pgprune.models.adapter import get_adapter
 from pgprune.models.load import load_model, resolve_model_source
 from pgprune.models.load import load_pruned  # noqa: F401  (public here too: pgprune.export.load_pruned)
 from pgprune.models.structure import read_structure
-from pgprune.surgery import is_pruned, layer_widths, prune_model
+from pgprune.surgery import is_pruned, layer_widths, remove_units
 
 MODELING_FILE = "modeling_pgprune.py"
 PROVENANCE_FILE = "pgprune.json"
@@ -90,7 +90,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, masks: Masks |
         raise ConfigError(f"{out_dir} already exists; choose another folder or pass overwrite=True "
                           "(--overwrite) to replace it")
     if not is_pruned(model):
-        prune_model(model, masks if masks is not None else Masks({}))
+        remove_units(model, masks if masks is not None else Masks({}))
     summary = structure_summary(model)
     with atomic.temp_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

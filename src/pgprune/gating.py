@@ -18,7 +18,7 @@ mask get no hook at all, so an all-ones mask reproduces the dense logits bit for
 
 Mean fill (`fill=`, FLAP's bias compensation seen from the inside): a dropped input feature of
 o_proj / down_proj is replaced by its calibration mean instead of zero, so the gated model computes
-what `surgery.prune_model(..., output_bias=reconstruction.compensation_biases(...))` computes. A
+what `surgery.remove_units(..., output_bias=reconstruction.compensation_biases(...))` computes. A
 removed layer then adds its mean update (both blocks mean-filled) to the residual stream, unless
 no kept layer precedes it: surgery folds that constant into the previous kept layer's output. The
 policy-gradient loop uses it to choose masks for the compensated model it will export.

@@ -227,9 +227,9 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
 
     out_folder()
     masks.save(out / run_folder.MASKS_FILE, metadata={"model": settings.model, "method": settings.method})
-    from pgprune.surgery import prune_model
+    from pgprune.surgery import remove_units
 
-    prune_model(model, masks, output_bias=bias)
+    remove_units(model, masks, output_bias=bias)
     ppl["pruned"] = ppl_all(None)
     _print_ppl("final (pruned model)", ppl["pruned"])
     save_pruned(model, session.tokenizer, out / run_folder.MODEL_DIR, masks=masks, overwrite=True,

@@ -8,7 +8,7 @@ projection's output. It serves three places with the same numbers:
 - the policy-gradient loop (`--compensate`: the gated forward fills dropped features with their
   means, `gating.gated(..., fill=feature_means(stats))`, so each sampled mask is scored as the model
   it would export),
-- surgery and export (`surgery.prune_model(..., output_bias=compensation_biases(...))`).
+- surgery and export (`surgery.remove_units(..., output_bias=compensation_biases(...))`).
 """
 
 from __future__ import annotations

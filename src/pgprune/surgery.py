@@ -1,6 +1,6 @@
 """Surgery: physically remove the units a mask drops, giving each layer its own widths.
 
-`prune_model(model, masks)` works IN PLACE (pass `copy=True` for a pruned deep copy;
+`remove_units(model, masks)` works IN PLACE (pass `copy=True` for a pruned deep copy;
 `pruned_view(model, masks)` copies only the kept rows / columns of the sliced projections and
 shares every other tensor with the unchanged `model`):
 - a dropped KV group loses its K and V rows, the rows of the query heads sharing it, their
@@ -133,11 +133,11 @@ def pruned_view(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
     """The pruned model, sharing with `model` (left unchanged) every tensor surgery does not slice:
     only the kept rows / columns of the pruned projections are new memory."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return prune_model(copy_module.deepcopy(model, shared), masks, output_bias=output_bias)
+    return remove_units(copy_module.deepcopy(model, shared), masks, output_bias=output_bias)
 
 
-def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None,
-                copy: bool = False) -> nn.Module:
+def remove_units(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None,
+                 copy: bool = False) -> nn.Module:
     """Remove the units `masks` drops. In place unless `copy=True`; returns the pruned model.
 
     `masks` holds one mask ([L, units] per kind, or a stack of one). `output_bias`: optional
@@ -150,7 +150,7 @@ def prune_model(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.
     masks.check(costs)
     if masks.num_masks is not None:
         if masks.num_masks != 1:
-            raise ConfigError(f"prune_model takes one mask; got a stack of {masks.num_masks}. "
+            raise ConfigError(f"remove_units takes one mask; got a stack of {masks.num_masks}. "
                               "Pick one with masks.select(k)")
         masks = masks.select(0)
     if any(p.device.type == "meta" for p in model.parameters()):

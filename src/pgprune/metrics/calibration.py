@@ -102,7 +102,7 @@ class LayerEdit:
     head_keep: [G] bool over KV-head groups; channel_keep: [I] bool over MLP channels (None: keep
     all). attn_bias / mlp_bias: [hidden] vectors added to the outputs of o_proj / down_proj
     (FLAP's compensation). A block with nothing kept is removed; its compensation vector stays
-    as a constant added to the residual stream (as `pgprune.surgery.prune_model` does)."""
+    as a constant added to the residual stream (as `pgprune.surgery.remove_units` does)."""
 
     head_keep: torch.Tensor | None = None
     channel_keep: torch.Tensor | None = None

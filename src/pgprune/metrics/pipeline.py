@@ -1,7 +1,7 @@
 """Prune with a metric, end to end: calibration -> scores -> allocation (-> FLAP biases).
 
 `metric_masks(...) -> (masks, output_bias or None, info)` is the one-call API; the masks and
-biases go straight into `pgprune.surgery.prune_model(model, masks, output_bias=...)`.
+biases go straight into `pgprune.surgery.remove_units(model, masks, output_bias=...)`.
 `run_metric(...)` returns the same plus the `Allocation` and `Scores`, which the
 policy-gradient method needs to build its initial probabilities (`pgprune.policy.initial_probabilities`).
 """
@@ -163,6 +163,6 @@ def _pruning_walker(m, adapter, kinds, seed, plan, compensate: bool, record: dic
 def metric_masks(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
                       kinds=("channel", "head"), allocation: str = "uniform", **kwargs):
     """(masks, output_bias or None, info): see `run_metric` for the options. Feed the first two
-    to `pgprune.surgery.prune_model(model, masks, output_bias=output_bias)`."""
+    to `pgprune.surgery.remove_units(model, masks, output_bias=output_bias)`."""
     r = run_metric(model, calib_ids, method, sparsity, kinds, allocation, **kwargs)
     return r.masks, r.output_bias, r.info
