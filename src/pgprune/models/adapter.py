@@ -35,10 +35,6 @@ def register_adapter(*model_types: str) -> Callable[[type["ModelAdapter"]], type
     return wrap
 
 
-def supported_model_types() -> list[str]:
-    return sorted(_ADAPTERS)
-
-
 def get_adapter(model: nn.Module) -> "ModelAdapter":
     """The adapter for `model`, chosen by `model.config.model_type`."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
