@@ -124,3 +124,17 @@ def test_docs_list_every_option_with_its_default():
         assert (flag_of(path, f) == "model" or f"`{flag_of(path, f)}`" in rows[path]), path
         value = defaults.get(path)
         assert (str(value) if value not in (None, "") else "—") in rows[path], path
+
+
+def test_choices_agree_with_the_registries():
+    from dataclasses import fields
+
+    from pgprune.budget import PROJECTIONS
+    from pgprune.config import PGSettings
+    from pgprune.gating import FORWARDS
+    from pgprune.policy.estimators import ESTIMATORS
+
+    choices = {f.name: f.metadata["choices"] for f in fields(PGSettings)}
+    assert set(choices["estimator"]) == set(ESTIMATORS) and set(choices["projection"]) == set(PROJECTIONS)
+    forward = next(f for path, f in walk_fields() if path == "execution.forward")
+    assert set(forward.metadata["choices"]) == {"auto", *FORWARDS}

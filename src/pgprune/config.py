@@ -22,12 +22,9 @@ from pgprune.errors import ConfigError
 MAIN, ADVANCED, EXPERIMENTAL = "main", "advanced", "experimental"
 
 
-def option(default, help: str, *, flag: str | None = None, group: str = MAIN, choices=None, default_factory=None,
-           **argparse_kwargs):
+def option(default, help: str, *, flag: str | None = None, group: str = MAIN, choices=None, **argparse_kwargs):
     """A settings field with its CLI description (flag defaults to --field-name)."""
     meta = {"help": help, "flag": flag, "group": group, "choices": choices, "argparse": argparse_kwargs}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
