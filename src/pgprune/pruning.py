@@ -162,7 +162,7 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
 def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, progress: bool, world) -> dict:
     from pgprune.export import save_pruned
     from pgprune.metrics.pipeline import run_metric
-    from pgprune.reconstruction import compensation_biases
+    from pgprune.reconstruction import bias_params_added, compensation_biases
 
     t_start = time.perf_counter()
     out_folder = _OutFolder(out, resume, overwrite)
@@ -225,6 +225,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     ppl["gated"] = ppl_all(masks, fill if pg_run else None)
     _print_ppl("final (gated)", ppl["gated"])
 
+    # surgery adds a bias vector per compensated block without one: counted beside the mask's parameters
+    record["bias_params_added"] = bias_params_added(session.adapter, masks, costs, bias)
     out_folder()
     masks.save(out / run_folder.MASKS_FILE, metadata={"model": settings.model, "method": settings.method})
     from pgprune.surgery import remove_units

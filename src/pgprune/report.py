@@ -196,9 +196,10 @@ def _check_export(run_dir: Path, record: dict) -> dict | None:
     for r in s["layers"]:
         heads[r["source_layer"]], chans[r["source_layer"]] = r["kv_heads"], r["channels"]
     problems = []
-    if s["prunable_params"] != m["kept_prunable_params"]:
-        problems.append(f"prunable params {s['prunable_params']} in the export, {m['kept_prunable_params']} "
-                        "predicted by the masks")
+    expected = m["kept_prunable_params"] + record.get("bias_params_added", 0)  # + compensation biases
+    if s["prunable_params"] != expected:
+        problems.append(f"prunable params {s['prunable_params']} in the export, {expected} predicted by the masks"
+                        f" and the {record.get('bias_params_added', 0)} compensation bias parameters")
     if heads != list(m["kv_heads_per_layer"]) or chans != list(m["channels_per_layer"]):
         problems.append("per-layer widths of the export differ from the masks summary")
     return {"ok": not problems, "problems": problems, "prunable_params": s["prunable_params"],
