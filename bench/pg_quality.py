@@ -100,18 +100,13 @@ def main() -> None:
             ap.set_defaults(estimators=values["pg.estimator"])
     args = ap.parse_args()
 
-    def settings_for(estimator: str, sparsity: float, lr: float) -> RunSettings:
+    def settings_for(**overrides) -> RunSettings:
         """The run's settings as `pgprune prune` would hold them (data and evaluation are this bench's)."""
         values = {path: getattr(args, flag) for flag, path in SETTINGS_OF_FLAGS.items()}
-        values.update({"pg.estimator": estimator, "sparsity": sparsity, "pg.lr": lr, "pg.init": init_method,
-                       "execution.device": "cpu"})
-        settings = RunSettings.from_recipe(args.recipe or "paper", values)
-        settings.pg.init = init_method
-        return settings
+        return RunSettings.from_recipe(args.recipe or "paper", {**values, "execution.device": "cpu", **overrides})
 
     init_method, init_alloc = _method_allocation(args.init, args.allocation)
-    session = load_session(RunSettings.from_recipe("paper", {path: getattr(args, flag) for flag, path
-                                                             in SETTINGS_OF_FLAGS.items()} | {"execution.device": "cpu"}))
+    session = load_session(settings_for())
     model, tok, adapter, costs, layout = session.model, session.tokenizer, session.adapter, session.costs, session.layout
     kinds = layout.kinds
     test = get_eval_tokens(tok, "wikitext2", "test", args.data_dir)
@@ -162,7 +157,8 @@ def main() -> None:
         init_result = metric_results[init_method]
         for est in args.estimators.split(","):
             lr = float(lrs.get(est, args.lr))
-            session.settings = settings = settings_for(est, sp, lr)
+            session.settings = settings = settings_for(**{"pg.estimator": est, "sparsity": sp, "pg.lr": lr,
+                                                          "pg.init": init_method})
             # as prune() starts it (features scored on the init metric's statistics, else the dense ones)
             policy = start_policy(session, init_result, lambda: stats)
             t0 = time.perf_counter()

@@ -267,12 +267,14 @@ def _project_down_per_kind(s64: torch.Tensor, layout, keep: float, lo: float, hi
     for kind in layout.kinds:
         x, target = out[kind], keep * float(present[kind].sum())
         total = lambda v, x=x, p=present[kind]: float(((x - v).clamp(lo, hi) * p).sum())  # noqa: E731
-        v_lo, v_hi = 0.0, max(float(x.max()), 0.0) + 1.0
+        v = 0.0
         if total(0.0) > target:
+            v_lo, v_hi = 0.0, max(float(x.max()), 0.0) + 1.0
             for _ in range(iters):
                 mid = 0.5 * (v_lo + v_hi)
                 v_lo, v_hi = (mid, v_hi) if total(mid) > target else (v_lo, mid)
-        out[kind] = (x - (0.5 * (v_lo + v_hi) if total(0.0) > target else 0.0)).clamp(lo, hi)
+            v = 0.5 * (v_lo + v_hi)
+        out[kind] = (x - v).clamp(lo, hi)
     return layout.merge(out) * layout.present
 
 

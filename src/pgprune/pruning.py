@@ -95,21 +95,22 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
     from pgprune.policy.initial_probabilities import init_probabilities, per_layer_probabilities
     from pgprune.policy.probabilities import UnitPolicy
 
-    s, pg, layout, costs = session.settings, session.settings.pg, session.layout, session.costs
+    settings, layout, costs = session.settings, session.layout, session.costs
+    pg = settings.pg
     if pg.policy == "features":  # validate() refused --init constant with it
         from pgprune.policy.features import FeaturePolicy
 
         return FeaturePolicy.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
                                          stats=None if metric.scores.stats is not None else dense_stats())
     if metric is not None and pg.init_mapping == "per-layer":  # the reference code's start
-        probs = per_layer_probabilities(metric.scores.raw, costs, 1.0 - s.sparsity)
-        s0, sparsity = layout.merge({k: probs[k] for k in layout.kinds}).float(), s.sparsity
+        probs = per_layer_probabilities(metric.scores.raw, costs, 1.0 - settings.sparsity)
+        s0, sparsity = layout.merge({k: probs[k] for k in layout.kinds}).float(), settings.sparsity
     elif metric is not None:
         init = init_probabilities(metric.allocation, costs, pg.init_mapping, scale=pg.init_scale)
         s0 = layout.merge({k: init.probs[k] for k in layout.kinds}).float()
         sparsity = init.sparsity  # the reachable budget closest to the request (± one unit)
     else:
-        s0, sparsity = layout.present.float() * (1.0 - s.sparsity), s.sparsity
+        s0, sparsity = layout.present.float() * (1.0 - settings.sparsity), settings.sparsity
     return UnitPolicy(s0, layout, costs, sparsity, projection=pg.projection, per_kind_budget=pg.per_kind_budget,
                       floor=pg.floor)
 
@@ -181,8 +182,9 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                   metric_batch_size=settings.execution.metric_batch_size, world_size=world.size,
                                   forward=session.forward)
         check_fits(plan, next(model.parameters()).device, weights_loaded=True)
+    execution = session.execution(world.size)
     if world.is_main:
-        print(f"[pgprune] execution: {session.execution(world.size)}", flush=True)
+        print(f"[pgprune] execution: {execution}", flush=True)
     eval_tokens = {n: get_eval_tokens(session.tokenizer, n, "test", settings.data.data_dir)
                    for n in settings.eval_datasets}
 
@@ -190,7 +192,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         return {n: session.ppl(t, masks, fill, settings.eval.max_tokens, get_source(n).eval_max_windows)
                 for n, t in eval_tokens.items()}
 
-    record: dict = {"settings": settings.to_dict(), "execution": session.execution(world.size),
+    record: dict = {"settings": settings.to_dict(), "execution": execution,
                     "model": session.adapter.describe(), "machine": _machine(),
                     "perplexity_protocol": {"seqlen": settings.eval.seqlen, "max_tokens": settings.eval.max_tokens,
                                             "split": "test"}}
@@ -275,7 +277,7 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens)
 
     fingerprint = {"settings": settings.resume_fingerprint(), "nsamples": int(calib.shape[0]),
-                   "dtype": session.execution()["dtype"], "forward": session.forward}
+                   "dtype": str(next(session.model.parameters()).dtype), "forward": session.forward}
     ex = settings.execution
     tensorboard = None if ex.tensorboard is None else (ex.tensorboard or out / run_folder.TENSORBOARD_DIR)
     if world.is_main:
