@@ -57,8 +57,11 @@ def _measure(spec: dict) -> tuple[int, dict]:
     return r["growth"], r["estimate"]
 
 
-def _check(spec):
-    growth, est = _measure(spec)
+def _check(spec, runs: int = 3):
+    # the median of fresh processes: one process's heap layout can still shift its peak by a whole
+    # activation tensor (measured in CI: 0.79 once, 0.88-1.02 otherwise, for mlp-bound)
+    measured = sorted((_measure(spec) for _ in range(runs)), key=lambda r: r[0])
+    growth, est = measured[runs // 2]
     b = est["breakdown"]
     predicted = b["pg_step_activations"] + b["probabilities_and_masks"]
     assert 0.8 <= predicted / growth <= 1.2, (predicted / 2**20, growth / 2**20, b)
