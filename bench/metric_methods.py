@@ -1,7 +1,8 @@
 """Metric-based pruning baselines on SmolLM2-135M: every method x sparsity x unit set.
 
-For each cell: scores on the calibration windows, allocation to the budget, surgery (with FLAP's
-bias compensation where the method has it), WikiText-2 test perplexity (DESIGN.md protocol, the
+For each cell: scores on the calibration windows, allocation to the budget, then for every
+reconstruction of `--reconstruct` (none, bias = FLAP's compensation, lsq = least squares from dense
+inputs, lsq:sequential) the refit, surgery and WikiText-2 test perplexity (DESIGN.md protocol, the
 seqlen is printed), wall time and peak memory. Dense calibration statistics do not depend on the
 method or the budget, so they are collected once and reused; the wanda-sp uniform cells redo the
 layer walk because they propagate the pruned layers' outputs (Wanda's recipe). The table gives
@@ -10,6 +11,8 @@ perplexity as a ratio to the dense model.
     python bench/metric_methods.py                       # full grid (long on 2 CPU cores)
     python bench/metric_methods.py --max-tokens 16384 --allocations uniform,global   # what we ran
     python bench/metric_methods.py --methods flap --sparsities 0.2 --units channel,head   # one cell
+    python bench/metric_methods.py --methods wanda-sp,flap,magnitude --sparsities 0.3,0.5 --units channel,head \
+        --reconstruct none,bias,lsq,lsq:sequential --max-tokens 65536 --tag reconstruction   # bench/RESULTS.md
 
 Writes bench/results/metric_methods.json (after every cell, so a long run can be followed).
 """
@@ -98,9 +101,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N test tokens")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads are slower)")
+    p.add_argument("--reconstruct", default="reference",
+                   help="comma list of none, bias, lsq, lsq:sequential; 'reference': each method's own (FLAP: "
+                        "bias, the others: none)")
+    p.add_argument("--damp", type=float, default=0.01, help="least-squares damping (--reconstruct-damp)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "metric_methods.json"))
+    p.add_argument("--tag", default="metric_methods")
+    p.add_argument("--out", default=None, help="default: bench/results/TAG.json")
     args = p.parse_args(argv)
+    args.out = args.out or str(Path(__file__).parent / "results" / f"{args.tag}.json")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,6 +121,7 @@ def main(argv=None) -> int:
     from pgprune.metrics.scores import METHODS
     from pgprune.models.adapter import get_adapter
     from pgprune.models.load import load_model
+    from pgprune.reconstruction import reconstruct
     from pgprune.surgery import remove_units
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -143,6 +153,52 @@ def main(argv=None) -> int:
                              "rss_growth_mb": (mem.peak - mem.start) / 2**20}
     print(f"dense calibration statistics: {calib_s:.1f} s, peak RSS {mem.peak / 2**20:.0f} MB", flush=True)
 
+    def run_cell(cell, model, calib, stats, kinds, alloc, s, recon) -> None:
+        method = cell["method"]
+        mode, _, inputs = recon.partition(":")
+        try:
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                r = run_metric(model, calib, method, s, kinds, alloc, batch_size=args.calib_batch,
+                               seed=args.seed, progress=False, bias_compensation=False,
+                               stats=None if _walks(method, alloc, kinds) else stats)
+                method_s = time.perf_counter() - t
+            with PeakRSS() as refit_mem:
+                t = time.perf_counter()
+                refit = reconstruct(model, calib, r.masks, mode, inputs=inputs or "dense", damp=args.damp,
+                                    stats=stats, batch_size=args.calib_batch, progress=False)
+                refit_s = time.perf_counter() - t
+            pruned = remove_units(model, r.masks, output_bias=refit.output_bias, input_weights=refit.input_weights,
+                                  copy=True)
+            res = ppl(pruned)
+            del pruned
+        except Exception as e:  # a failing cell is a result too; keep going
+            cell.update(error=f"{type(e).__name__}: {e}")
+            print(f"{method:16s} {cell['units']:13s} {alloc:7s} s={s:.2f} {recon}: {cell['error']}", flush=True)
+            report["cells"].append(cell)
+            atomic.write_json(args.out, report)
+            return
+        walked = _walks(method, alloc, kinds)
+        # cells on the shared dense statistics are charged their collection time and memory
+        shared = not walked and r.info["calibration"] is not None
+        summary = r.info["masks"]
+        cell.update(
+            sparsity=r.info["sparsity"], total_sparsity=summary["total_sparsity"],
+            ppl=res.ppl, ppl_ratio=res.ppl / dense.ppl, ppl_seqlen=res.seqlen, ppl_tokens=res.tokens,
+            propagate=r.info["propagate"], reconstruction=refit.info,
+            method_seconds=method_s, shared_calibration=shared, refit_seconds=refit_s,
+            refit_peak_rss_mb=refit_mem.peak / 2**20,
+            wall_seconds=method_s + refit_s + (calib_s if shared else 0.0),
+            peak_rss_mb=max(mem.peak, refit_mem.peak, calib_peak if shared else 0) / 2**20,
+            removed_units=r.info["removed_units"],
+            kv_heads_per_layer=summary["kv_heads_per_layer"],
+            channels_per_layer=summary["channels_per_layer"], layers_kept=summary["layers_kept"],
+            ppl_eval_seconds=res.seconds)
+        report["cells"].append(cell)
+        atomic.write_json(args.out, report)
+        print(f"{method:16s} {cell['units']:13s} {alloc:7s} s={s:.2f} {recon:14s} -> {cell['sparsity']:.4f}  "
+              f"ppl {res.ppl:10.2f} (x{cell['ppl_ratio']:.2f})  refit {refit_s:.0f} s", flush=True)
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     unit_sets = [parse_unit_kinds(u) for u in args.units.split(";") if u.strip()]
@@ -156,49 +212,25 @@ def main(argv=None) -> int:
                 allocs = ["global"]  # one unit per layer: uniform ranks exactly like global
             for alloc in allocs:
                 for s in sparsities:
-                    cell = {"method": method, "units": ",".join(kinds), "allocation": alloc, "target_sparsity": s}
-                    try:
-                        with PeakRSS() as mem:
-                            t = time.perf_counter()
-                            r = run_metric(model, calib, method, s, kinds, alloc, batch_size=args.calib_batch,
-                                           seed=args.seed, progress=False,
-                                           stats=None if _walks(method, alloc, kinds) else stats)
-                            method_s = time.perf_counter() - t
-                            pruned = remove_units(model, r.masks, output_bias=r.output_bias, copy=True)
-                        res = ppl(pruned)
-                        del pruned
-                    except Exception as e:  # a failing cell is a result too; keep going
-                        cell.update(error=f"{type(e).__name__}: {e}")
-                        print(f"{method:16s} {cell['units']:13s} {alloc:7s} s={s:.2f}: {cell['error']}", flush=True)
-                        report["cells"].append(cell)
-                        atomic.write_json(args.out, report)
-                        continue
-                    walked = _walks(method, alloc, kinds)
-                    # cells on the shared dense statistics are charged their collection time and memory
-                    shared = not walked and r.info["calibration"] is not None
-                    summary = r.info["masks"]
-                    cell.update(
-                        sparsity=r.info["sparsity"], total_sparsity=summary["total_sparsity"],
-                        ppl=res.ppl, ppl_ratio=res.ppl / dense.ppl, ppl_seqlen=res.seqlen, ppl_tokens=res.tokens,
-                        propagate=r.info["propagate"], bias_compensation=r.info["bias_compensation"],
-                        bias_params_added=r.info["bias_params_added"],
-                        method_seconds=method_s, shared_calibration=shared,
-                        wall_seconds=method_s + (calib_s if shared else 0.0),
-                        peak_rss_mb=max(mem.peak, calib_peak if shared else 0) / 2**20,
-                        removed_units=r.info["removed_units"],
-                        kv_heads_per_layer=summary["kv_heads_per_layer"],
-                        channels_per_layer=summary["channels_per_layer"], layers_kept=summary["layers_kept"],
-                        ppl_eval_seconds=res.seconds)
-                    report["cells"].append(cell)
-                    atomic.write_json(args.out, report)
-                    print(f"{method:16s} {cell['units']:13s} {alloc:7s} s={s:.2f} -> {cell['sparsity']:.4f}  "
-                          f"ppl {res.ppl:10.2f} (x{cell['ppl_ratio']:.2f})  {cell['wall_seconds']:.0f} s", flush=True)
+                    for recon in _reconstructions(args.reconstruct, method):
+                        cell = {"method": method, "units": ",".join(kinds), "allocation": alloc, "target_sparsity": s,
+                                "reconstruct": recon}
+                        run_cell(cell, model, calib, stats, kinds, alloc, s, recon)
+
 
     print()
     print(format_table(report))
     atomic.write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
+
+
+def _reconstructions(spec: str, method: str) -> list[str]:
+    if spec == "reference":
+        from pgprune.metrics.scores import METHODS
+
+        return ["bias" if METHODS[method].bias_compensation else "none"]
+    return [r.strip() for r in spec.split(",") if r.strip()]
 
 
 def _walks(method: str, alloc: str, kinds) -> bool:
@@ -215,16 +247,17 @@ def format_table(report: dict) -> str:
     lines = [f"WikiText-2 test perplexity, seqlen {d['seqlen']} ({lim}); dense ppl {d['ppl']:.3f}; "
              f"calibration {report['calibration']['nsamples']} x {report['calibration']['seqlen']} tokens of "
              f"{report['calibration']['source']}",
-             "", "| units | method | allocation | target | sparsity | ppl | x dense | wall s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| units | method | allocation | target | reconstruction | sparsity | ppl | x dense | refit s | "
+                 "wall s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cells"]:
         if "error" in c:
             lines.append(f"| {c['units']} | {c['method']} | {c['allocation']} | {c['target_sparsity']:.2f} | "
-                         f"error: {c['error'][:60]} | | | | |")
+                         f"{c.get('reconstruct', '')} | error: {c['error'][:60]} | | | | | |")
             continue
         lines.append(f"| {c['units']} | {c['method']} | {c['allocation']} | {c['target_sparsity']:.2f} | "
-                     f"{c['sparsity']:.4f} | {c['ppl']:.2f} | {c['ppl_ratio']:.2f} | {c['wall_seconds']:.0f} | "
-                     f"{c['peak_rss_mb']:.0f} |")
+                     f"{c.get('reconstruct', '')} | {c['sparsity']:.4f} | {c['ppl']:.2f} | {c['ppl_ratio']:.2f} | "
+                     f"{c.get('refit_seconds', 0):.0f} | {c['wall_seconds']:.0f} | {c['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

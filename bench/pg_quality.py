@@ -38,7 +38,7 @@ from pgprune.surgery import remove_units  # noqa: E402
 SETTINGS_OF_FLAGS = {"model": "model", "dtype": "execution.dtype", "units": "units", "allocation": "allocation",
                      "init_scale": "pg.init_scale", "policy": "pg.policy", "steps": "pg.steps", "lr": "pg.lr",
                      "k": "pg.k", "control_variate": "pg.control_variate", "floor": "pg.floor", "select": "pg.select",
-                     "forward": "execution.forward", "compensate": "pg.compensate", "batch_size": "pg.batch_size",
+                     "forward": "execution.forward", "batch_size": "pg.batch_size",
                      "seqlen": "data.seqlen", "seed": "seed", "eval_every": "pg.eval_every",
                      "track_max_tokens": "eval.track_max_tokens"}
 
@@ -98,11 +98,13 @@ def main() -> None:
         ap.set_defaults(**{flag: values[path] for flag, path in SETTINGS_OF_FLAGS.items() if path in values})
         if "pg.estimator" in values:
             ap.set_defaults(estimators=values["pg.estimator"])
+        ap.set_defaults(compensate=values.get("pg.reconstruct") == "bias")
     args = ap.parse_args()
 
     def settings_for(**overrides) -> RunSettings:
         """The run's settings as `pgprune prune` would hold them (data and evaluation are this bench's)."""
         values = {path: getattr(args, flag) for flag, path in SETTINGS_OF_FLAGS.items()}
+        values["pg.reconstruct"] = values["reconstruct"] = "bias" if args.compensate else "none"
         return RunSettings.from_recipe(args.recipe or "paper", {**values, "execution.device": "cpu", **overrides})
 
     init_method, init_alloc = _method_allocation(args.init, args.allocation)

@@ -24,12 +24,12 @@ def char_tokenizer(vocab_size: int = 128):
     return fast
 
 
-_RENAMED = {"eval": "eval.datasets", "eval_seqlen": "eval.seqlen", "eval_max_tokens": "eval.max_tokens",
+_RENAMED = {"reconstruct": "reconstruct", "pg_reconstruct": "pg.reconstruct", "eval": "eval.datasets", "eval_seqlen": "eval.seqlen", "eval_max_tokens": "eval.max_tokens",
             "seqlen": "data.seqlen"}
 
 
 # the units policy as pgprune's earlier defaults ran it (sigmoid start at the metric's mask, no compensation)
-UNITS_POLICY = {"pg.policy": "units", "pg.compensate": False, "pg.init_scale": 1.0, "pg.lr": 2e-3,
+UNITS_POLICY = {"pg.policy": "units", "pg.reconstruct": "none", "reconstruct": "none", "pg.init_scale": 1.0, "pg.lr": 2e-3,
                 "pg.eval_every": 100}
 
 

@@ -24,8 +24,8 @@ def test_the_paper_recipe_holds_the_authors_settings():
     s = RunSettings.from_recipe("paper")
     assert (s.pg.policy, s.pg.estimator, s.pg.init, s.pg.init_mapping, s.pg.init_scale) == \
         ("units", "paper", "wanda-sp", "per-layer", 1.0)
-    assert (s.pg.lr, s.pg.lr_schedule, s.pg.steps, s.pg.k, s.pg.batch_size, s.pg.compensate) == \
-        (2e-3, "cosine", 15000, 2, 8, False)
+    assert (s.pg.lr, s.pg.lr_schedule, s.pg.steps, s.pg.k, s.pg.batch_size, s.pg.reconstruct, s.reconstruct) == \
+        (2e-3, "cosine", 15000, 2, 8, "none", "none")
     assert (s.data.calib, s.data.seqlen, s.recipe) == ("c4", 128, "paper")
     assert (s.pg.projection, s.pg.per_kind_budget, s.pg.baseline, s.pg.batches) == ("reference", True, "ema", "stream")
     assert s.pool_size() == 15000 * 8  # 120k windows, each seen once
@@ -36,12 +36,12 @@ def _parse(*argv):
 
 
 def test_explicit_options_override_the_recipe():
-    s = _parse("--recipe", "paper", "--lr", "0.1", "--no-compensate", "--eval-max-tokens", "0", "--forward",
+    s = _parse("--recipe", "paper", "--lr", "0.1", "--pg-reconstruct", "none", "--eval-max-tokens", "0", "--forward",
                "gated", "somemodel")
     assert (s.model, s.pg.lr, s.pg.steps, s.pg.policy, s.eval.max_tokens, s.execution.forward) == \
         ("somemodel", 0.1, 15000, "units", None, "gated")
-    s = _parse("--recipe", "paper", "--compensate", "--policy", "features")
-    assert s.pg.compensate is True and s.pg.policy == "features" and s.data.calib == "c4"
+    s = _parse("--recipe", "paper", "--pg-reconstruct", "bias", "--reconstruct", "lsq", "--policy", "features")
+    assert (s.pg.reconstruct, s.reconstruct, s.pg.policy, s.data.calib) == ("bias", "lsq", "features", "c4")
     assert _parse() == RunSettings()  # nothing given: the default recipe
 
 

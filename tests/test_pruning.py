@@ -75,18 +75,23 @@ def test_existing_folder_needs_resume_or_overwrite(workdir):
         prune(_options(root, text), out, progress=False)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "flap"])
-def test_metric_method_pipeline(workdir, method):
+@pytest.mark.parametrize("method,reconstruct", [("magnitude", "none"), ("flap", "bias"), ("magnitude", "lsq")])
+def test_metric_method_pipeline(workdir, method, reconstruct, tmp_path):
     root, text = workdir
-    record = prune(_options(root, text, method=method, sparsity=0.3), root / method, progress=False)
+    out = tmp_path / method
+    record = prune(_options(root, text, method=method, sparsity=0.3, reconstruct=reconstruct), out, progress=False)
     name = f"text:{text}"
     assert "init" not in record["perplexity"]
-    assert record["metric"]["bias_compensation"] is (method == "flap")
+    assert record["reconstruction"]["mode"] == reconstruct
     gated, pruned = record["perplexity"]["gated"][name], record["perplexity"]["pruned"][name]
-    if method == "magnitude":
+    if reconstruct == "none":
         assert pruned == pytest.approx(gated, rel=1e-4)
-    else:  # FLAP's compensation biases exist only in the pruned model, and they help
+    else:  # the refit exists only in the pruned model, and it helps on this text
         assert pruned < gated
+    if reconstruct == "lsq":  # the refit weights are exported: the reloaded model scores the same
+        reloaded, tok = load_pruned(out / "model", dtype="fp32", device="cpu")
+        again = evaluate_perplexity(reloaded, tok, name, seqlen=32).ppl
+        assert again == pytest.approx(pruned, rel=1e-4)
 
 
 def test_bad_sparsity(workdir):
@@ -121,7 +126,7 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
     passes = []  # calibration passes the mean fill runs itself: none when FLAP's dense statistics serve
     collect = calibration.collect_layer_stats
     monkeypatch.setattr(calibration, "collect_layer_stats", lambda *a, **kw: passes.append(1) or collect(*a, **kw))
-    record = prune(_options(root, text, compensate=True, forward=forward, init=init, steps=3,
+    record = prune(_options(root, text, pg_reconstruct="bias", reconstruct="bias", forward=forward, init=init, steps=3,
                             track_max_tokens=10**6), out, progress=False)
     assert len(passes) == (0 if init == "flap" else 1)
     ppl = record["perplexity"]
@@ -153,7 +158,7 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
                         or collect(*a, **kw))
     record = prune(_options(root, text, policy="features", init=init, units=units, estimator="loo", lr=0.2,
                             init_scale=4.0, allocation="global" if units == "layer" else "uniform",
-                            sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, compensate=True,
+                            sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, pg_reconstruct="bias", reconstruct="bias",
                             control_variate=True),
                    out, progress=False)
     ppl = record["perplexity"]

@@ -246,12 +246,12 @@ def test_report_shows_the_pg_settings_and_the_selected_step(pg_run):
     run = json.loads((out / "run.json").read_text())
     md = (out / "report.md").read_text()
     pg = rep["pg"]
-    assert (pg["policy"], pg["estimator"], pg["compensate"], pg["select"], pg["forward"]) == \
-        ("units", "paper", False, "final", "gated")
+    assert (pg["policy"], pg["estimator"], pg["reconstruct"], pg["select"], pg["forward"]) == \
+        ("units", "paper", "none", "final", "gated")
     assert pg["selected_step"] == run["pg"]["selected_step"] == 6
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert pg["hard_ppl_selected"] == next(r["hard_ppl"] for r in log if r["step"] == 6)
-    for label, value in (("policy", "units"), ("bias compensation", "False"), ("estimator", "paper"),
+    for label, value in (("policy", "units"), ("masks scored with reconstruction", "none"), ("estimator", "paper"),
                          ("selection", "final"), ("selected step (exported mask)", "6"), ("forward", "gated")):
         assert f"| {label} | {value} |" in md
 
@@ -263,7 +263,7 @@ def test_export_check_counts_the_compensation_biases(workdir):
     prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="magnitude", steps=2,
                        eval_every=2, units="channel,head", sparsity=0.3, calib=f"text:{text}", eval=f"text:{text}",
                        nsamples=16, seqlen=32, eval_seqlen=32, eval_max_tokens=256, track_max_tokens=256,
-                       batch_size=4, dtype="fp32", device="cpu", compensate=True), out, progress=False)
+                       batch_size=4, dtype="fp32", device="cpu", pg_reconstruct="bias", reconstruct="bias"), out, progress=False)
     rep = write_report(out)
     run = json.loads((out / "run.json").read_text())
     assert run["bias_params_added"] > 0

@@ -60,9 +60,9 @@ class PGSettings:
                                           "mask), constant, per-layer (the reference code's: each layer standardised "
                                           "and shifted to the keep ratio; its hard mask is not the metric's)",
                                group=ADVANCED, choices=("sigmoid", "constant", "per-layer"))
-    compensate: bool = option(True, "score every sampled mask on the bias-compensated model (FLAP's: removed "
-                                    "features replaced by their calibration mean) and export those biases",
-                              action="boolean")
+    reconstruct: str = option("bias", "how each sampled mask is scored: on the bias-compensated model (FLAP's: "
+                                      "dropped features replaced by their calibration mean) or as masked (none)",
+                              flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias"))
     steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
     lr: float = option(0.02, "learning rate (units: SGD on the probabilities; features: Adam's step size)",
                        type=float)
@@ -137,6 +137,15 @@ class RunSettings:
     allocation: str = option("uniform", "metric methods and PG's start: the same fraction per layer, or one "
                                         "global threshold", group=ADVANCED, choices=("uniform", "global"))
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
+    reconstruct: str = option("bias", "refit of the layers reading pruned features (o_proj, down_proj) in the "
+                                      "exported model: none, bias (FLAP's mean compensation), lsq (least squares "
+                                      "of the kept columns and the bias on calibration activations)",
+                              choices=("none", "bias", "lsq"))
+    reconstruct_inputs: str = option("dense", "inputs of the least-squares refit: dense (each layer from the dense "
+                                              "model) or sequential (from the model pruned and refit so far)",
+                                     group=ADVANCED, choices=("dense", "sequential"))
+    reconstruct_damp: float = option(0.01, "least-squares ridge, relative to the mean variance of the kept inputs",
+                                     group=ADVANCED, type=float)
     recipe: str = option("features", "named preset of these settings (see --help-all / docs/method.md); "
                                      "explicit options override it", choices=("features", "paper"))
     data: DataSettings = field(default_factory=DataSettings)
@@ -182,9 +191,14 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
-        """Inverse of to_dict; unknown keys are an error (a run.json from another version says so)."""
+        """Inverse of to_dict; unknown keys are an error (a run.json from another version says so),
+        except the renamed ones of `_RENAMED_SETTINGS`."""
         settings = cls()
-        settings.set_many(dict(_flatten(d)))
+        values = dict(_flatten(d))
+        for old, (new, convert) in _RENAMED_SETTINGS.items():
+            if old in values:
+                values[new] = convert(values.pop(old))
+        settings.set_many(values)
         return settings
 
     @property
@@ -219,6 +233,8 @@ class RunSettings:
             raise ConfigError(f"unknown method {self.method!r}; choose pg or a metric: {', '.join(METHODS)}")
         if self.data.seqlen < 1 or self.eval.seqlen < 1:
             raise ConfigError("--seqlen and --eval-seqlen must be >= 1")
+        if self.reconstruct_damp < 0:
+            raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
         if self.data.nsamples is not None and self.data.nsamples < 1:
             raise ConfigError(f"--nsamples must be >= 1, got {self.data.nsamples}")
         for name in [self.data.calib, *self.eval_datasets, *([self.eval.track] if self.eval.track else [])]:
@@ -288,6 +304,9 @@ class RunSettings:
         return self.eval.track or self.eval_datasets[0]
 
 
+# Settings of earlier versions' run.json files: old path -> (new path, value conversion).
+_RENAMED_SETTINGS = {"pg.compensate": ("pg.reconstruct", lambda on: "bias" if on else "none")}
+
 # Settings a resumed run may change: where it runs and what it reports, not what it learns.
 RESUME_MAY_CHANGE = ("execution.device", "execution.tensorboard", "data.data_dir", "eval.datasets",
                      "eval.max_tokens")
@@ -335,7 +354,8 @@ RECIPES: dict[str, dict] = {
             "pg.policy": "features",   # a few shared logit parameters: re-ranks 46k channels in 300 steps
             "pg.init": "wanda-sp",     # start where the metric method ends
             "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
-            "pg.compensate": True,     # FLAP's bias compensation is worth more than most mask choices
+            "pg.reconstruct": "bias",  # FLAP's bias compensation is worth more than most mask choices
+            "reconstruct": "bias",
             "pg.estimator": "paper",   # steadiest direction at the start (split-half cosine 0.65)
             "pg.steps": 300,
             "pg.lr": 0.02,             # Adam's step size on the shared parameters
@@ -356,7 +376,8 @@ RECIPES: dict[str, dict] = {
             "pg.init": "wanda-sp",
             "pg.init_mapping": "per-layer",  # per-layer standardised scores, shifted to the keep ratio
             "pg.init_scale": 1.0,
-            "pg.compensate": False,
+            "pg.reconstruct": "none",
+            "reconstruct": "none",
             "pg.estimator": "paper",
             "pg.steps": 15000,         # 120k samples at batch 8
             "pg.lr": 2e-3,             # LLaMA-2-7B (LLaMA-3-8B: 6e-3)

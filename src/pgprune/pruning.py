@@ -5,9 +5,11 @@
     dense perplexity, calibration windows
     metric method (scores, allocation)                          [method != "pg"]
     start_policy: the metric's mask as PG's start -> run_policy_gradient   [method == "pg"]
-       (pg.compensate: every sampled mask is scored mean-filled, i.e. with FLAP's bias
-        compensation, and the exported model gets the same biases)
-    perplexity of the gated hard mask -> surgery -> export -> perplexity of the pruned model
+       (pg.reconstruct bias: every sampled mask is scored mean-filled, i.e. with FLAP's bias
+        compensation)
+    perplexity of the gated hard mask (as PG scored it; metrics: plain)
+    reconstruction (settings.reconstruct: none | bias | lsq, pgprune.reconstruction)
+    -> surgery -> export -> perplexity of the pruned model
     run folder (pgprune.run_folder): run.json, masks, metrics.jsonl, checkpoint, probabilities
 
 The CLI's `pgprune prune` is a thin layer over this function. A run that fails before it has
@@ -163,7 +165,7 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
 def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, progress: bool, world) -> dict:
     from pgprune.export import save_pruned
     from pgprune.metrics.pipeline import run_metric
-    from pgprune.reconstruction import bias_params_added, compensation_biases
+    from pgprune.reconstruction import bias_params_added, reconstruct
 
     t_start = time.perf_counter()
     out_folder = _OutFolder(out, resume, overwrite)
@@ -206,15 +208,15 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     if metric_name != "constant":
         metric = run_metric(model, calib[:METRIC_NSAMPLES] if pg_run else calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
-                            seed=settings.seed, bias_compensation=False if pg_run else None, progress=progress)
+                            seed=settings.seed, bias_compensation=False, progress=progress)
         record["metric"] = metric.info
-    masks, bias = (metric.masks, metric.output_bias) if metric is not None else (None, None)
+    masks = metric.masks if metric is not None else None
+    dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric)
 
     if pg_run:
         from pgprune.reconstruction import feature_means
 
-        dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric)
-        fill = feature_means(dense_stats()) if settings.pg.compensate else None
+        fill = feature_means(dense_stats()) if settings.pg.reconstruct == "bias" else None
         masks, pg_info, init_masks = _run_pg(session, calib, metric, out_folder, resume, progress, dense_stats,
                                              world, fill)
         if not world.is_main:
@@ -222,20 +224,27 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         record["pg"] = pg_info
         ppl["init"] = ppl_all(init_masks, fill)
         _print_ppl("start" + (" (compensated)" if fill else ""), ppl["init"])
-        if fill is not None:
-            bias = compensation_biases(session.adapter, fill, masks, costs)
-    ppl["gated"] = ppl_all(masks, fill if pg_run else None)
-    _print_ppl("final (gated)", ppl["gated"])
+    else:
+        fill = None
+    ppl["gated"] = ppl_all(masks, fill)
+    _print_ppl("final (gated" + (", compensated)" if fill else ")"), ppl["gated"])
 
+    # the final refit: dense means of the calibration windows PG's mean fill used (bias), or a
+    # layer-by-layer least-squares pass on them (lsq)
+    refit = reconstruct(model, calib[:METRIC_NSAMPLES], masks, settings.reconstruct,
+                        inputs=settings.reconstruct_inputs, damp=settings.reconstruct_damp,
+                        stats=dense_stats() if settings.reconstruct == "bias" else None,
+                        batch_size=settings.execution.metric_batch_size, progress=progress, costs=costs)
+    record["reconstruction"] = refit.info
     # surgery adds a bias vector per compensated block without one: counted beside the mask's parameters
-    record["bias_params_added"] = bias_params_added(session.adapter, masks, costs, bias)
+    record["bias_params_added"] = bias_params_added(session.adapter, masks, costs, refit.output_bias)
     out_folder()
     masks.save(out / run_folder.MASKS_FILE, metadata={"model": settings.model, "method": settings.method})
     from pgprune.surgery import remove_units
 
-    remove_units(model, masks, output_bias=bias)
+    remove_units(model, masks, output_bias=refit.output_bias, input_weights=refit.input_weights)
     ppl["pruned"] = ppl_all(None)
-    _print_ppl("final (pruned model)", ppl["pruned"])
+    _print_ppl(f"final (pruned model, reconstruction {settings.reconstruct})", ppl["pruned"])
     save_pruned(model, session.tokenizer, out / run_folder.MODEL_DIR, masks=masks, overwrite=True,
                 extra={"method": settings.method, "sparsity_target": settings.sparsity})
     record.update(masks=masks.summary(costs), perplexity=ppl, seconds=time.perf_counter() - t_start,

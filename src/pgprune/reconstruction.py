@@ -1,8 +1,28 @@
 """Reconstruction: what reads pruned features gets refit, from calibration statistics.
 
-Today the rank-0 correction, FLAP's bias compensation: every dropped input feature of o_proj /
-down_proj is replaced by its calibration mean, i.e. `W[:, dropped] @ mean[dropped]` is added to the
-projection's output. It serves three places with the same numbers:
+The layers that read prunable features are o_proj (over the kept heads) and down_proj (over the
+kept channels). Three modes (`--reconstruct`, `MODES`):
+
+- none: the kept columns stay as they are, dropped features contribute nothing;
+- bias: FLAP's compensation, the rank-0 correction: every dropped input feature is replaced by its
+  calibration mean, i.e. `W[:, dropped] @ mean[dropped]` is added to the projection's output;
+- lsq: least squares. With x the projection's input on the calibration tokens, S the kept and D the
+  dropped features, the kept columns and the bias are refit so that `W'_S x_S + b'` reproduces the
+  dense `W x` (the target keeps the dense weights). Centred, the optimum is
+      Delta = W_D C_DS (C_SS + lambda I)^-1,   W'_S = W_S + Delta,   b' = W_D mu_D - Delta mu_S,
+  with C the input covariance and mu its mean; the ridge lambda = damp x mean(diag C_SS) (as
+  SparseGPT damps relative to its Hessian's diagonal) pulls Delta towards 0, i.e. towards `bias`,
+  which is the lambda -> infinity limit. Statistics are accumulated and solved in float64 whatever the
+  model dtype. The inputs come either from the dense model (`inputs="dense"`) or sequentially from
+  the model pruned and refit so far (`"sequential"`, layer by layer as SparseGPT/SlimGPT: layer i's
+  statistics are read with layers < i already pruned and refit, the target W x on those inputs).
+
+A removed block keeps its mean output as a constant (both modes agree there: nothing is kept to
+refit); a removed layer's mean update goes to the last kept layer before it (see
+`compensation_biases`).
+
+`reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
+that `surgery.remove_units(..., refit=...)` applies. The bias compensation also serves:
 
 - the metric methods (FLAP adds these biases; the pruned-propagation walk compensates layer by layer),
 - the policy-gradient loop (`--compensate`: the gated forward fills dropped features with their
@@ -13,10 +33,36 @@ projection's output. It serves three places with the same numbers:
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
 import torch
 
+from pgprune.errors import ConfigError, DataError
 from pgprune.masks import Masks, UnitCosts
-from pgprune.models.adapter import ModelAdapter, read_weight
+from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
+
+MODES = ("none", "bias", "lsq")
+INPUTS = ("dense", "sequential")
+DEFAULT_DAMP = 0.01
+BLOCKS = ("attn", "mlp")
+
+
+@dataclass
+class Refit:
+    """What surgery applies to a pruned model besides removing units.
+
+    output_bias: {"attn"|"mlp": [L, hidden] float32} added to o_proj / down_proj outputs (as FLAP's
+    compensation; None: none). input_weights: {"attn"|"mlp": {layer: [hidden, kept inputs] float32}}
+    replacing the kept columns of o_proj / down_proj (least squares; layers not listed keep theirs).
+    info: how it was computed (mode, inputs, damping, tokens, warnings)."""
+    output_bias: dict[str, torch.Tensor] | None = None
+    input_weights: dict[str, dict[int, torch.Tensor]] = field(default_factory=lambda: {"attn": {}, "mlp": {}})
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def none(cls) -> "Refit":
+        return cls(info={"mode": "none"})
 
 
 def feature_means(stats) -> dict[str, list]:
@@ -42,40 +88,22 @@ def compensation_biases(adapter: ModelAdapter, means: dict[str, list], masks: Ma
     kept layer before it, it is dropped. `means`: `feature_means(stats)`."""
     costs = costs or UnitCosts.from_adapter(adapter)
     eff = masks.effective(costs)
-    L, H = costs.num_layers, adapter.hidden_size
-    out = {"attn": torch.zeros(L, H), "mlp": torch.zeros(L, H)}
-    last_kept = None
-    for i in range(L):
-        kept_layer = bool(eff["layer"][i])
-        if not kept_layer and last_kept is None:
-            continue
-        m = adapter.layer(i)
-        for block, proj, keep in (("attn", m.o_proj, adapter.expand_head_mask(eff["head"][i], "o")),
-                                  ("mlp", m.down_proj, eff["channel"][i])):
-            if proj is None:
-                continue
-            keep = keep[: proj.in_features]
-            if bool(keep.all()):
-                continue
-            bias = _dropped_mean_output(proj, means[block][i], keep).float().cpu()
-            out[block if kept_layer else "mlp"][i if kept_layer else last_kept] += bias
-        if kept_layer:
-            last_kept = i
-    return out
+    builder = _RefitBuilder(costs.num_layers, adapter.hidden_size)
+    for i in range(costs.num_layers):
+        inputs = {"attn": means["attn"][i], "mlp": means["mlp"][i]}
+        builder.add(i, bool(eff["layer"][i]), layer_refit(adapter, i, inputs, eff["head"][i], eff["channel"][i], "bias"))
+    return builder.refit.output_bias
 
 
 def layer_compensation_biases(adapter: ModelAdapter, stats, i: int, keep: dict[str, torch.Tensor]):
     """(attn bias or None, mlp bias or None) of layer i alone, from its statistics `stats`
     (a `LayerStats`) and its unit keep-masks {"head": [G], "channel": [I]} (a kind left out: kept)."""
-    m = adapter.layer(i)
-    out = []
-    for proj, fs, k in ((m.o_proj, stats.attn_in, keep.get("head")), (m.down_proj, stats.mlp_in, keep.get("channel"))):
-        if proj is None or k is None or bool(k.all()):
-            out.append(None)
-            continue
-        features = adapter.expand_head_mask(k, "o") if proj is m.o_proj else k
-        out.append(_dropped_mean_output(proj, fs.mean, features).float())
-    return out[0], out[1]
+    heads = keep.get("head")
+    channels = keep.get("channel")
+    heads = torch.ones(adapter.num_kv_heads(i), dtype=torch.bool) if heads is None else heads
+    channels = torch.ones(adapter.intermediate_size(i), dtype=torch.bool) if channels is None else channels
+    parts = layer_refit(adapter, i, {"attn": stats.attn_in, "mlp": stats.mlp_in}, heads, channels, "bias")
+    return tuple(None if parts[b][0] is None else parts[b][0].float() for b in BLOCKS)
 
 
 def bias_params_added(adapter: ModelAdapter, masks: Masks, costs: UnitCosts, bias) -> int:
@@ -92,3 +120,197 @@ def bias_params_added(adapter: ModelAdapter, masks: Masks, costs: UnitCosts, bia
                                                      or not bool(eff[block][i])):
                 n += adapter.hidden_size
     return n
+
+
+# --- least squares ----------------------------------------------------------------------------------------
+def lsq_columns(weight: torch.Tensor, stats, keep: torch.Tensor, damp: float = DEFAULT_DAMP):
+    """(W'_S [out, |S|], b' [out]) in float64: the least-squares refit of a projection `weight`
+    [out, in] whose inputs `keep` ([in] bool) keeps, from `stats` (a `FeatureStats` with covariance).
+    With nothing dropped: (W_S, 0); with nothing kept: (empty, W mu), the mean compensation."""
+    if damp < 0:
+        raise ConfigError(f"the least-squares damping must be >= 0, got {damp}")
+    w = weight.double()
+    keep = keep.to(w.device)
+    kept, dropped = keep.nonzero().flatten(), (~keep).nonzero().flatten()
+    mean = stats.mean.to(w.device)
+    bias = w[:, dropped] @ mean[dropped]
+    if len(kept) == 0 or len(dropped) == 0:
+        return w[:, kept], bias
+    cov = stats.covariance.to(w.device)
+    c_ss = cov[kept][:, kept]
+    scale = float(c_ss.diagonal().mean())
+    if not (scale > 0):  # every kept feature constant on the calibration tokens: only the mean helps
+        return w[:, kept], bias
+    rhs = cov[kept][:, dropped] @ w[:, dropped].T  # [S, out]
+    lam = damp * scale
+    for _ in range(8):  # damping too small for a numerically singular C_SS: raise it until it factorises
+        chol, failed = torch.linalg.cholesky_ex(c_ss + lam * torch.eye(len(kept), dtype=cov.dtype, device=cov.device))
+        if not int(failed):
+            break
+        lam = max(lam * 10, 1e-8 * scale)
+    else:
+        raise DataError("the calibration covariance of a projection's kept inputs is not positive definite even "
+                        "with strong damping; check the calibration text")
+    delta = torch.cholesky_solve(rhs, chol).T  # [out, S]
+    return w[:, kept] + delta, bias - delta @ mean[kept]
+
+
+def _check_finite(stats, i: int, block: str) -> None:
+    for t in (stats.mean, stats.m2, stats.comoment):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise DataError(f"layer {i} {block}: the calibration activations are not finite (an fp16/bf16 "
+                            "overflow?); run the reconstruction with --dtype fp32")
+
+
+def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor, channels: torch.Tensor,
+                mode: str, damp: float = DEFAULT_DAMP) -> dict:
+    """{block: (bias [hidden] float64 or None, kept-column weight [hidden, S] float64 or None)} of
+    layer i for its unit keep-masks (`heads` [G] over KV groups, `channels` [I]). `inputs`:
+    {"attn"|"mlp": the `FeatureStats` of o_proj's / down_proj's input (with covariance for lsq), or
+    for mode bias just its mean}. A block whose inputs are all kept gets (None, None), a block with
+    nothing kept only its mean output."""
+    m = adapter.layer(i)
+    out = {}
+    for block, proj, keep in (("attn", m.o_proj, adapter.expand_head_mask(heads, "o")),
+                              ("mlp", m.down_proj, channels)):
+        out[block] = (None, None)
+        if proj is None or mode == "none":
+            continue
+        keep = keep[: proj.in_features].bool()
+        if bool(keep.all()):
+            continue
+        fs = inputs[block]
+        if isinstance(fs, torch.Tensor):
+            mean = fs
+        else:
+            _check_finite(fs, i, block)
+            mean = fs.mean
+        if mode == "bias" or not bool(keep.any()):
+            out[block] = (_dropped_mean_output(proj, mean, keep), None)
+        else:
+            weight, bias = lsq_columns(read_weight(proj), fs, keep, damp)
+            out[block] = (bias, weight)
+    return out
+
+
+class _RefitBuilder:
+    """Collects per-layer refits into a `Refit`, folding a removed layer's mean update into the last
+    kept layer before it (dropped when none precedes it), as `compensation_biases` does."""
+
+    def __init__(self, num_layers: int, hidden: int):
+        self.refit = Refit(output_bias={b: torch.zeros(num_layers, hidden) for b in BLOCKS})
+        self.last_kept = None
+
+    def add(self, i: int, kept_layer: bool, parts: dict) -> None:
+        for block, (bias, weight) in parts.items():
+            if bias is not None and (kept_layer or self.last_kept is not None):
+                target = (block, i) if kept_layer else ("mlp", self.last_kept)
+                self.refit.output_bias[target[0]][target[1]] += bias.float().cpu()
+            if weight is not None:
+                if not bool(torch.isfinite(weight).all()):
+                    raise DataError(f"layer {i} {block}: the least-squares refit is not finite; raise the damping")
+                self.refit.input_weights[block][i] = weight.float().cpu()
+        if kept_layer:
+            self.last_kept = i
+
+
+def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str = "lsq", *, inputs: str = "dense",
+                damp: float = DEFAULT_DAMP, stats=None, batch_size: int = 8, progress: bool = True,
+                costs: UnitCosts | None = None) -> Refit:
+    """The `Refit` of `masks` (one mask) under `mode` (none | bias | lsq) from the calibration windows
+    `calib_ids`; `stats`: dense `collect_layer_stats` results to reuse for mode bias (means only).
+    Memory: lsq holds one layer's input covariances at a time (in_features^2 float64 per projection)."""
+    from pgprune.metrics.calibration import LayerEdit, collect_layer_stats
+
+    if mode not in MODES:
+        raise ConfigError(f"reconstruction must be one of {', '.join(MODES)}, got {mode!r}")
+    if inputs not in INPUTS:
+        raise ConfigError(f"reconstruction inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+    adapter = get_adapter(model)
+    costs = costs or UnitCosts.from_adapter(adapter)
+    masks.check(costs)
+    if masks.num_masks is not None:
+        raise ConfigError("reconstruct takes one mask, not a stack; pick one with masks.select(k)")
+    if mode == "none":
+        return Refit.none()
+    eff = masks.to("cpu").effective(costs)
+    builder = _RefitBuilder(costs.num_layers, adapter.hidden_size)
+    info = {"mode": mode, "inputs": inputs if mode == "lsq" else "dense", "damp": damp if mode == "lsq" else None}
+    if mode == "bias" and inputs == "dense" and stats is not None:
+        for i in range(costs.num_layers):
+            inputs_i = {"attn": stats[i].attn_in, "mlp": stats[i].mlp_in}
+            builder.add(i, bool(eff["layer"][i]), layer_refit(adapter, i, inputs_i, eff["head"][i], eff["channel"][i],
+                                                              mode))
+        builder.refit.info = {**info, "tokens": stats[0].tokens, "reused_stats": True}
+        return builder.refit
+    if calib_ids is None:
+        raise ConfigError(f"--reconstruct {mode} needs calibration windows")
+    narrow = []
+
+    def on_layer(i: int, st) -> LayerEdit:
+        kept_layer = bool(eff["layer"][i])
+        folded = kept_layer or builder.last_kept is not None  # else its mean update is dropped (module doc)
+        parts = layer_refit(adapter, i, {"attn": st.attn_in, "mlp": st.mlp_in}, eff["head"][i], eff["channel"][i],
+                            mode, damp)
+        builder.add(i, kept_layer, parts)
+        for block in BLOCKS:  # free the covariances now: one layer's at a time
+            fs = getattr(st, f"{block}_in")
+            if fs is not None:
+                if fs.comoment is not None and parts[block][1] is not None and st.tokens < parts[block][1].shape[1]:
+                    narrow.append(f"layer {i} {block}")
+                setattr(st, f"{block}_in", fs.without_covariance())
+        if inputs == "dense":
+            return None
+        return _layer_edit(adapter, i, eff["head"][i], eff["channel"][i],
+                           {b: parts[b][0] if folded else None for b in BLOCKS}, {b: parts[b][1] for b in BLOCKS})
+
+    stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, adapter=adapter, progress=progress,
+                                propagate="pruned" if inputs == "sequential" else "dense", on_layer=on_layer,
+                                covariance=mode == "lsq")
+    info["tokens"] = stats[0].tokens
+    if narrow:  # damping keeps the solve defined, but the refit of these is poorly determined
+        info["fewer_tokens_than_kept_inputs"] = narrow
+    builder.refit.info = info
+    return builder.refit
+
+
+def _layer_edit(adapter: ModelAdapter, i: int, heads: torch.Tensor, channels: torch.Tensor, biases: dict,
+                weights: dict):
+    """The `LayerEdit` that makes layer i compute its pruned-and-refit self (by hooks): `biases` /
+    `weights` {block: output bias [hidden] / kept-column weight [hidden, S], or None}."""
+    from pgprune.metrics.calibration import LayerEdit
+
+    m = adapter.layer(i)
+    edit = LayerEdit(head_keep=heads, channel_keep=channels)
+    for block, proj, keep in (("attn", m.o_proj, adapter.expand_head_mask(heads, "o")), ("mlp", m.down_proj, channels)):
+        if biases.get(block) is not None and bool(biases[block].ne(0).any()):
+            setattr(edit, f"{block}_bias", biases[block].float())
+        if weights.get(block) is not None:
+            full = read_weight(proj).detach().float().clone()
+            full[:, keep[: proj.in_features].bool().to(full.device)] = weights[block].float().to(full.device)
+            setattr(edit, f"{block}_weight", full)
+    return edit
+
+
+@contextlib.contextmanager
+def refit_applied(model, masks: Masks, refit: Refit, costs: UnitCosts | None = None):
+    """The model computing its pruned-and-refit self by hooks, weights untouched (one mask): what
+    `surgery.remove_units(model, masks, output_bias=refit.output_bias, input_weights=refit.input_weights)`
+    computes, without copying a weight."""
+    from pgprune.metrics.calibration import apply_layer_edit
+
+    adapter = get_adapter(model)
+    costs = costs or UnitCosts.from_adapter(adapter)
+    eff = masks.to("cpu").effective(costs)
+    bias = refit.output_bias or {}
+    handles = []
+    try:
+        for i in range(costs.num_layers):
+            edit = _layer_edit(adapter, i, eff["head"][i], eff["channel"][i],
+                               {b: bias[b][i] if b in bias else None for b in BLOCKS},
+                               {b: refit.input_weights.get(b, {}).get(i) for b in BLOCKS})
+            handles += apply_layer_edit(adapter.layer(i), adapter, edit)
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

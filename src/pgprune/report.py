@@ -146,7 +146,7 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
         last = steps[-1] if steps else {}
         out["pg"] = {
             "allocation": o.get("allocation"), "seed": o.get("seed"),
-            **{k: cfg.get(k) for k in ("policy", "init", "init_mapping", "init_scale", "compensate", "estimator",
+            **{k: cfg.get(k) for k in ("policy", "init", "init_mapping", "init_scale", "reconstruct", "estimator",
                                       "select", "steps", "k", "batch_size", "lr", "lr_schedule", "eval_every",
                                       "control_variate", "projection", "per_kind_budget", "floor", "baseline_window")},
             "forward": record.get("execution", {}).get("forward"),
@@ -404,7 +404,7 @@ def _markdown(s: dict) -> str:
                   "| setting | value |", "|---|---|"]
         for key, label in (("policy", "policy"), ("init", "init"), ("init_mapping", "init mapping"),
                            ("init_scale", "init scale"), ("allocation", "init allocation"),
-                           ("compensate", "bias compensation"), ("estimator", "estimator"),
+                           ("reconstruct", "masks scored with reconstruction"), ("estimator", "estimator"),
                            ("select", "selection"), ("selected_step", "selected step (exported mask)"),
                            ("forward", "forward"), ("steps", "steps"), ("k", "masks per step (K)"),
                            ("batch_size", "batch (windows)"), ("lr", "learning rate"), ("lr_schedule", "lr schedule"),

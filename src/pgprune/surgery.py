@@ -129,19 +129,23 @@ def _check_bias(output_bias: dict | None, costs: UnitCosts, hidden: int) -> dict
     return out
 
 
-def pruned_view(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def pruned_view(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None,
+                input_weights: dict[str, dict[int, torch.Tensor]] | None = None) -> nn.Module:
     """The pruned model, sharing with `model` (left unchanged) every tensor surgery does not slice:
     only the kept rows / columns of the pruned projections are new memory."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return remove_units(copy_module.deepcopy(model, shared), masks, output_bias=output_bias)
+    return remove_units(copy_module.deepcopy(model, shared), masks, output_bias=output_bias,
+                        input_weights=input_weights)
 
 
 def remove_units(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch.Tensor] | None = None,
-                 copy: bool = False) -> nn.Module:
+                 input_weights: dict[str, dict[int, torch.Tensor]] | None = None, copy: bool = False) -> nn.Module:
     """Remove the units `masks` drops. In place unless `copy=True`; returns the pruned model.
 
     `masks` holds one mask ([L, units] per kind, or a stack of one). `output_bias`: optional
     FLAP-style compensation, {"attn"|"mlp": float tensor [L, hidden]} (see the module docstring).
+    `input_weights`: {"attn"|"mlp": {layer: [hidden, kept inputs]}}, new kept columns of o_proj /
+    down_proj (least-squares reconstruction, `reconstruction.Refit`); a layer not listed keeps its own.
     """
     if copy:
         model = copy_module.deepcopy(model)
@@ -197,6 +201,7 @@ def remove_units(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch
                     _slice_linear(proj, out_idx=adapter.head_group_indices(groups, role))
                 _slice_linear(m.o_proj, in_idx=adapter.head_group_indices(groups, "o"))
                 pm._set_attn_counts(m.attn, len(groups), adapter.queries_per_kv)
+            _set_kept_columns(m.o_proj, input_weights, "attn", i)
             if nz_attn:
                 _add_bias(m.o_proj, b_attn)
         else:
@@ -213,6 +218,7 @@ def remove_units(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch
                 _slice_linear(m.down_proj, in_idx=chans)
                 if hasattr(m.mlp, "intermediate_size"):
                     m.mlp.intermediate_size = len(chans)
+            _set_kept_columns(m.down_proj, input_weights, "mlp", i)
             if nz_mlp:
                 _add_bias(m.down_proj, b_mlp)
         else:
@@ -250,6 +256,19 @@ def remove_units(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch
     pm.mark_layers(model, record)
     model.__class__ = pm.pruned_causal_lm_class(type(model))
     return model
+
+
+@torch.no_grad()
+def _set_kept_columns(lin: nn.Linear, input_weights: dict | None, block: str, i: int) -> None:
+    new = (input_weights or {}).get(block, {}).get(i)
+    if new is None:
+        return
+    if tuple(new.shape) != tuple(lin.weight.shape):
+        raise ConfigError(f"input_weights[{block!r}][{i}] has shape {tuple(new.shape)}; the pruned projection's "
+                          f"kept columns are {tuple(lin.weight.shape)}")
+    # a new tensor, never in place: a pruned_view may share this weight with the source model
+    lin.weight = nn.Parameter(new.to(device=lin.weight.device, dtype=lin.weight.dtype).contiguous(),
+                              requires_grad=lin.weight.requires_grad)
 
 
 def _add_layer_constant(layer: nn.Module, name: str, bias: torch.Tensor) -> None:

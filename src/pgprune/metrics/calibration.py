@@ -33,19 +33,25 @@ PROPAGATE_CHOICES = ("dense", "pruned")
 # --- statistics ----------------------------------------------------------------------------------
 @dataclass
 class FeatureStats:
-    """Running per-feature mean and sum of squared deviations over tokens (float64).
+    """Running per-feature mean and sum of squared deviations over tokens (float64), and optionally
+    the full co-moment matrix (sum of outer products of deviations) that least-squares
+    reconstruction needs.
 
     Batches are merged with Chan et al.'s parallel update, which stays accurate when a feature's
-    mean is large compared with its spread (a plain sum / sum-of-squares would cancel)."""
+    mean is large compared with its spread (a plain sum / sum-of-squares would cancel). A batch's
+    own co-moment is computed in float32 from float32-cast inputs (fp16/bf16 activations cannot
+    overflow it) and merged in float64."""
 
     count: int
     mean: torch.Tensor  # [F] float64
     m2: torch.Tensor  # [F] float64: sum of squared deviations from the mean
+    comoment: torch.Tensor | None = None  # [F, F] float64: sum of (x - mean)(x - mean)^T, or None
 
     @classmethod
-    def empty(cls, features: int, device=None) -> "FeatureStats":
+    def empty(cls, features: int, device=None, covariance: bool = False) -> "FeatureStats":
         z = torch.zeros(features, dtype=torch.float64, device=device)
-        return cls(0, z, z.clone())
+        full = torch.zeros(features, features, dtype=torch.float64, device=device) if covariance else None
+        return cls(0, z, z.clone(), full)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -53,12 +59,16 @@ class FeatureStats:
         if n_b == 0:
             return
         mean_b = x.mean(0)
-        m2_b = (x - mean_b).pow(2).sum(0).double()
+        centred = x - mean_b
+        m2_b = centred.pow(2).sum(0).double()
         mean_b = mean_b.double()
         n_a, n = self.count, self.count + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
         self.m2 = self.m2 + m2_b + delta.pow(2) * (n_a * n_b / n)
+        if self.comoment is not None:
+            self.comoment += (centred.T @ centred).double()
+            self.comoment += torch.outer(delta, delta) * (n_a * n_b / n)
         self.count = n
 
     @property
@@ -71,8 +81,19 @@ class FeatureStats:
         """Mean of x^2 per feature: ||X_j||^2 / tokens."""
         return self.m2 / max(self.count, 1) + self.mean.pow(2)
 
+    @property
+    def covariance(self) -> torch.Tensor:
+        """[F, F] population covariance (denominator count); needs `covariance=True` collection."""
+        if self.comoment is None:
+            raise ConfigError("these statistics hold no covariance; collect them with covariance=True")
+        return self.comoment / max(self.count, 1)
+
     def to(self, device) -> "FeatureStats":
-        return FeatureStats(self.count, self.mean.to(device), self.m2.to(device))
+        return FeatureStats(self.count, self.mean.to(device), self.m2.to(device),
+                            None if self.comoment is None else self.comoment.to(device))
+
+    def without_covariance(self) -> "FeatureStats":
+        return FeatureStats(self.count, self.mean, self.m2)
 
 
 @dataclass
@@ -102,12 +123,16 @@ class LayerEdit:
     head_keep: [G] bool over KV-head groups; channel_keep: [I] bool over MLP channels (None: keep
     all). attn_bias / mlp_bias: [hidden] vectors added to the outputs of o_proj / down_proj
     (FLAP's compensation). A block with nothing kept is removed; its compensation vector stays
-    as a constant added to the residual stream (as `pgprune.surgery.remove_units` does)."""
+    as a constant added to the residual stream (as `pgprune.surgery.remove_units` does).
+    attn_weight / mlp_weight: [hidden, in_features] weights o_proj / down_proj compute with instead
+    of their own (least-squares reconstruction; only the kept columns matter)."""
 
     head_keep: torch.Tensor | None = None
     channel_keep: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
     mlp_bias: torch.Tensor | None = None
+    attn_weight: torch.Tensor | None = None
+    mlp_weight: torch.Tensor | None = None
 
 
 # --- inputs of the first layer ---------------------------------------------------------------------
@@ -248,6 +273,7 @@ def collect_layer_stats(
     storage_device: torch.device | str | None = None,
     progress: bool = True,
     adapter: ModelAdapter | None = None,
+    covariance: bool = False,
 ) -> list[LayerStats]:
     """Per-layer calibration statistics, one decoder layer at a time.
 
@@ -255,7 +281,9 @@ def collect_layer_stats(
     propagate="pruned" the `LayerEdit` it returns is applied to layer i (through temporary hooks,
     the weights are not touched) before its outputs are computed for layer i+1. With
     propagate="dense" the outputs of the unmodified layer are passed on and the return value of
-    on_layer is ignored."""
+    on_layer is ignored. covariance: also accumulate the full input covariance of o_proj / down_proj
+    (`FeatureStats.comoment`, float64: in_features^2 x 8 bytes per projection and layer; an on_layer
+    callback may drop it once used, see `FeatureStats.without_covariance`)."""
     if propagate not in PROPAGATE_CHOICES:
         raise ConfigError(f"propagate must be one of {', '.join(PROPAGATE_CHOICES)}, got {propagate!r}")
     adapter = adapter or get_adapter(model)
@@ -272,10 +300,10 @@ def collect_layer_stats(
     for i in iterator:
         mods = adapter.layer(i)
         dev = _layer_device(mods.layer, inps.device)
-        st = _layer_pass(mods, i, inps, outs, inputs, dev, collect=True)
+        st = _layer_pass(mods, i, inps, outs, inputs, dev, collect=True, covariance=covariance)
         edit = on_layer(i, st) if on_layer is not None else None
         if propagate == "pruned" and edit is not None:
-            handles = _apply_edit(mods, adapter, edit)
+            handles = apply_layer_edit(mods, adapter, edit)
             try:
                 _layer_pass(mods, i, inps, outs, inputs, dev, collect=False)
             finally:
@@ -287,7 +315,7 @@ def collect_layer_stats(
 
 
 def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: LayerInputs,
-                dev: torch.device, *, collect: bool) -> LayerStats:
+                dev: torch.device, *, collect: bool, covariance: bool = False) -> LayerStats:
     """Push all windows through layer i; write its outputs to `outs`; optionally collect stats."""
     attn_stats = mlp_stats = None
     cos = {"attn": 0.0, "mlp": 0.0, "layer": 0.0}
@@ -296,11 +324,11 @@ def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: La
     mid: list[torch.Tensor] = []
     if collect:
         if mods.o_proj is not None:
-            attn_stats = FeatureStats.empty(mods.o_proj.in_features, dev)
+            attn_stats = FeatureStats.empty(mods.o_proj.in_features, dev, covariance)
             handles.append(mods.o_proj.register_forward_pre_hook(
                 lambda _m, args: attn_stats.update(args[0])))
         if mods.down_proj is not None:
-            mlp_stats = FeatureStats.empty(mods.down_proj.in_features, dev)
+            mlp_stats = FeatureStats.empty(mods.down_proj.in_features, dev, covariance)
             handles.append(mods.down_proj.register_forward_pre_hook(
                 lambda _m, args: mlp_stats.update(args[0])))
         # The residual stream between the two blocks is the input of the post-attention norm.
@@ -325,28 +353,31 @@ def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: La
                       cos_attn=cos["attn"], cos_mlp=cos["mlp"], cos_layer=cos["layer"])
 
 
-def _apply_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
+def apply_layer_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
     """Temporary hooks that make layer `mods` behave as if `edit` had been applied by surgery:
     removed units contribute nothing, compensation biases are added, empty blocks vanish."""
     handles = []
     head_features = None if edit.head_keep is None else adapter.expand_head_mask(edit.head_keep, "o")
-    for proj, keep, bias in (
-        (mods.o_proj, head_features, edit.attn_bias),
-        (mods.down_proj, edit.channel_keep, edit.mlp_bias),
+    for proj, keep, bias, weight in (
+        (mods.o_proj, head_features, edit.attn_bias, edit.attn_weight),
+        (mods.down_proj, edit.channel_keep, edit.mlp_bias, edit.mlp_weight),
     ):
-        if proj is None or (keep is None and bias is None):
+        if proj is None or (keep is None and bias is None and weight is None):
             continue
         dev = execution_device(proj)  # not proj.weight.device: "meta" while a device_map offloads it
         feat = None if keep is None else keep.to(dev)
         empty = feat is not None and not bool(feat.any())
         add = None if bias is None else bias.to(dev, proj.weight.dtype)
+        refit = None if weight is None or empty else weight.to(dev, proj.weight.dtype)
         if feat is not None and not empty:
             handles.append(proj.register_forward_pre_hook(
                 lambda _m, args, feat=feat: (args[0] * feat.to(args[0].dtype),) + tuple(args[1:])))
 
-        def hook(_module, _args, output, empty=empty, add=add):
+        def hook(module, args, output, empty=empty, add=add, refit=refit):
             if empty:  # the block is removed as a whole: only a compensation constant remains
                 output = torch.zeros_like(output)
+            elif refit is not None:  # args: the input after the masking pre-hook
+                output = torch.nn.functional.linear(args[0], refit, module.bias)
             return output if add is None else output + add
 
         handles.append(proj.register_forward_hook(hook))

@@ -1,0 +1,221 @@
+"""Reconstruction: the least-squares refit against a plain ridge regression, its effect on the layer
+error, and masked-and-refit = pruned = reloaded for every removal path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgprune.errors import ConfigError, DataError
+from pgprune.export import load_pruned, save_pruned
+from pgprune.masks import Masks
+from pgprune.metrics.calibration import FeatureStats
+from pgprune.models.adapter import get_adapter
+from pgprune.reconstruction import (DEFAULT_DAMP, Refit, compensation_biases, feature_means, lsq_columns,
+                                    reconstruct, refit_applied)
+from pgprune.surgery import remove_units
+from structure_helpers import CASES, costs_of, make_model, random_ids, structured_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def correlated(n: int, f: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, f, generator=g) @ torch.randn(f, f, generator=g) + 3 * torch.randn(f, generator=g)
+
+
+def stats_of(x: torch.Tensor, batches: int = 3) -> FeatureStats:
+    fs = FeatureStats.empty(x.shape[1], covariance=True)
+    for part in x.chunk(batches):
+        fs.update(part)
+    return fs
+
+
+def plain_ridge(x, w, keep, damp):
+    """min over (W'_S, b) of mean_t ||W x_t - W'_S x_S,t - b||^2 + lam ||W'_S - W_S||^2, as one
+    augmented least-squares problem solved by torch.linalg.lstsq (float64)."""
+    x, w = x.double(), w.double()
+    xs = x[:, keep]
+    n = x.shape[0]
+    lam = damp * float(xs.var(0, correction=0).mean())
+    design = torch.cat([torch.cat([xs, torch.ones(n, 1, dtype=x.dtype)], 1),
+                        torch.cat([(n * lam) ** 0.5 * torch.eye(xs.shape[1], dtype=x.dtype),
+                                   torch.zeros(xs.shape[1], 1, dtype=x.dtype)], 1)])
+    target = torch.cat([x @ w.T - xs @ w[:, keep].T, torch.zeros(xs.shape[1], w.shape[0], dtype=x.dtype)])
+    sol = torch.linalg.lstsq(design, target).solution  # [S+1, out]: Delta^T and the bias
+    return w[:, keep] + sol[:-1].T, sol[-1]
+
+
+def test_covariance_merges_batches_exactly():
+    x = correlated(301, 7)
+    fs = stats_of(x, batches=4)
+    torch.testing.assert_close(fs.covariance, torch.cov(x.double().T, correction=0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fs.mean, x.double().mean(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("damp", [0.0, DEFAULT_DAMP, 0.5])
+def test_lsq_columns_match_a_plain_ridge_regression(damp):
+    x = correlated(400, 12, seed=1)
+    w = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    weight, bias = lsq_columns(w, stats_of(x), keep, damp)
+    ref_w, ref_b = plain_ridge(x, w, keep, damp)
+    torch.testing.assert_close(weight, ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias, ref_b, rtol=1e-5, atol=1e-5)
+
+
+def test_strong_damping_is_the_bias_compensation_and_no_damping_the_best_fit():
+    x = correlated(400, 10, seed=3)
+    w = torch.randn(4, 10, generator=torch.Generator().manual_seed(4))
+    keep = torch.arange(10) % 3 != 0
+    fs = stats_of(x)
+    weight, bias = lsq_columns(w, fs, keep, 1e9)
+    torch.testing.assert_close(weight, w[:, keep].double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias, w[:, ~keep].double() @ x.double()[:, ~keep].mean(0), rtol=1e-6, atol=1e-6)
+
+    def err(wk, b):
+        return float((x.double() @ w.double().T - x.double()[:, keep] @ wk.T - b).pow(2).mean())
+
+    errors = [err(*lsq_columns(w, fs, keep, d)) for d in (0.0, 0.01, 1.0, 1e9)]
+    assert errors == sorted(errors) and errors[0] < 0.5 * errors[-1]
+
+
+def test_dead_features_and_too_few_tokens_stay_finite():
+    x = correlated(6, 10, seed=5)  # 6 tokens, 7 kept inputs: the covariance is singular
+    x[:, 2] = 0.0  # a dead feature
+    x[:, 4] = 1.5  # a constant one
+    w = torch.randn(3, 10, generator=torch.Generator().manual_seed(6))
+    keep = torch.arange(10) < 7
+    weight, bias = lsq_columns(w, stats_of(x, 2), keep, DEFAULT_DAMP)
+    assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
+    const = torch.full((20, 4), 2.0)  # nothing varies: only the mean can be kept
+    weight, bias = lsq_columns(torch.ones(2, 4), stats_of(const), torch.tensor([True, True, False, False]), 0.01)
+    torch.testing.assert_close(weight, torch.ones(2, 2, dtype=torch.float64))
+    torch.testing.assert_close(bias, torch.full((2,), 4.0, dtype=torch.float64))
+
+
+def _lm_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.double()
+
+
+@pytest.mark.parametrize("inputs", ["dense", "sequential"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "llama-bias"])
+def test_masked_refit_equals_pruned_equals_reloaded(case, inputs, tmp_path):
+    """Every removal path (removed attention block, removed MLP block, removed layer, partial
+    layers) with least-squares refit: hooks on the unchanged model, the surgically pruned model and
+    its reloaded export give the same logits (fp32, 1e-4 relative)."""
+    if case not in CASES:
+        pytest.skip(f"no synthetic case {case}")
+    model = make_model(case)
+    costs = costs_of(model)
+    masks = structured_mask(costs)
+    calib, test = random_ids(6, 16, seed=1), random_ids(3, 16, seed=2)
+    refit = reconstruct(model, calib, masks, "lsq", inputs=inputs, progress=False)
+    assert refit.input_weights["attn"] or refit.input_weights["mlp"]
+    with refit_applied(model, masks, refit):
+        masked = _lm_logits(model, test)
+    dense = _lm_logits(model, test)
+    pruned = remove_units(model, masks, output_bias=refit.output_bias, input_weights=refit.input_weights, copy=True)
+    via_surgery = _lm_logits(pruned, test)
+    save_pruned(pruned, None, tmp_path / "m", masks=masks)
+    reloaded, _ = load_pruned(tmp_path / "m", dtype="fp32", device="cpu")
+    scale = float(dense.abs().max())
+    for other in (via_surgery, _lm_logits(reloaded, test)):
+        assert float((masked - other).abs().max()) <= 1e-4 * scale
+    assert float((masked - dense).abs().max()) > 1e-3 * scale  # something was pruned
+
+
+def test_bias_mode_is_the_compensation_of_the_mean_fill():
+    model = make_model("llama")
+    costs = costs_of(model)
+    masks = structured_mask(costs)
+    calib = random_ids(6, 16, seed=1)
+    refit = reconstruct(model, calib, masks, "bias", progress=False)
+    from pgprune.metrics.calibration import collect_layer_stats
+
+    means = feature_means(collect_layer_stats(model, calib, progress=False))
+    for block, bias in compensation_biases(get_adapter(model), means, masks, costs).items():
+        torch.testing.assert_close(refit.output_bias[block], bias)
+    assert not refit.input_weights["attn"] and not refit.input_weights["mlp"]
+    assert reconstruct(model, calib, masks, "none").output_bias is None
+
+
+def test_lsq_lowers_the_error_on_calibration_text_below_bias():
+    """Each layer's refit reproduces the dense layer better than the mean compensation on the
+    calibration windows: the final hidden states of the refit model are closer to the dense ones."""
+    model = make_model("llama")
+    costs = costs_of(model)
+    g = torch.Generator().manual_seed(3)
+    masks = Masks({"head": torch.rand(costs.num_layers, costs.units_per_layer("head"), generator=g) > 0.4,
+                   "channel": torch.rand(costs.num_layers, costs.units_per_layer("channel"), generator=g) > 0.4})
+    calib = random_ids(16, 32, seed=4)
+    dense = _lm_logits(model, calib)
+    errors = {}
+    for mode in ("none", "bias", "lsq"):
+        refit = reconstruct(model, calib, masks, mode, progress=False)
+        with refit_applied(model, masks, refit):
+            errors[mode] = float((_lm_logits(model, calib) - dense).pow(2).mean())
+    assert errors["lsq"] < errors["bias"] < errors["none"]
+
+
+def test_sequential_refit_reads_the_model_refit_so_far():
+    """With inputs='sequential', layer i's refit is the plain least-squares refit on the inputs layer
+    i sees when the layers before it are pruned and refit (recorded here with hooks)."""
+    model = make_model("llama")
+    a = get_adapter(model)
+    costs = costs_of(model)
+    g = torch.Generator().manual_seed(5)
+    masks = Masks({"head": torch.rand(costs.num_layers, costs.units_per_layer("head"), generator=g) > 0.4,
+                   "channel": torch.rand(costs.num_layers, costs.units_per_layer("channel"), generator=g) > 0.4})
+    masks["head"][:, 0] = True
+    masks["channel"][:, 0] = True
+    calib = random_ids(8, 16, seed=6)
+    refit = reconstruct(model, calib, masks, "lsq", inputs="sequential", progress=False)
+    dense_refit = reconstruct(model, calib, masks, "lsq", inputs="dense", progress=False)
+    for i in range(1, costs.num_layers):
+        before = Masks({k: torch.where(torch.arange(costs.num_layers)[:, None] < i, v, torch.ones_like(v))
+                        for k, v in masks.tensors.items()})
+        partial = Refit(output_bias={b: torch.where(torch.arange(costs.num_layers)[:, None] < i, t, 0)
+                                     for b, t in refit.output_bias.items()},
+                        input_weights={b: {j: w for j, w in ws.items() if j < i} for b, ws in refit.input_weights.items()})
+        m = a.layer(i)
+        seen = {"attn": [], "mlp": []}
+        hooks = [m.o_proj.register_forward_pre_hook(lambda _m, args: seen["attn"].append(args[0])),
+                 m.down_proj.register_forward_pre_hook(lambda _m, args: seen["mlp"].append(args[0]))]
+        try:
+            with refit_applied(model, before, partial), torch.no_grad():
+                model(input_ids=calib, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        for block, proj, keep in (("attn", m.o_proj, a.expand_head_mask(masks["head"][i], "o")),
+                                  ("mlp", m.down_proj, masks["channel"][i])):
+            if bool(keep.all()):
+                continue
+            x = torch.cat(seen[block]).reshape(-1, proj.in_features)
+            ref_w, _ = lsq_columns(proj.weight, stats_of(x, 1), keep, DEFAULT_DAMP)
+            torch.testing.assert_close(refit.input_weights[block][i].double(), ref_w, rtol=1e-3, atol=1e-4)
+            assert not torch.allclose(refit.input_weights[block][i], dense_refit.input_weights[block][i])
+
+
+def test_bad_reconstruction_input():
+    model = make_model("llama")
+    costs = costs_of(model)
+    masks = structured_mask(costs)
+    with pytest.raises(ConfigError, match="one of none, bias, lsq"):
+        reconstruct(model, random_ids(2, 8), masks, "obs")
+    with pytest.raises(ConfigError, match="inputs must be one of"):
+        reconstruct(model, random_ids(2, 8), masks, "lsq", inputs="shuffled")
+    with pytest.raises(ConfigError, match="needs calibration windows"):
+        reconstruct(model, None, masks, "lsq")
+    with pytest.raises(ConfigError, match=">= 0"):
+        lsq_columns(torch.ones(2, 3), stats_of(correlated(10, 3)), torch.tensor([True, False, True]), -1.0)
+    # an overflowing activation (fp16 statistics) is refused, never written as NaN weights
+    a = get_adapter(model)
+    hook = a.layer(1).down_proj.register_forward_pre_hook(lambda _m, args: (args[0] * float("inf"),))
+    try:
+        with pytest.raises(DataError, match="not finite"):
+            reconstruct(model, random_ids(2, 8), masks, "lsq", progress=False)
+    finally:
+        hook.remove()
