@@ -51,7 +51,8 @@ def test_c4_canonical_shards_and_sample_files(tmp_path, tokenizer):
     canonical = tmp_path / "canon"
     _write_c4(canonical / "c4" / "en" / "c4-train.00000-of-01024.json.gz", [f"train doc {i} " * 30 for i in range(20)])
     _write_c4(canonical / "c4" / "en" / "c4-validation.00000-of-00008.json.gz", [f"val {i}" for i in range(1200)])
-    assert len(data.load_documents("c4", "train", canonical)) == 20
+    assert len(data.load_documents("c4", "train", canonical)) == 19  # document 19 is held out
+    assert data.load_documents("c4", "heldout", canonical) == ["train doc 19 " * 30]
     assert len(data.load_documents("c4", "validation", canonical)) == 1100  # the recipe's first 1100
     w = data.get_calibration_windows(tokenizer, "c4", 5, 64, seed=0, data_dir=canonical)
     assert w.shape == (5, 64)
@@ -61,7 +62,8 @@ def test_c4_canonical_shards_and_sample_files(tmp_path, tokenizer):
     val = data.load_documents("c4", "validation", sample)
     train = data.load_documents("c4", "train", sample)
     assert val == [f"doc {i}" for i in range(0, 30, 10)]
-    assert len(train) == 27 and not set(train) & set(val)
+    held = data.load_documents("c4", "heldout", sample)
+    assert len(train) == 26 and len(held) == 1 and not set(train) & set(val) and not set(train) & set(held)
 
 
 def test_text_files(tmp_path):
@@ -106,9 +108,19 @@ def test_clean_wiki_markup():
 
 @pytest.mark.integration
 def test_wiki_sample_is_deterministic_and_split(tokenizer):
-    parts = {s: data.load_documents("wiki-sample", s) for s in ("train", "validation", "test")}
+    parts = {s: data.load_documents("wiki-sample", s) for s in ("train", "validation", "test", "heldout")}
     assert len(parts["train"]) > 5 * len(parts["test"]) > 0
-    assert not set(parts["train"]) & set(parts["test"])
+    assert len(parts["train"]) > 15 * len(parts["heldout"]) > 0
+    for a, b in (("train", "test"), ("train", "heldout"), ("heldout", "test"), ("heldout", "validation")):
+        assert not set(parts[a]) & set(parts[b]), (a, b)
+    # the held-out documents are never drawn for calibration: no calibration window occurs in them
+    held_text = "\n\n".join(parts["heldout"])
+    train_text = "\n\n".join(parts["train"])
+    windows = ["".join(tokenizer.convert_ids_to_tokens(w)) for w in
+               data.get_calibration_windows(tokenizer, "wiki-sample", 64, 40, seed=1)]
+    ascii_windows = [w for w in windows if chr(0) not in w]  # the char tokenizer maps the rest to chr(0)
+    assert len(ascii_windows) > 32
+    assert all(w in train_text for w in ascii_windows) and not any(w in held_text for w in ascii_windows)
     words = sum(len(d.split()) for d in parts["train"])
     assert words > 200_000  # the sample has ~480k words before markup removal
     text = " ".join(parts["test"])

@@ -59,7 +59,7 @@ def test_pg_pipeline_exports_the_model_it_evaluated(workdir):
     again = evaluate_perplexity(model, tok, name, seqlen=32).ppl
     assert again == pytest.approx(ppl["pruned"][name], rel=1e-4)
     run = json.loads((out / "run.json").read_text())
-    assert run["settings"]["pg"]["steps"] == 4 and run["pg"]["track"]["split"] == "validation"
+    assert run["settings"]["pg"]["steps"] == 4 and run["pg"]["track"]["split"] == "heldout"
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
     # The step-0 hard mask is the metric method's mask (DESIGN.md: start where the metric ends).

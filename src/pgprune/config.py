@@ -106,7 +106,8 @@ class EvalSettings:
     max_tokens: int | None = option(32768, "tokens per dataset for the dense / start / final perplexity (0 = all)",
                                     flag="--eval-max-tokens", type=max_tokens_arg)
     track: str | None = option(None, "dataset whose validation split scores the periodic hard masks (default: the "
-                                     "first --eval dataset)", group=ADVANCED)
+                                     "held-out part of the calibration text, never drawn for calibration)",
+                               group=ADVANCED)
     track_max_tokens: int = option(8192, "tokens of the periodic hard-mask perplexity", group=ADVANCED, type=int)
 
 
@@ -301,7 +302,12 @@ class RunSettings:
 
     @property
     def track_dataset(self) -> str:
-        return self.eval.track or self.eval_datasets[0]
+        return self.eval.track or self.data.calib
+
+    @property
+    def track_split(self) -> str:
+        """PG's tracking text: the calibration source's held-out documents, or --track's validation split."""
+        return "validation" if self.eval.track else "heldout"
 
 
 # Settings of earlier versions' run.json files: old path -> (new path, value conversion).

@@ -11,6 +11,11 @@ Sources (name -> documents of a split):
 Evaluation follows DESIGN.md: the split's rows joined with the source's separator, tokenised once,
 cut into non-overlapping windows of `seqlen` tokens (see evaluate/perplexity.py). Calibration
 follows the Wanda / paper convention: seeded random windows of `seqlen` tokens from the train split.
+
+Split `heldout`: every 20th document of a source's train documents, never drawn for calibration
+(the `train` split is the other 19 in 20). It is what PG tracks its hard masks on by default, so a
+run's selection reads text of the calibration domain that no method calibrated on, not the
+evaluation set. A single local file (`text:PATH`) serves every split, held-out included.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from pgprune import atomic
 from pgprune.errors import DataError
 from pgprune.paths import cache_dir, data_dir as resolve_data_dir
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "heldout")
+HELDOUT_EVERY = 20  # document i of the source's train documents is held out when i % 20 == 19
 
 
 @dataclass(frozen=True)
@@ -288,7 +294,11 @@ def get_source(name: str) -> TextSource:
 
 def load_documents(source: str, split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
     src = get_source(source)
-    docs = src.load(_normalise_split(split), resolve_data_dir(data_dir))
+    split = _normalise_split(split)
+    docs = src.load("train" if split == "heldout" else split, resolve_data_dir(data_dir))
+    if split in ("train", "heldout") and not source.startswith("text:"):
+        held = split == "heldout"
+        docs = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
     if not docs:
         raise DataError(f"{source} {split}: no documents")
     return docs

@@ -157,7 +157,7 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
     # the text: a missing file or folder is reported before the model loads
     needed = [(settings.data.calib, "train")] + [(n, "test") for n in settings.eval_datasets]
     if settings.method == "pg":
-        needed.append((settings.track_dataset, "validation"))
+        needed.append((settings.track_dataset, settings.track_split))
     for name, split in dict.fromkeys(needed):
         load_documents(name, split, settings.data.data_dir)
 
@@ -278,9 +278,10 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
     # the start: the metric's mask, except where the start is not built to be it (--init constant, per-layer)
     init_masks = metric.masks if metric is not None and settings.pg.init_mapping != "per-layer" else policy.hard_mask()
     print(f"[pgprune] policy gradient: {policy.describe()}, budget sparsity {policy.sparsity:.4f}")
-    # The periodic evaluation reads the validation split, so the test numbers stay untouched by it.
-    track = settings.track_dataset
-    track_tokens = get_eval_tokens(session.tokenizer, track, "validation", settings.data.data_dir)
+    # The periodic evaluation (and --select best) reads held-out calibration text by default: never
+    # the test split, and not the evaluation set's domain unless --track asks for it.
+    track, split = settings.track_dataset, settings.track_split
+    track_tokens = get_eval_tokens(session.tokenizer, track, split, settings.data.data_dir)
 
     def eval_fn(masks: Masks) -> float:
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens)
@@ -298,7 +299,7 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
         run_folder.save_probabilities(out, session.layout.split(result.probs))
     info = {"policy": policy.describe(), "start_sparsity": policy.sparsity, "skipped_steps": result.skipped_steps,
             "seconds": result.seconds, "selected_step": result.selected_step,
-            "track": {"dataset": track, "split": "validation", "max_tokens": settings.eval.track_max_tokens},
+            "track": {"dataset": track, "split": split, "max_tokens": settings.eval.track_max_tokens},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks
 
