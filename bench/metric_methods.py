@@ -105,6 +105,9 @@ def main(argv=None) -> int:
                    help="comma list of none, bias, lsq, lsq:sequential; 'reference': each method's own (FLAP: "
                         "bias, the others: none)")
     p.add_argument("--damp", type=float, default=0.01, help="least-squares damping (--reconstruct-damp)")
+    p.add_argument("--masks", default="",
+                   help="comma list of LABEL=PATH mask files (e.g. a PG run's masks.safetensors) to evaluate under "
+                        "every --reconstruct too, beside the methods")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="metric_methods")
     p.add_argument("--out", default=None, help="default: bench/results/TAG.json")
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
         try:
             with PeakRSS() as mem:
                 t = time.perf_counter()
-                r = run_metric(model, calib, method, s, kinds, alloc, batch_size=args.calib_batch,
+                r = _FileMask(cell["mask_file"], adapter) if "mask_file" in cell else \
+                    run_metric(model, calib, method, s, kinds, alloc, batch_size=args.calib_batch,
                                seed=args.seed, progress=False, bias_compensation=False,
                                stats=None if _walks(method, alloc, kinds) else stats)
                 method_s = time.perf_counter() - t
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
             report["cells"].append(cell)
             atomic.write_json(args.out, report)
             return
-        walked = _walks(method, alloc, kinds)
+        walked = "mask_file" not in cell and _walks(method, alloc, kinds)
         # cells on the shared dense statistics are charged their collection time and memory
         shared = not walked and r.info["calibration"] is not None
         summary = r.info["masks"]
@@ -199,7 +203,12 @@ def main(argv=None) -> int:
         print(f"{method:16s} {cell['units']:13s} {alloc:7s} s={s:.2f} {recon:14s} -> {cell['sparsity']:.4f}  "
               f"ppl {res.ppl:10.2f} (x{cell['ppl_ratio']:.2f})  refit {refit_s:.0f} s", flush=True)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for spec in filter(None, (x.strip() for x in args.masks.split(","))):
+        label, _, path = spec.partition("=")
+        for recon in _reconstructions(args.reconstruct, "random"):
+            run_cell({"method": f"file:{label}", "mask_file": path, "units": "", "allocation": "", "target_sparsity": 0.0,
+                      "reconstruct": recon}, model, calib, stats, (), "", 0.0, recon)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and args.methods != "none"]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     unit_sets = [parse_unit_kinds(u) for u in args.units.split(";") if u.strip()]
     for kinds in unit_sets:
@@ -223,6 +232,19 @@ def main(argv=None) -> int:
     atomic.write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
+
+
+class _FileMask:
+    """A saved mask in run_metric's result shape (masks, info) for the cells of --masks."""
+
+    def __init__(self, path: str, adapter):
+        from pgprune.masks import Masks, UnitCosts
+
+        costs = UnitCosts.from_adapter(adapter)
+        self.masks = Masks.load(path)
+        summary = self.masks.summary(costs)
+        self.info = {"sparsity": summary["sparsity"], "masks": summary, "propagate": None, "calibration": None,
+                     "removed_units": None}
 
 
 def _reconstructions(spec: str, method: str) -> list[str]:

@@ -11,6 +11,11 @@ loading the model the same way; the high-water mark is reset after loading (load
 higher than either forward), so peak = resident model + the work's own peak. Target: <= 1.3.
 
     python bench/pg_step_cost.py [--dtype bf16] [--blocks 5] [--steps-per-block 3] [--policy features --estimator loo]
+    python bench/pg_step_cost.py --dtype fp32 --policy features --forward gathered --scoring lsq   # issue 18
+
+`--scoring` is how each sampled mask is scored (`--pg-reconstruct`): none (plain masks), bias (mean
+fill) or lsq (each mask's own least-squares refit, on a gathered view); the statistics they read
+are collected once before timing (16 windows) and held during the memory measurement.
 """
 
 from __future__ import annotations
@@ -43,7 +48,27 @@ def _setup(args):
         r = run_metric(model, ids[:16], "wanda-sp", args.sparsity, layout.kinds, "uniform", progress=False)
         args.feature_policy = FeaturePolicy.from_metric(r, adapter, layout, costs, scale=8.0)
         args.sparsity = r.allocation.sparsity
+    args.loss_fn = _loss_fn(model, costs, ids[:16], args)
     return model, costs, layout, ids
+
+
+def _loss_fn(model, costs, calib, args):
+    """The K-mask loss of --forward / --scoring, with its statistics collected now."""
+    import functools
+
+    from pgprune.gating import FORWARDS, gathered_losses
+    from pgprune.metrics.calibration import collect_layer_stats
+    from pgprune.reconstruction import feature_means, reconstruct
+
+    if args.scoring == "none":
+        return FORWARDS[args.forward]
+    stats = collect_layer_stats(model, calib, covariance=args.scoring == "lsq", progress=False)
+    if args.scoring == "bias":
+        return functools.partial(FORWARDS[args.forward], fill=feature_means(stats))
+    if args.forward != "gathered":
+        raise SystemExit("--scoring lsq needs --forward gathered")
+    return functools.partial(gathered_losses, refit=functools.partial(reconstruct, model, None, mode="lsq",
+                                                                      stats=stats, costs=costs))
 
 
 def _pg(model, costs, layout, pool, args, steps, seed):
@@ -57,7 +82,7 @@ def _pg(model, costs, layout, pool, args, steps, seed):
                         estimator=args.estimator)
     policy = copy.deepcopy(args.feature_policy) if args.feature_policy is not None else \
         UnitPolicy(layout.present.float() * (1 - args.sparsity), layout, costs, args.sparsity)
-    return run_policy_gradient(model, pool, policy, config, seed=seed, progress=False)
+    return run_policy_gradient(model, pool, policy, config, seed=seed, progress=False, loss_fn=args.loss_fn)
 
 
 def _plain(model, ids, k):
@@ -115,7 +140,7 @@ def measure_memory(args) -> dict:
         cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--dtype", args.dtype,
                "--k", str(args.k), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
                "--units", args.units, "--sparsity", str(args.sparsity), "--policy", args.policy,
-               "--estimator", args.estimator]
+               "--estimator", args.estimator, "--forward", args.forward, "--scoring", args.scoring]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
     out["ratio_peak"] = out["pg"]["peak_rss"] / out["plain"]["peak_rss"]
@@ -135,6 +160,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--policy", default="units", choices=["units", "features"])
     ap.add_argument("--estimator", default="paper", choices=list(ESTIMATORS))
+    ap.add_argument("--forward", default="gated", choices=["gated", "gathered"])
+    ap.add_argument("--scoring", default="none", choices=["none", "bias", "lsq"])
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--steps-per-block", type=int, default=3)
     ap.add_argument("--child", choices=["pg", "plain"], default=None, help=argparse.SUPPRESS)
@@ -150,10 +177,12 @@ def main() -> None:
              "ratio": memory["ratio_peak"], "target": 1.3}]
     print(table(rows, ["what", "pg", "plain", "ratio", "target"]))
     print(f"(K={args.k}, batch {args.batch_size} x {args.seqlen}, {args.dtype}, units {args.units}, "
-          f"policy {args.policy}, estimator {args.estimator}; "
+          f"policy {args.policy}, estimator {args.estimator}, {args.forward} forward, scoring {args.scoring}; "
           f"memory above the loaded model: ratio {memory['ratio_above_load']:.3f})")
-    tag = f"pg_step_cost_{args.dtype}" + ("" if args.policy == "units" else f"_{args.policy}")
-    save(tag, {"command": " ".join(sys.argv), "args": {k: v for k, v in vars(args).items() if k != "feature_policy"},
+    tag = f"pg_step_cost_{args.dtype}" + ("" if args.policy == "units" else f"_{args.policy}") + \
+        ("" if (args.forward, args.scoring) == ("gated", "none") else f"_{args.forward}_{args.scoring}")
+    save(tag, {"command": " ".join(sys.argv),
+               "args": {k: v for k, v in vars(args).items() if k not in ("feature_policy", "loss_fn")},
                "timing": timing, "memory": memory, "rows": rows})
 
 

@@ -141,6 +141,33 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
     assert plain["perplexity"]["init"][name] != pytest.approx(ppl["init"][name], rel=1e-3)
 
 
+def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, monkeypatch):
+    # --pg-reconstruct lsq: every sampled mask is scored on its own least-squares refit (gathered
+    # views); the start, the tracked masks and the final mask are refit the same way, and the
+    # exported model (--reconstruct lsq, from the same covariances: no further pass) scores the same.
+    root, text = workdir
+    name = f"text:{text}"
+    out = root / "pg-lsq"
+    import pgprune.metrics.calibration as calibration
+
+    passes = []
+    collect = calibration.collect_layer_stats
+    monkeypatch.setattr(calibration, "collect_layer_stats",
+                        lambda *a, **kw: passes.append(kw.get("covariance", False)) or collect(*a, **kw))
+    record = prune(_options(root, text, pg_reconstruct="lsq", reconstruct="lsq", forward="auto", steps=2,
+                            track_max_tokens=10**6), out, progress=False)
+    assert passes == [True]  # one covariance pass serves the loop and the final refit
+    assert record["execution"]["forward"] == "gathered" and record["reconstruction"]["mode"] == "lsq"
+    ppl = record["perplexity"]
+    assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)
+    model, tok = load_pruned(out / "model", dtype="fp32", device="cpu")
+    assert evaluate_perplexity(model, tok, name, seqlen=32).ppl == pytest.approx(ppl["pruned"][name], rel=1e-4)
+    with pytest.raises(ConfigError, match="--forward gathered"):
+        prune(_options(root, text, pg_reconstruct="lsq", forward="gated"), root / "bad-lsq", progress=False)
+
+
 @pytest.mark.parametrize("init,units", [("wanda-sp", "channel,head"), ("magnitude", "channel,head"),
                                         ("block-influence", "layer")])
 def test_feature_policy_pipeline(workdir, init, units, monkeypatch):

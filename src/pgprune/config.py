@@ -61,8 +61,9 @@ class PGSettings:
                                           "and shifted to the keep ratio; its hard mask is not the metric's)",
                                group=ADVANCED, choices=("sigmoid", "constant", "per-layer"))
     reconstruct: str = option("bias", "how each sampled mask is scored: on the bias-compensated model (FLAP's: "
-                                      "dropped features replaced by their calibration mean) or as masked (none)",
-                              flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias"))
+                                      "dropped features replaced by their calibration mean), as masked (none), or "
+                                      "least-squares refit (lsq: a solve per mask and layer, gathered forward)",
+                              flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias", "lsq"))
     steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
     lr: float = option(0.02, "learning rate (units: SGD on the probabilities; features: Adam's step size)",
                        type=float)
@@ -255,6 +256,9 @@ class RunSettings:
         if pg.steps < 0 or pg.batch_size < 1 or pg.lr < 0 or pg.eval_every < 1 or pg.baseline_window < 1:
             raise ConfigError("--steps must be >= 0, --batch-size >= 1, --lr >= 0, --eval-every >= 1 and the "
                               "baseline window >= 1")
+        if pg.reconstruct == "lsq" and self.execution.forward == "gated":
+            raise ConfigError("--pg-reconstruct lsq scores each sampled mask on its own refit pruned view: use "
+                              "--forward gathered (or auto), not gated")
         if pg.init_scale <= 0:
             raise ConfigError(f"--init-scale must be > 0, got {pg.init_scale}")
         if not 0.0 <= pg.floor < 0.5:

@@ -226,12 +226,13 @@ def masked_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
 
 @torch.no_grad()
 def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
-                    costs: UnitCosts | None = None, fill: dict[str, list] | None = None) -> torch.Tensor:
+                    costs: UnitCosts | None = None, fill: dict[str, list] | None = None, refit=None) -> torch.Tensor:
     """`masked_losses` computed the other way: for each of the K masks, gather the kept rows and
     columns into a pruned view of the model (`surgery.pruned_view`) and run the B rows through it.
     Does less arithmetic when many units are dropped but copies the kept weights of every sample
     (one pruned copy alive at a time); which is faster depends on the device: bench/gating_cost.py.
-    With `fill`, each view gets the matching compensation biases (the same function as `gated`)."""
+    With `fill`, each view gets the matching compensation biases (the same function as `gated`);
+    with `refit` (mask -> `reconstruction.Refit`), each view gets its own refit (least squares)."""
     from pgprune.lm_loss import token_nll
     from pgprune.reconstruction import compensation_biases
     from pgprune.surgery import pruned_view
@@ -245,8 +246,13 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     losses = []
     for j in range(stack.num_masks):
         mask = stack.select(j)
-        bias = None if fill is None else compensation_biases(adapter, fill, mask, costs)
-        losses.append(token_nll(pruned_view(model, mask, output_bias=bias), ids).mean())
+        if refit is not None:
+            r = refit(mask)
+            view = pruned_view(model, mask, output_bias=r.output_bias, input_weights=r.input_weights)
+        else:
+            view = pruned_view(model, mask, output_bias=None if fill is None else compensation_biases(adapter, fill,
+                                                                                                      mask, costs))
+        losses.append(token_nll(view, ids).mean())
     return torch.stack(losses).float()
 
 

@@ -52,14 +52,28 @@ class Session:
     forward: str  # the resolved --forward (gated | gathered)
 
     def ppl(self, tokens, masks: Masks | None = None, fill: dict | None = None, max_tokens=None,
-            max_windows: int | None = None) -> float:
-        """Perplexity (DESIGN.md protocol at the eval seqlen) of the model, gated by `masks` if given."""
-        with gated(self.model, masks, costs=self.costs, fill=fill) if masks is not None else contextlib.nullcontext():
+            max_windows: int | None = None, refit=None) -> float:
+        """Perplexity (DESIGN.md protocol at the eval seqlen) of the model, gated by `masks` if given:
+        mean-filled with `fill`, or refit by `refit(masks) -> reconstruction.Refit` (hooks)."""
+        from pgprune.reconstruction import refit_applied
+
+        if masks is None:
+            context = contextlib.nullcontext()
+        elif refit is not None:
+            context = refit_applied(self.model, masks, refit(masks), self.costs)
+        else:
+            context = gated(self.model, masks, costs=self.costs, fill=fill)
+        with context:
             return perplexity_of_tokens(self.model, tokens, seqlen=self.settings.eval.seqlen, max_tokens=max_tokens,
                                         max_windows=max_windows).ppl
 
-    def loss_fn(self, fill: dict | None = None):
-        """PG's K-mask loss (the resolved forward), mean-filled with `fill` when compensating."""
+    def loss_fn(self, fill: dict | None = None, refit=None):
+        """PG's K-mask loss (the resolved forward), mean-filled with `fill` when compensating, or on each
+        mask's refit pruned view (`refit(mask) -> Refit`, gathered forward only)."""
+        if refit is not None:
+            from pgprune.gating import gathered_losses
+
+            return functools.partial(gathered_losses, refit=refit)
         return functools.partial(FORWARDS[self.forward], fill=fill)
 
     def execution(self, world_size: int = 1) -> dict:
@@ -86,8 +100,10 @@ def load_session(settings: RunSettings) -> Session:
     model, tokenizer = load_model(settings.model, dtype=ex.dtype, device=ex.device)
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
-    return Session(settings, model, tokenizer, adapter, costs, UnitLayout.build(costs, settings.kinds),
-                   resolve_forward(ex.forward, next(model.parameters()).device))
+    forward = resolve_forward(ex.forward, next(model.parameters()).device)
+    if settings.method == "pg" and settings.pg.reconstruct == "lsq":
+        forward = "gathered"  # each sampled mask gets its own refit pruned view (validate() refused gated)
+    return Session(settings, model, tokenizer, adapter, costs, UnitLayout.build(costs, settings.kinds), forward)
 
 
 def start_policy(session: Session, metric, dense_stats=None) -> Policy:
@@ -190,8 +206,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     eval_tokens = {n: get_eval_tokens(session.tokenizer, n, "test", settings.data.data_dir)
                    for n in settings.eval_datasets}
 
-    def ppl_all(masks: Masks | None, fill: dict | None = None) -> dict:  # test perplexity, every --eval set
-        return {n: session.ppl(t, masks, fill, settings.eval.max_tokens, get_source(n).eval_max_windows)
+    def ppl_all(masks: Masks | None, fill: dict | None = None, refit=None) -> dict:  # test perplexity, every --eval set
+        return {n: session.ppl(t, masks, fill, settings.eval.max_tokens, get_source(n).eval_max_windows, refit=refit)
                 for n, t in eval_tokens.items()}
 
     record: dict = {"settings": settings.to_dict(), "execution": execution,
@@ -213,27 +229,37 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     masks = metric.masks if metric is not None else None
     dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric)
 
+    fill = refit_fn = cov_stats = None  # how PG scores a mask: mean fill (bias) or its own refit (lsq)
+    scored = {"bias": " (compensated)", "lsq": " (least-squares refit)"}.get(settings.pg.reconstruct, "") \
+        if pg_run else ""
     if pg_run:
         from pgprune.reconstruction import feature_means
 
-        fill = feature_means(dense_stats()) if settings.pg.reconstruct == "bias" else None
+        if settings.pg.reconstruct == "bias":
+            fill = feature_means(dense_stats())
+        elif settings.pg.reconstruct == "lsq":  # every layer's dense input covariances, kept for the whole run
+            from pgprune.metrics.calibration import collect_layer_stats
+
+            cov_stats = collect_layer_stats(model, calib[:METRIC_NSAMPLES], batch_size=settings.execution.metric_batch_size,
+                                            covariance=True, progress=progress)
+            refit_fn = functools.partial(reconstruct, model, None, mode="lsq", damp=settings.reconstruct_damp,
+                                         stats=cov_stats, costs=costs)  # mask -> its Refit
         masks, pg_info, init_masks = _run_pg(session, calib, metric, out_folder, resume, progress, dense_stats,
-                                             world, fill)
+                                             world, fill, refit_fn)
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
-        ppl["init"] = ppl_all(init_masks, fill)
-        _print_ppl("start" + (" (compensated)" if fill else ""), ppl["init"])
-    else:
-        fill = None
-    ppl["gated"] = ppl_all(masks, fill)
-    _print_ppl("final (gated" + (", compensated)" if fill else ")"), ppl["gated"])
+        ppl["init"] = ppl_all(init_masks, fill, refit_fn)
+        _print_ppl("start" + scored, ppl["init"])
+    ppl["gated"] = ppl_all(masks, fill, refit_fn)
+    _print_ppl("final (gated" + scored + ")", ppl["gated"])
 
     # the final refit: dense means of the calibration windows PG's mean fill used (bias), or a
-    # layer-by-layer least-squares pass on them (lsq)
+    # layer-by-layer least-squares pass on them (lsq; none when PG kept the covariances)
+    reuse = dense_stats() if settings.reconstruct == "bias" else cov_stats
     refit = reconstruct(model, calib[:METRIC_NSAMPLES], masks, settings.reconstruct,
                         inputs=settings.reconstruct_inputs, damp=settings.reconstruct_damp,
-                        stats=dense_stats() if settings.reconstruct == "bias" else None,
+                        stats=reuse if settings.reconstruct_inputs == "dense" else None,
                         batch_size=settings.execution.metric_batch_size, progress=progress, costs=costs)
     record["reconstruction"] = refit.info
     # surgery adds a bias vector per compensated block without one: counted beside the mask's parameters
@@ -270,7 +296,8 @@ class _OutFolder:
         return self.path
 
 
-def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, progress, dense_stats, world, fill):
+def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, progress, dense_stats, world, fill,
+            refit=None):
     from pgprune.policy.loop import run_policy_gradient
 
     settings, out = session.settings, out_folder.path
@@ -284,7 +311,7 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
     track_tokens = get_eval_tokens(session.tokenizer, track, split, settings.data.data_dir)
 
     def eval_fn(masks: Masks) -> float:
-        return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens)
+        return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens, refit=refit)
 
     fingerprint = {"settings": settings.resume_fingerprint(), "nsamples": int(calib.shape[0]),
                    "dtype": str(next(session.model.parameters()).dtype), "forward": session.forward}
@@ -294,7 +321,7 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
         out_folder()
     result = run_policy_gradient(session.model, calib, policy, settings.pg, seed=settings.seed, out_dir=out,
                                  eval_fn=eval_fn, fingerprint=fingerprint, resume=resume, progress=progress,
-                                 world=world, tensorboard=tensorboard, loss_fn=session.loss_fn(fill))
+                                 world=world, tensorboard=tensorboard, loss_fn=session.loss_fn(fill, refit))
     if world.is_main:
         run_folder.save_probabilities(out, session.layout.split(result.probs))
     info = {"policy": policy.describe(), "start_sparsity": policy.sparsity, "skipped_steps": result.skipped_steps,

@@ -214,11 +214,16 @@ class _RefitBuilder:
             self.last_kept = i
 
 
+def _holds_covariance(stats) -> bool:
+    return any(fs is not None and fs.comoment is not None for st in stats for fs in (st.attn_in, st.mlp_in))
+
+
 def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str = "lsq", *, inputs: str = "dense",
                 damp: float = DEFAULT_DAMP, stats=None, batch_size: int = 8, progress: bool = True,
                 costs: UnitCosts | None = None) -> Refit:
     """The `Refit` of `masks` (one mask) under `mode` (none | bias | lsq) from the calibration windows
-    `calib_ids`; `stats`: dense `collect_layer_stats` results to reuse for mode bias (means only).
+    `calib_ids`; `stats`: dense `collect_layer_stats` results to reuse with inputs dense (for lsq they
+    must hold covariances: `collect_layer_stats(..., covariance=True)`; then no pass runs).
     Memory: lsq holds one layer's input covariances at a time (in_features^2 float64 per projection)."""
     from pgprune.metrics.calibration import LayerEdit, collect_layer_stats
 
@@ -236,7 +241,7 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     eff = masks.to("cpu").effective(costs)
     builder = _RefitBuilder(costs.num_layers, adapter.hidden_size)
     info = {"mode": mode, "inputs": inputs if mode == "lsq" else "dense", "damp": damp if mode == "lsq" else None}
-    if mode == "bias" and inputs == "dense" and stats is not None:
+    if inputs == "dense" and stats is not None and (mode == "bias" or _holds_covariance(stats)):
         for i in range(costs.num_layers):
             inputs_i = {"attn": stats[i].attn_in, "mlp": stats[i].mlp_in}
             builder.add(i, bool(eff["layer"][i]), layer_refit(adapter, i, inputs_i, eff["head"][i], eff["channel"][i],
