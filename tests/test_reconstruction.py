@@ -199,6 +199,15 @@ def test_sequential_refit_reads_the_model_refit_so_far():
             assert not torch.allclose(refit.input_weights[block][i], dense_refit.input_weights[block][i])
 
 
+def test_least_squares_needs_partly_pruned_projections():
+    from pgprune.config import RunSettings
+
+    for overrides in ({"reconstruct": "lsq"}, {"pg.reconstruct": "lsq"}):
+        with pytest.raises(ConfigError, match="--reconstruct bias"):
+            RunSettings.from_recipe("features", {"units": "layer", "pg.init": "block-influence", **overrides}).validate()
+    RunSettings.from_recipe("features", {"units": "channel,layer", "reconstruct": "lsq"}).validate()
+
+
 def test_bad_reconstruction_input():
     model = make_model("llama")
     costs = costs_of(model)

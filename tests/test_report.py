@@ -256,15 +256,18 @@ def test_report_shows_the_pg_settings_and_the_selected_step(pg_run):
         assert f"| {label} | {value} |" in md
 
 
-def test_export_check_counts_the_compensation_biases(workdir):
-    # a compensated run exports a bias vector per compensated block: the check must expect them
+@pytest.mark.parametrize("reconstruct", ["bias", "lsq"])
+def test_export_check_counts_the_compensation_biases(workdir, reconstruct):
+    # a compensated (or refit) run exports a bias vector per refit block: the check must expect them
     root, text = workdir
-    out = root / "run_pg_compensated"
+    out = root / f"run_pg_{reconstruct}"
     prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="magnitude", steps=2,
                        eval_every=2, units="channel,head", sparsity=0.3, calib=f"text:{text}", eval=f"text:{text}",
                        nsamples=16, seqlen=32, eval_seqlen=32, eval_max_tokens=256, track_max_tokens=256,
-                       batch_size=4, dtype="fp32", device="cpu", pg_reconstruct="bias", reconstruct="bias"), out, progress=False)
+                       batch_size=4, dtype="fp32", device="cpu", pg_reconstruct="bias", reconstruct=reconstruct), out,
+          progress=False)
     rep = write_report(out)
+    assert f"- **Reconstruction**: {reconstruct}" in (out / "report.md").read_text()
     run = json.loads((out / "run.json").read_text())
     assert run["bias_params_added"] > 0
     assert rep["export_check"]["ok"] is True, rep["export_check"]["problems"]

@@ -237,6 +237,11 @@ class RunSettings:
             raise ConfigError("--seqlen and --eval-seqlen must be >= 1")
         if self.reconstruct_damp < 0:
             raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
+        lsq = self.reconstruct == "lsq" or (self.method == "pg" and self.pg.reconstruct == "lsq")
+        if lsq and not {"channel", "head"} & set(kinds):
+            raise ConfigError(f"least squares refits the kept columns of partly pruned o_proj / down_proj; --units "
+                              f"{self.units} only removes whole blocks or layers, which keep nothing to refit: use "
+                              "--reconstruct bias (and --pg-reconstruct bias)")
         if self.data.nsamples is not None and self.data.nsamples < 1:
             raise ConfigError(f"--nsamples must be >= 1, got {self.data.nsamples}")
         for name in [self.data.calib, *self.eval_datasets, *([self.eval.track] if self.eval.track else [])]:

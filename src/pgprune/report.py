@@ -32,8 +32,8 @@ SCHEMA = "pgprune.report/1"
 STAGES = {
     "dense": "dense model",
     "init": "PG start: the initial (metric) mask, gated",
-    "gated": "final mask, gated (weights untouched)",
-    "pruned": "exported pruned model (after surgery)",
+    "gated": "final mask, gated (weights untouched; PG: scored as its loop scored masks)",
+    "pruned": "exported pruned model (after the reconstruction and surgery)",
 }
 KIND_LABEL = {"head": "KV-head groups", "channel": "MLP channels", "attn": "attention blocks",
               "mlp": "MLP blocks", "layer": "layers"}
@@ -134,6 +134,7 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
                                 "split": proto.get("split", "test"),
                                 "window_caps": _window_caps(record["perplexity"])},
         "calibration": {"source": o["data"]["calib"], "nsamples": o["data"]["nsamples"], "seqlen": o["data"]["seqlen"]},
+        "reconstruction": record.get("reconstruction"),
         "wall_seconds": record.get("seconds"),
         "machine": record.get("machine", {}),
         "pg": None,
@@ -367,6 +368,10 @@ def _markdown(s: dict) -> str:
               f"- **Calibration**: {s['calibration']['source']}, {s['calibration']['nsamples'] or 'default'} "
               f"windows of {s['calibration']['seqlen']} tokens",
               f"- **Wall time**: {_num(s['wall_seconds'], '.1f')} s for the whole run"]
+    rec = s.get("reconstruction")
+    if rec:
+        extra = "" if rec.get("mode") != "lsq" else f", {rec.get('inputs')} inputs, damping {rec.get('damp')}"
+        lines.append(f"- **Reconstruction**: {rec.get('mode')}{extra}")
     if s.get("metric"):
         mt = s["metric"]
         lines.append(f"- **Metric{' init' if s['pg'] else ''}**: {mt['method']}, {mt['allocation']} allocation, "
