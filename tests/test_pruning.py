@@ -66,6 +66,27 @@ def test_pg_pipeline_exports_the_model_it_evaluated(workdir):
     assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)
 
 
+def test_a_run_reads_each_text_once(workdir, monkeypatch, tmp_path):
+    # the check before loading reads the calibration / evaluation / tracking text; the run then
+    # tokenises the same documents without reading the file again
+    import pgprune.data as data
+
+    root, text = workdir
+    reads = []
+    loader = data._load_text_file
+
+    def counting(path):
+        load = loader(path)
+        return lambda split, root: reads.append(split) or load(split, root)
+
+    monkeypatch.setattr(data, "_load_text_file", counting)
+    prune(_options(root, text, steps=1), tmp_path / "once", progress=False)
+    assert len(reads) == 1
+    data.load_documents(f"text:{text}", "test")  # outside a run nothing is kept
+    data.load_documents(f"text:{text}", "test")
+    assert len(reads) == 3
+
+
 def test_existing_folder_needs_resume_or_overwrite(workdir):
     root, text = workdir
     out = root / "busy"

@@ -21,6 +21,7 @@ evaluation set. A single local file (`text:PATH`) serves every split, held-out i
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import html
@@ -292,10 +293,37 @@ def get_source(name: str) -> TextSource:
     return SOURCES[name]
 
 
+_READ_ONCE: dict | None = None  # (source, stored split, data folder) -> documents, while read_once() is active
+
+
+@contextlib.contextmanager
+def read_once():
+    """Within this block each stored split of a source is read from disk once (`train` and `heldout`
+    share one read): a run checks its files before loading the model and reads them again to
+    tokenise. The documents are held until the block ends, so end it once the text is tokenised."""
+    global _READ_ONCE
+    outer = _READ_ONCE
+    _READ_ONCE = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _READ_ONCE = outer
+
+
+def _stored_documents(src: TextSource, split: str, root: Path | None) -> list[str]:
+    if _READ_ONCE is None:
+        return src.load(split, root)
+    # a local file serves every split: one read
+    key = (src.name, "any" if src.name.startswith("text:") else split, None if root is None else str(root))
+    if key not in _READ_ONCE:
+        _READ_ONCE[key] = src.load(split, root)
+    return _READ_ONCE[key]
+
+
 def load_documents(source: str, split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
     src = get_source(source)
     split = _normalise_split(split)
-    docs = src.load("train" if split == "heldout" else split, resolve_data_dir(data_dir))
+    docs = list(_stored_documents(src, "train" if split == "heldout" else split, resolve_data_dir(data_dir)))
     if split in ("train", "heldout") and not source.startswith("text:"):
         held = split == "heldout"
         docs = [d for i, d in enumerate(docs) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]

@@ -29,7 +29,7 @@ import torch
 
 from pgprune import run_folder
 from pgprune.config import RunSettings, differences
-from pgprune.data import get_calibration_windows, get_eval_tokens, get_source, load_documents
+from pgprune.data import get_calibration_windows, get_eval_tokens, get_source, load_documents, read_once
 from pgprune.errors import CheckpointError, ConfigError
 from pgprune.evaluate.perplexity import perplexity_of_tokens
 from pgprune.gating import FORWARDS, gated
@@ -143,15 +143,17 @@ def prune(settings: RunSettings, out_dir: str | Path, *, resume: bool = False, o
 
     world = world or World()
     out = Path(out_dir)
-    _check_before_loading(settings, out, resume, overwrite, world)
-    fresh = not out.exists() or not any(out.iterdir())
-    try:
-        return _prune(settings, out, resume, overwrite, progress, world)
-    except BaseException:
-        # nothing worth keeping (no checkpoint to resume, no finished run): leave no folder behind
-        if world.is_main and fresh and out.exists() and not run_folder.worth_keeping(out):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with contextlib.ExitStack() as reading:  # the documents the check reads serve the tokenising too
+        reading.enter_context(read_once())
+        _check_before_loading(settings, out, resume, overwrite, world)
+        fresh = not out.exists() or not any(out.iterdir())
+        try:
+            return _prune(settings, out, resume, overwrite, progress, world, done_reading=reading.close)
+        except BaseException:
+            # nothing worth keeping (no checkpoint to resume, no finished run): leave no folder behind
+            if world.is_main and fresh and out.exists() and not run_folder.worth_keeping(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwrite: bool, world) -> None:
@@ -178,7 +180,8 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
         load_documents(name, split, settings.data.data_dir)
 
 
-def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, progress: bool, world) -> dict:
+def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, progress: bool, world,
+           done_reading=lambda: None) -> dict:
     from pgprune.export import save_pruned
     from pgprune.metrics.pipeline import run_metric
     from pgprune.reconstruction import bias_params_added, reconstruct
@@ -219,6 +222,12 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
 
     calib = get_calibration_windows(session.tokenizer, settings.data.calib, settings.pool_size(world.size),
                                     settings.data.seqlen, seed=settings.seed, data_dir=settings.data.data_dir)
+    track_tokens = None
+    if pg_run:  # the periodic evaluation (and --select best) reads held-out calibration text by default:
+        # never the test split, and not the evaluation set's domain unless --track asks for it
+        track_tokens = get_eval_tokens(session.tokenizer, settings.track_dataset, settings.track_split,
+                                       settings.data.data_dir)
+    done_reading()  # every text is tokenised: let the documents go
     metric_name = settings.pg.init if pg_run else settings.method
     metric = None
     if metric_name != "constant":
@@ -244,8 +253,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                             covariance=True, progress=progress)
             refit_fn = functools.partial(reconstruct, model, None, mode="lsq", damp=settings.reconstruct_damp,
                                          stats=cov_stats, costs=costs)  # mask -> its Refit
-        masks, pg_info, init_masks = _run_pg(session, calib, metric, out_folder, resume, progress, dense_stats,
-                                             world, fill, refit_fn)
+        masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume, progress,
+                                             dense_stats, world, fill, refit_fn)
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
@@ -296,8 +305,8 @@ class _OutFolder:
         return self.path
 
 
-def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, progress, dense_stats, world, fill,
-            refit=None):
+def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolder, resume, progress, dense_stats,
+            world, fill, refit=None):
     from pgprune.policy.loop import run_policy_gradient
 
     settings, out = session.settings, out_folder.path
@@ -305,10 +314,7 @@ def _run_pg(session: Session, calib, metric, out_folder: _OutFolder, resume, pro
     # the start: the metric's mask, except where the start is not built to be it (--init constant, per-layer)
     init_masks = metric.masks if metric is not None and settings.pg.init_mapping != "per-layer" else policy.hard_mask()
     print(f"[pgprune] policy gradient: {policy.describe()}, budget sparsity {policy.sparsity:.4f}")
-    # The periodic evaluation (and --select best) reads held-out calibration text by default: never
-    # the test split, and not the evaluation set's domain unless --track asks for it.
     track, split = settings.track_dataset, settings.track_split
-    track_tokens = get_eval_tokens(session.tokenizer, track, split, settings.data.data_dir)
 
     def eval_fn(masks: Masks) -> float:
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens, refit=refit)
