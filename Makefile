@@ -9,10 +9,28 @@ export PGPRUNE_CACHE ?= $(CURDIR)/.cache/pgprune
 # ../shared/data holds WikiText-2 / PTB / C4 / zero-shot files where available (CI and our machines).
 DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 PYTEST_ARGS ?=
+# llama.cpp (the optional extra pgprune[llamacpp]) for the GGUF tests and `eval --engine llama.cpp`:
+# built from the pinned sdist with portable AVX2 kernels. The default native build (-march=native plus
+# every optional part) segfaulted on its first eval on an AVX512/AMX CPU; this one runs there and on
+# AVX2-only CPUs. LLAMACPP=0 skips it (the llama.cpp tests then skip and say why).
+LLAMACPP ?= 1
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup demo test clean
+.PHONY: setup llamacpp demo test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(if $(filter 1,$(LLAMACPP)),$(VENV)/.llamacpp)
+
+# the wheel is cached in PGPRUNE_CACHE/wheels: a rebuilt venv reuses it instead of compiling again
+llamacpp: $(VENV)/.llamacpp
+$(VENV)/.llamacpp: $(VENV)/.installed
+	@if ls $(PGPRUNE_CACHE)/wheels/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1; then :; else \
+		echo "building llama-cpp-python $(LLAMACPP_VERSION) from source (portable AVX2 build, several minutes)"; \
+		CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-binary llama-cpp-python \
+			-w $(PGPRUNE_CACHE)/wheels llama-cpp-python==$(LLAMACPP_VERSION); fi
+	$(PY) -m pip install -q $(PGPRUNE_CACHE)/wheels/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -287,3 +287,29 @@ def test_load_pruned_with_a_malformed_record_names_the_file(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=r"(?s)config\.json has a malformed.*layers\[0\]: 'num_key_value_heads'"):
         load_pruned(folder, dtype="fp32", device="cpu")
+
+
+def test_per_layer_config_for_stock_transformers(exported):
+    """config.json also carries transformers' per_layer_config convention: the stock config class
+    (no remote code) reads the true per-layer widths; the remote code still loads the folder."""
+    from transformers import AutoConfig
+
+    root, ids, out = exported
+    item = out["llama"]
+    cfg = AutoConfig.from_pretrained(item["folder"])  # no trust_remote_code
+    assert cfg.is_heterogeneous
+    model = item["model"]
+    adapter = get_adapter(model)
+    assert len(cfg.per_layer_config) == adapter.num_layers
+    for i, layer_cfg in enumerate(cfg.per_layer_config):
+        kv, ch = adapter.num_kv_heads(i), adapter.intermediate_size(i)
+        skip = set(getattr(layer_cfg, "skip", []))
+        assert ("self_attn" in skip) == (kv == 0) and ("mlp" in skip) == (ch == 0)
+        if kv:
+            assert layer_cfg.num_key_value_heads == kv and layer_cfg.num_attention_heads == kv * adapter.queries_per_kv
+        if ch:
+            assert layer_cfg.intermediate_size == ch
+    # global attributes stay the dense ones (what our remote code and older tools read)
+    assert cfg.intermediate_size == model.config.pgprune["dense"]["intermediate_size"]
+    reloaded, _ = load_pruned(item["folder"], dtype="fp32", device="cpu")
+    assert (logits(reloaded, ids) - item["logits"]).abs().max() <= 1e-4

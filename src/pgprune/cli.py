@@ -52,6 +52,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--speed", action="store_true",
                    help="also measure prefill / decode speed and memory (batch 1, 128-token prompt, "
                         "32 decode steps; see `pgprune bench` for options)")
+    p.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"],
+                   help="torch (default): pgprune's PyTorch forward; llama.cpp: score a .gguf file with "
+                        "llama.cpp's own forward (needs pgprune[llamacpp]; perplexity only), same windows")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="--engine llama.cpp: tokenize with this model's Hugging Face tokenizer (folder, hub id "
+                        "or smollm2-135m), giving exactly the tokens of `pgprune eval MODEL` (default: the "
+                        "tokenizer inside the GGUF)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--engine llama.cpp: CPU threads (default: all cores)")
     _add_common_model_options(p)
     _add_common_data_options(p)
 
@@ -62,6 +71,12 @@ def _run_eval(args) -> int:
     from pgprune import atomic
     from pgprune.evaluate.record import evaluation_record
 
+    if args.engine == "llama.cpp":
+        return _run_eval_llamacpp(args)
+    if args.tokenizer is not None or args.threads is not None:
+        from pgprune.errors import ConfigError
+
+        raise ConfigError("--tokenizer and --threads belong to --engine llama.cpp")
     if args.tasks is not None:  # check the options before loading the model
         from pgprune.evaluate.zeroshot import _check_limit, parse_tasks
 
@@ -93,6 +108,79 @@ def _run_eval(args) -> int:
         atomic.write_json(args.json_out, evaluation_record(
             args.model, perplexity=[r.to_dict() for r in results] if ppl_names else None,
             zeroshot=zeroshot, speed=speed))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def _run_eval_llamacpp(args) -> int:
+    from pathlib import Path
+
+    from pgprune import atomic
+    from pgprune.errors import ConfigError, ModelLoadError
+    from pgprune.evaluate.llamacpp import evaluate_perplexity_llamacpp, require_llama_cpp
+    from pgprune.evaluate.perplexity import format_ppl_table
+    from pgprune.evaluate.record import evaluation_record
+
+    if args.tasks is not None or args.speed:
+        raise ConfigError("--engine llama.cpp measures perplexity only; drop --tasks / --speed (for llama.cpp "
+                          "speed see bench/llamacpp_speed.py)")
+    if Path(args.model).suffix != ".gguf" or not Path(args.model).is_file():
+        raise ModelLoadError(f"--engine llama.cpp evaluates a .gguf file; {args.model} is not one (write one with "
+                             "`pgprune export MODEL --format gguf --out FILE.gguf`)")
+    require_llama_cpp()
+    tokenizer = None
+    if args.tokenizer is not None:
+        from pgprune.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    ppl_names = [] if args.ppl.strip().lower() == "none" else [n.strip() for n in args.ppl.split(",") if n.strip()]
+    results, tok_name = [], None
+    for name in ppl_names:
+        res, tok_name = evaluate_perplexity_llamacpp(args.model, name, split=args.split, seqlen=args.seqlen,
+                                                     max_tokens=args.max_tokens, data_dir=args.data_dir,
+                                                     tokenizer=tokenizer, threads=args.threads, progress=True)
+        results.append(res)
+    if results:
+        print(format_ppl_table(f"{args.model} (llama.cpp, tokenizer: {args.tokenizer or 'the GGUF'})", results))
+    if args.json_out:
+        atomic.write_json(args.json_out, evaluation_record(
+            args.model, perplexity=[dict(r.to_dict(), engine="llama.cpp", tokenizer=args.tokenizer or tok_name)
+                                    for r in results]))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+# --- export -----------------------------------------------------------------------------------
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a pruned (or dense) model as GGUF for llama.cpp / Ollama",
+                       description="Write MODEL (a pruned folder, a dense folder, hub id, .gguf file or smollm2-135m) "
+                                   "as a GGUF file of llama.cpp's `deci` architecture: per-layer head, KV-head and "
+                                   "FFN-width arrays, removed layers dropped, the tokenizer carried over. Written "
+                                   "atomically.")
+    p.add_argument("model", metavar="PRUNED_FOLDER_OR_MODEL")
+    p.add_argument("--format", default="gguf", choices=["gguf"],
+                   help="gguf (llama.cpp); the Hugging Face folder is what `prune` / `apply` write")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="weight type of the matrices (default f16); q8_0 needs row lengths that are multiples "
+                        "of 32. Norms and biases stay f32")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--tokenizer-from", default=None, metavar="GGUF_OR_FOLDER",
+                   help="take the tokenizer from this .gguf file or Hugging Face folder (default: the GGUF the "
+                        "model came from where its provenance says so, else the folder's tokenizer files)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", dest="json_out", default=None, help="write the export summary as JSON here")
+
+
+def _run_export(args) -> int:
+    from pgprune import atomic
+    from pgprune.gguf_export import export_gguf, format_gguf_summary
+
+    summary = export_gguf(args.model, args.out, outtype=args.outtype, tokenizer_from=args.tokenizer_from,
+                          overwrite=args.overwrite)
+    print(format_gguf_summary(summary))
+    print(f"wrote {args.out} (run it: llama-cli -m {args.out}, or `pgprune eval {args.out} --engine llama.cpp`)")
+    if args.json_out:
+        atomic.write_json(args.json_out, {"model": args.model, **summary})
         print(f"wrote {args.json_out}")
     return 0
 
@@ -329,6 +417,7 @@ COMMANDS = [
     ("eval", _add_eval, _run_eval),
     ("bench", _add_bench, _run_bench),
     ("apply", _add_apply, _run_apply),
+    ("export", _add_export, _run_export),
     ("info", _add_info, _run_info),
     ("report", _add_report, _run_report),
 ]

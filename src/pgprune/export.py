@@ -102,6 +102,9 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, masks: Masks |
         class_name = type(model).__name__
         cfg["architectures"] = [class_name]
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
+        for key in ("per_layer_config", "allow_global_per_layer_attribute_access"):  # stale after more pruning
+            cfg.pop(key, None)
+        cfg.update(per_layer_config(model))
         atomic.write_json(cfg_path, cfg)
         if masks is not None:
             masks.save(tmp / MASKS_FILE)
@@ -116,6 +119,39 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, masks: Masks |
             "extra": extra or {},
         })
     return out_dir
+
+
+def per_layer_config(model: nn.Module) -> dict:
+    """transformers' heterogeneous-config convention for the pruned widths: `per_layer_config`, a
+    sparse map from kept-layer index to the attributes that differ from the dense config
+    (`intermediate_size`, `num_key_value_heads`, `num_attention_heads`; a removed block is listed in
+    `skip` by its module name instead), so that the stock config class reads the true per-layer
+    widths (`AutoConfig.from_pretrained(folder).per_layer_config[i]`). The global attributes stay the
+    dense ones, and `allow_global_per_layer_attribute_access` lets code that reads them (our remote
+    code, older tools) keep working. Empty for a model whose layers all have the dense widths."""
+    adapter = get_adapter(model)
+    record = read_structure(model)
+    roles = record.roles if record is not None else pm.DEFAULT_ROLES
+    dense_kv, g, dense_ch = adapter.dense_num_kv_heads, adapter.queries_per_kv, adapter.dense_intermediate_size
+    out = {}
+    for i in range(adapter.num_layers):
+        kv, ch = adapter.num_kv_heads(i), adapter.intermediate_size(i)
+        d, skip = {}, []
+        if kv == 0:
+            skip.append(roles["attn"])
+        elif kv != dense_kv:
+            d.update(num_key_value_heads=kv, num_attention_heads=kv * g)
+        if ch == 0:
+            skip.append(roles["mlp"])
+        elif ch != dense_ch:
+            d["intermediate_size"] = ch
+        if skip:
+            d["skip"] = skip
+        if d:
+            out[str(i)] = d
+    if not out:
+        return {}
+    return {"per_layer_config": out, "allow_global_per_layer_attribute_access": True}
 
 
 def inspect_model(name: str) -> dict:

@@ -245,6 +245,8 @@ def remove_units(model: nn.Module, masks: Masks, *, output_bias: dict[str, torch
         _check_cache_slots(kept_types, new_layers)
     for i in reversed(removed):
         del layers[i]  # ModuleList renumbers the rest
+    if getattr(config, "is_heterogeneous", False):
+        config.per_layer_config = None  # transformers' per-layer widths of the input: save_pruned writes new ones
     config.num_hidden_layers = len(layers)
     if layer_types is not None:
         config.layer_types = kept_types

@@ -49,20 +49,17 @@ def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-@torch.no_grad()
-def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
-                         max_tokens: int | None = None, max_windows: int | None = None,
-                         progress: bool = False, dataset: str = "tokens", split: str = "") -> PerplexityResult:
-    """Perplexity of a [1, N] token stream under `model`."""
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_tokens: int | None = None, max_windows: int | None = None,
+                 context: int | None = None, dataset: str = "tokens") -> tuple[torch.Tensor, int]:
+    """The protocol's windows of a [1, N] token stream: (LongTensor [n, seqlen], N available).
+    Non-overlapping, remainder dropped, only the first `max_tokens` / `max_windows` when given.
+    Every engine (torch here, llama.cpp in pgprune.evaluate.llamacpp) scores these same windows."""
     if seqlen < 2:
         raise ConfigError(f"seqlen must be at least 2 (got {seqlen})")
-    ctx = _context_length(model)
-    if ctx is not None and seqlen > ctx:
-        raise ConfigError(f"seqlen {seqlen} is larger than the model's context ({ctx} tokens)")
+    if context is not None and seqlen > context:
+        raise ConfigError(f"seqlen {seqlen} is larger than the model's context ({context} tokens)")
     if max_tokens is not None and max_tokens < seqlen:
         raise ConfigError(f"--max-tokens {max_tokens} is smaller than one window of {seqlen} tokens")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be positive (got {batch_size})")
     stream = tokens.reshape(-1)
     available = stream.numel()
     usable = available if max_tokens is None else min(available, max_tokens)
@@ -71,7 +68,18 @@ def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int = 128, batch_s
         n = min(n, max_windows)
     if n == 0:
         raise DataError(f"{dataset}: {available} tokens is less than one window of {seqlen}")
-    windows = stream[: n * seqlen].view(n, seqlen)
+    return stream[: n * seqlen].view(n, seqlen), available
+
+
+@torch.no_grad()
+def perplexity_of_tokens(model, tokens: torch.Tensor, seqlen: int = 128, batch_size: int = 8,
+                         max_tokens: int | None = None, max_windows: int | None = None,
+                         progress: bool = False, dataset: str = "tokens", split: str = "") -> PerplexityResult:
+    """Perplexity of a [1, N] token stream under `model`."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive (got {batch_size})")
+    windows, available = eval_windows(tokens, seqlen, max_tokens, max_windows, _context_length(model), dataset)
+    n = windows.shape[0]
     device = execution_device(model.get_input_embeddings())
     total = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()

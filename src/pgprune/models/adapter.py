@@ -248,6 +248,24 @@ class ModelAdapter(ABC):
                 total += p.numel()
         return total
 
+    # --- GGUF (llama.cpp) -------------------------------------------------------------------
+    def gguf_unsupported(self) -> str | None:
+        """Why pgprune's GGUF writer (`pgprune.gguf_export`, llama.cpp's `deci` graph: pre-norm
+        RMSNorm layers, rotary attention with optional q/k/v/o biases, SiLU-gated MLP) cannot
+        represent this model, or None when it can. A family that fits overrides this and
+        `gguf_rope_halves`."""
+        return (f"pgprune writes GGUF files for the LLaMA layout only; model_type={self.config.model_type!r} "
+                "has no GGUF mapping")
+
+    def gguf_hparams(self) -> dict:
+        """{"context_length", "rms_norm_eps", "rope_theta"} for the GGUF header (LLaMA layout only)."""
+        raise UnsupportedModelError(f"cannot write this model as GGUF: {self.gguf_unsupported()}")
+
+    #: True when the family's rotary embedding pairs dimension j with j + head_dim/2 of each head
+    #: (transformers' rotate_half); llama.cpp's `deci` pairs 2j with 2j+1, so the q/k rows of each
+    #: head are reordered on export.
+    gguf_rope_halves: ClassVar[bool] = True
+
     def describe(self) -> dict:
         return {
             "model_type": self.config.model_type,

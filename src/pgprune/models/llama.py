@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pgprune.errors import UnsupportedModelError
 from pgprune.models.adapter import LayerModules, ModelAdapter, register_adapter
 
 
@@ -49,3 +50,30 @@ class LlamaFamilyAdapter(ModelAdapter):
             input_norm=layer.input_layernorm,
             post_attention_norm=layer.post_attention_layernorm,
         )
+
+    def gguf_unsupported(self) -> str | None:
+        # llama.cpp's `deci` graph is Llama's: RMSNorm, SiLU-gated MLP, full causal attention with
+        # rotary embeddings (plain theta) and optional q/k/v/o and MLP biases. Mistral / Qwen2 add
+        # sliding windows, Qwen3 q/k norms: not written (yet).
+        cfg = self.config
+        if cfg.model_type != "llama":
+            return (f"pgprune writes GGUF (llama.cpp's deci architecture) for model_type 'llama' only; this model "
+                    f"is {cfg.model_type!r}")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            return f"hidden_act={cfg.hidden_act!r}; llama.cpp's deci graph computes SiLU-gated MLPs only"
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if rope_type != "default":
+            return (f"rope_type={rope_type!r}; the GGUF writer handles plain rotary embeddings (rope_type "
+                    "'default') only")
+        return None
+
+    def gguf_hparams(self) -> dict:
+        reason = self.gguf_unsupported()
+        if reason is not None:
+            raise UnsupportedModelError(f"cannot write this model as GGUF: {reason}")
+        cfg = self.config
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        return {"context_length": int(cfg.max_position_embeddings), "rms_norm_eps": float(cfg.rms_norm_eps),
+                "rope_theta": float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))}

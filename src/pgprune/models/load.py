@@ -191,6 +191,18 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", devi
     return model, tokenizer
 
 
+def load_tokenizer(name: str):
+    """The Hugging Face tokenizer of a model name (hub id, folder, .gguf file, smollm2-135m) alone."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = resolve_model_source(name)
+    kwargs.pop("_alias", None)
+    try:
+        return _with_pad_token(AutoTokenizer.from_pretrained(source, **kwargs))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r} ({type(e).__name__}: {str(e)[:300]})") from e
+
+
 def load_model(name: str, dtype: str | torch.dtype | None = "auto", device: str | None = None,
                trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer, in eval mode. Returns (model, tokenizer).
