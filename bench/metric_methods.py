@@ -156,17 +156,19 @@ def main(argv=None) -> int:
                              "rss_growth_mb": (mem.peak - mem.start) / 2**20}
     print(f"dense calibration statistics: {calib_s:.1f} s, peak RSS {mem.peak / 2**20:.0f} MB", flush=True)
 
-    def run_cell(cell, model, calib, stats, kinds, alloc, s, recon) -> None:
+    def run_cell(cell, model, calib, stats, kinds, alloc, s, recon, masked: dict) -> None:
         method = cell["method"]
         mode, _, inputs = recon.partition(":")
         try:
-            with PeakRSS() as mem:
-                t = time.perf_counter()
-                r = _FileMask(cell["mask_file"], adapter) if "mask_file" in cell else \
-                    run_metric(model, calib, method, s, kinds, alloc, batch_size=args.calib_batch,
-                               seed=args.seed, progress=False, bias_compensation=False,
-                               stats=None if _walks(method, alloc, kinds) else stats)
-                method_s = time.perf_counter() - t
+            if "result" not in masked:
+                with PeakRSS() as mem:
+                    t = time.perf_counter()
+                    masked["result"] = _FileMask(cell["mask_file"], adapter) if "mask_file" in cell else \
+                        run_metric(model, calib, method, s, kinds, alloc, batch_size=args.calib_batch,
+                                   seed=args.seed, progress=False, bias_compensation=False,
+                                   stats=None if _walks(method, alloc, kinds) else stats)
+                    masked["seconds"], masked["peak"] = time.perf_counter() - t, mem.peak
+            r, method_s = masked["result"], masked["seconds"]
             with PeakRSS() as refit_mem:
                 t = time.perf_counter()
                 refit = reconstruct(model, calib, r.masks, mode, inputs=inputs or "dense", damp=args.damp,
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
             method_seconds=method_s, shared_calibration=shared, refit_seconds=refit_s,
             refit_peak_rss_mb=refit_mem.peak / 2**20,
             wall_seconds=method_s + refit_s + (calib_s if shared else 0.0),
-            peak_rss_mb=max(mem.peak, refit_mem.peak, calib_peak if shared else 0) / 2**20,
+            peak_rss_mb=max(masked["peak"], refit_mem.peak, calib_peak if shared else 0) / 2**20,
             removed_units=r.info["removed_units"],
             kv_heads_per_layer=summary["kv_heads_per_layer"],
             channels_per_layer=summary["channels_per_layer"], layers_kept=summary["layers_kept"],
@@ -205,9 +207,10 @@ def main(argv=None) -> int:
 
     for spec in filter(None, (x.strip() for x in args.masks.split(","))):
         label, _, path = spec.partition("=")
+        masked = {}
         for recon in _reconstructions(args.reconstruct, "random"):
             run_cell({"method": f"file:{label}", "mask_file": path, "units": "", "allocation": "", "target_sparsity": 0.0,
-                      "reconstruct": recon}, model, calib, stats, (), "", 0.0, recon)
+                      "reconstruct": recon}, model, calib, stats, (), "", 0.0, recon, masked)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and args.methods != "none"]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     unit_sets = [parse_unit_kinds(u) for u in args.units.split(";") if u.strip()]
@@ -221,10 +224,11 @@ def main(argv=None) -> int:
                 allocs = ["global"]  # one unit per layer: uniform ranks exactly like global
             for alloc in allocs:
                 for s in sparsities:
+                    masked = {}  # the method's mask, computed by the first reconstruction's cell
                     for recon in _reconstructions(args.reconstruct, method):
                         cell = {"method": method, "units": ",".join(kinds), "allocation": alloc, "target_sparsity": s,
                                 "reconstruct": recon}
-                        run_cell(cell, model, calib, stats, kinds, alloc, s, recon)
+                        run_cell(cell, model, calib, stats, kinds, alloc, s, recon, masked)
 
 
     print()
