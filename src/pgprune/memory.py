@@ -246,9 +246,11 @@ def measure_peak_growth(fn: Callable[[], object], repeat: int = 1) -> tuple[int,
     was trimmed, so earlier peaks and freed memory are not counted. Where one run's blocks land in
     the heap depends on the free lists earlier runs left, so the peak of a single run after a trim
     varies by whole activation tensors (measured on the same PG step: 58-76 MiB, while torch's own
-    tensor accounting is 40.3 MiB every time). Over several consecutive runs without a trim in
-    between, the mark settles at the footprint a loop of such runs holds, which is what the memory
-    plan predicts and what a PG run needs."""
+    tensor accounting is 40.3 MiB every time). Over consecutive runs without a trim in between the
+    mark grows slowly towards the footprint a loop of such runs holds: the plan's live bytes plus
+    what `allocator_slack` allows for. With MALLOC_MMAP_THRESHOLD_=65536 in the environment of the
+    process (set before it starts), glibc mmaps every block of 64 KiB or more and returns it on
+    free, and the growth of a single run is its live bytes, what `estimate_pg_memory` counts."""
     import ctypes
     import gc
 
