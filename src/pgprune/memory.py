@@ -54,10 +54,10 @@ SAFETY = 1.10  # headroom for what the plan leaves out (see the module doc)
 # (`pg_decoder` in the breakdown), which is what check_fits adds to the live plan.
 # CPU, glibc malloc: blocks under its mmap threshold (which rises to 32 MiB as large blocks are
 # freed) come from the heap, which fragments and is not given back; big logits chunks are mmapped
-# and returned. Measured (bench/memory_plan.py, glibc defaults, fp32): what a process held above
-# the live plan was 0.7-1.45x the decoder working set for an MLP-bound model (1-512 steps), up to
-# 1.96x for an LM-head-bound one (32 steps) and for SmolLM2-135M (16 steps), growing slowly with
-# the number of steps; 3x leaves room for that.
+# and returned. What a process held above the live plan (bench/memory_plan.py, glibc defaults,
+# fp32; it varies between processes and grows slowly with the number of steps, --loop 512 to see)
+# was 0.8-1.45x the decoder working set for test_memory's MLP-bound case, up to ~2x for its
+# LM-head-bound case and for SmolLM2-135M; 3x leaves room for that.
 # CUDA, torch's caching allocator: freed blocks stay reserved, but before reporting out of memory
 # it returns its free cached segments to the driver and retries, so what is lost is blocks split
 # inside partly used segments; one decoder working set is allowed (not measured here: no GPU;
