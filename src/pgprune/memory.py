@@ -57,7 +57,8 @@ SAFETY = 1.10  # headroom for what the plan leaves out (see the module doc)
 # and returned. What a process held above the live plan (bench/memory_plan.py, glibc defaults,
 # fp32; it varies between processes and grows slowly with the number of steps, --loop 512 to see)
 # was 0.8-1.45x the decoder working set for test_memory's MLP-bound case, up to ~2x for its
-# LM-head-bound case and for SmolLM2-135M; 3x leaves room for that.
+# LM-head-bound case, 2.2x for SmolLM2-135M after 16 steps; 3x leaves room for that (beyond it,
+# only the 10 % margin on the whole total; a long SmolLM2 run is not measured yet).
 # CUDA, torch's caching allocator: freed blocks stay reserved, but before reporting out of memory
 # it returns its free cached segments to the driver and retries, so what is lost is blocks split
 # inside partly used segments; one decoder working set is allowed (not measured here: no GPU;
