@@ -4,7 +4,10 @@
    synthetic llama, each rank one thread (what 2 cores allow), same K and B per rank.
 2. Size: step time and peak resident-memory growth of one PG step for a synthetic Llama-shaped
    model scaled in width and depth (4 sizes), against the memory plan's estimate; slopes of
-   log(time) and log(memory) vs log(parameters).
+   log(time) and log(memory) vs log(parameters). The memory is measured in its own process with
+   MALLOC_MMAP_THRESHOLD_=65536 (blocks >= 64 KiB mmapped and returned on free), so the peak
+   growth is the step's live bytes, what the plan counts (see bench/memory_plan.py); the time in
+   a process with glibc's defaults.
 
 Every measurement runs in a fresh subprocess with OMP_NUM_THREADS=1.
 
@@ -87,7 +90,7 @@ def worker_rank(rank: int, world_size: int, port: int, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def worker_size(index: int, steps: int) -> None:
+def worker_size(index: int, steps: int, what: str) -> None:
     import torch
 
     from pgprune.gating import masked_losses
@@ -95,7 +98,9 @@ def worker_size(index: int, steps: int) -> None:
     from pgprune.policy.probabilities import sample_masks
 
     sizes = SIZES[index]
-    sec, _cpu = _timed_run(sizes, steps)
+    if what == "time":
+        print(json.dumps({"sec_per_step": _timed_run(sizes, steps)[0]}))
+        return
     model, costs, layout, calib, s0 = _setup(sizes)
 
     def step():
@@ -105,7 +110,7 @@ def worker_size(index: int, steps: int) -> None:
     step()
     growth = sorted(measure_peak_growth(step)[0] for _ in range(3))[1]  # median of 3 steps
     est = estimate_pg_memory(model, k=K, batch_size=B, seqlen=T, nsamples=0, metric_nsamples=0)
-    print(json.dumps({"params": est["inputs"]["parameters"], "sec_per_step": sec, "peak_growth": growth,
+    print(json.dumps({"params": est["inputs"]["parameters"], "peak_growth": growth,
                       "estimate": est["breakdown"]["pg_step_activations"] + est["breakdown"]["probabilities_and_masks"],
                       "weights": est["breakdown"]["weights"]}))
 
@@ -162,11 +167,13 @@ def main() -> None:
 
     size_rows = []
     for i, sizes in enumerate(SIZES):
-        out = subprocess.run([sys.executable, __file__, "--size-worker", str(i), str(args.steps)], capture_output=True,
-                             text=True, env=_env(), timeout=300)
-        if out.returncode:
-            raise SystemExit(out.stderr[-2000:])
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = {}
+        for what, env in (("time", _env()), ("memory", {**_env(), "MALLOC_MMAP_THRESHOLD_": "65536"})):
+            out = subprocess.run([sys.executable, __file__, "--size-worker", str(i), str(args.steps), what],
+                                 capture_output=True, text=True, env=env, timeout=300)
+            if out.returncode:
+                raise SystemExit(out.stderr[-2000:])
+            r.update(json.loads(out.stdout.strip().splitlines()[-1]))
         size_rows.append({"hidden": sizes["hidden_size"], "layers": sizes["num_hidden_layers"],
                           "params_M": r["params"] / 1e6, "sec_per_step": r["sec_per_step"],
                           "peak_step_MiB": r["peak_growth"] / 2**20, "plan_step_MiB": r["estimate"] / 2**20,
@@ -174,7 +181,8 @@ def main() -> None:
     params = [r["params_M"] for r in size_rows]
     fit = {"time_vs_params_loglog_slope": _slope(params, [r["sec_per_step"] for r in size_rows]),
            "step_memory_vs_params_loglog_slope": _slope(params, [r["peak_step_MiB"] for r in size_rows])}
-    print(f"\nPG step vs model size (K={K} B={B} T={T}, fp32, 1 thread, vocab 2048)")
+    print(f"\nPG step vs model size (K={K} B={B} T={T}, fp32, 1 thread, vocab 2048; memory: live bytes, "
+          "MALLOC_MMAP_THRESHOLD_=65536)")
     print(table(size_rows, ["hidden", "layers", "params_M", "sec_per_step", "peak_step_MiB", "plan_step_MiB",
                             "plan/measured", "weights_MiB"]))
     print("log-log slopes vs parameters: " + ", ".join(f"{k} {v:.2f}" for k, v in fit.items()))
@@ -188,6 +196,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rank-worker":
         worker_rank(*map(int, sys.argv[2:6]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--size-worker":
-        worker_size(*map(int, sys.argv[2:4]))
+        worker_size(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     else:
         main()

@@ -1,28 +1,40 @@
 """Memory plan of a policy-gradient run: will it fit, and if not, what to change.
 
-`estimate_pg_memory` adds up, from the model's shape alone:
+`estimate_pg_memory` adds up, from the model's shape alone, the bytes of the tensors that are
+alive at the same time (live bytes, what `torch.cuda.max_memory_allocated` counts on a GPU):
 
 - weights: every parameter in the run's dtype;
-- one PG step: the gated forward of K*B rows x seqlen without gradients. What is alive at the
-  peak is the residual stream plus the larger of the attention block (normed input, q/k/v, the
-  rotary temporaries, the attention output and its masked copy, the o_proj output) and the MLP
-  block (normed input, gate/up/act/product and its masked copy). With eager attention the
-  [rows, heads, T, T] scores and their softmax are added; SDPA (the default) does not store them.
-  Then the chunked LM-head loss (lm_loss.py): the final hidden states, their flattened copy, and
-  for one chunk of at most 4096 tokens the logits in the model dtype, their fp32 copy and the
-  fp32 log-softmax inside the cross entropy. Freed layer activations stay with the allocator
-  (glibc heap, CUDA cache), so logits chunks of 32 MiB or more add to the layer peak instead of
-  reusing it (this is what measured peaks show on the CPU);
+- one PG step: the gated forward of R = K*B rows x T tokens without gradients, then the chunked
+  LM-head loss; the step's peak is the larger of the two phases.
+  Decoder (per token, in the model dtype): the embeddings (kept by the model's forward) and the
+  layer input (the residual), 2*hidden, plus the larger of
+    attention: normed input + max(q projection and 3 rotary temporaries of q + k + v,
+               q and rotated q + k, v, rotated k and 3 rotary temporaries of k,
+               the attention output, its masked copy, o_proj's output + rotated q, k and v)
+               = hidden + max(4q + 2kv, 2q + 5kv, 3q + 2kv + hidden)   (SDPA; q, kv: widths);
+               eager attention instead keeps the K/V repeated to the query heads, the causal mask
+               and two [R, heads, T, T] score tensors (scores and softmax);
+    MLP: the attention block's residual sum + normed input + max(act(gate), up and their product;
+         the product, its channel-masked copy and down_proj's output) = 2*hidden + max(3I, 2I + hidden).
+  LM head (lm_loss.py): the final hidden states, their flattened copy, the fp32 NLLs and int64
+  labels, and for a chunk of at most 4096 tokens the fp32 logits and the fp32 log-softmax; with
+  more than one chunk in bf16/fp16, the next chunk's logits in the model dtype while the previous
+  fp32 chunk is still bound. Plus the K-times repeated int64 token ids.
 - probabilities, K sampled masks (all ranks' when distributed), the gated-forward multipliers;
 - the calibration pool (int64 token ids);
 - the metric initialisation, when one runs (metrics/calibration.py): the layer inputs and outputs
   of every calibration window (2 x N x T x hidden) plus one layer's activations for a mini-batch.
   It runs before the PG loop and is freed before it, so the peak is the larger of the two phases.
 
-The per-token coefficients come from reading the Hugging Face LLaMA forward and were checked
-against measured peak resident memory on the CPU (tests/test_memory.py, within 20 %). Allocator
-slack, CUDA context (~0.5 GiB) and the periodic hard-mask perplexity (batch 8 x eval seqlen,
-smaller than a PG step for the defaults) are not included: `check_fits` keeps a 10 % margin.
+The coefficients come from reading the Hugging Face LLaMA forward (transformers 5) and match the
+live bytes of a PG step measured on the CPU (tests/test_memory.py, bench/memory_plan.py: torch's
+profiler and the resident memory of a process whose allocator returns freed blocks at once).
+
+The plan is not what a process holds: allocators keep freed blocks (glibc's heap on the CPU,
+torch's caching allocator on CUDA). `check_fits` adds that, explicitly: `ALLOCATOR_SLACK` times
+the decoder's working set (the blocks an allocator keeps and cannot hand to the larger LM-head
+chunks), then a 10 % margin for what the plan leaves out (CUDA context and kernel workspaces,
+the periodic hard-mask perplexity, Python objects).
 """
 
 from __future__ import annotations
@@ -37,8 +49,21 @@ from pgprune.gating import FORWARDS
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-BIG_ALLOC = 32 * 1024**2  # glibc's largest mmap threshold: bigger blocks never reuse freed heap
-SAFETY = 1.10  # headroom for allocator slack and what the plan leaves out
+SAFETY = 1.10  # headroom for what the plan leaves out (see the module doc)
+# Freed blocks an allocator keeps, as a multiple of the PG step's decoder working set
+# (`pg_decoder` in the breakdown), which is what check_fits adds to the live plan.
+# CPU, glibc malloc: blocks under its mmap threshold (which rises to 32 MiB as large blocks are
+# freed) come from the heap, which fragments and is not given back; big logits chunks are mmapped
+# and returned. What a process held above the live plan (bench/memory_plan.py, glibc defaults,
+# fp32; it varies between processes and grows slowly with the number of steps, --loop 512 to see)
+# was 0.8-1.45x the decoder working set for test_memory's MLP-bound case, up to ~2x for its
+# LM-head-bound case, 2.2x for SmolLM2-135M after 16 steps; 3x leaves room for that (beyond it,
+# only the 10 % margin on the whole total; a long SmolLM2 run is not measured yet).
+# CUDA, torch's caching allocator: freed blocks stay reserved, but before reporting out of memory
+# it returns its free cached segments to the driver and retries, so what is lost is blocks split
+# inside partly used segments; one decoder working set is allowed (not measured here: no GPU;
+# bench/gpu_check.sh prints max_memory_reserved against plan + this slack).
+ALLOCATOR_SLACK = {"cpu": 3.0, "cuda": 1.0}
 
 
 def _dtype_bytes(dtype) -> int:
@@ -86,19 +111,21 @@ def _config_params(d: dict) -> int:
     return _layer_params(d) + d["vocab"] * d["hidden"] * (1 if d["tied"] else 2) + d["hidden"]
 
 
-def _layer_peak_elems(d: dict, rows: int, t: int) -> float:
-    """Elements alive at the peak of one gated decoder layer, besides the residual stream."""
+def _layer_peak_bytes(d: dict, rows: int, t: int, e: int) -> int:
+    """Bytes alive at the peak of one gated decoder layer, besides the embeddings and the layer
+    input (see the module doc for what each term is)."""
     tok = rows * t
     h, i, q, kv = d["hidden"], d["intermediate"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
-    # attention: normed x, q/k/v, rotary temporaries of q and k (~2 more q+k), attention output,
-    # its contiguous copy and the head-mask copy feeding o_proj, o_proj output
-    attn = tok * (h + (q + 2 * kv) + 2 * (q + kv) + 4 * q + h)
     if d["attn"] == "eager":
-        attn += 2 * rows * d["heads"] * t * t  # scores and softmax
-    # MLP: normed x, gate, act(gate), up, their product and its channel-mask copy, down output
-    # (six intermediate-wide tensors: what the measured peaks show, freed blocks are not reused
-    # in the order they are freed)
-    mlp = tok * (h + 6 * i + h)
+        repeated = 2 * q if kv < q else 0  # repeat_kv to the query heads
+        scores = rows * d["heads"] * t * t  # elements of one [rows, heads, T, T] tensor
+        # scores and the fp32 softmax (in bf16/fp16 also the scores' fp32 copy softmax makes), the
+        # causal mask [rows, 1, T, T]
+        attn = tok * (h + q + 2 * kv + repeated) * e + scores * (8 if e == 4 else e + 8) + rows * t * t * e
+        attn = max(attn, tok * (h + 3 * q + 2 * kv + h + repeated) * e)
+    else:
+        attn = tok * (h + max(4 * q + 2 * kv, 2 * q + 5 * kv, 3 * q + 2 * kv + h)) * e
+    mlp = tok * (2 * h + max(3 * i, 2 * i + h)) * e
     return max(attn, mlp)
 
 
@@ -126,18 +153,18 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     tok = rows * t
 
     weights = params * e
-    residual = tok * h * e
-    layer = _layer_peak_elems(d, rows, t) * e
-    chunk = min(chunk_tokens, rows * (t - 1))
-    # final hidden states + flattened copy + per-token NLL, then one chunk of logits (dtype),
-    # their fp32 copy (same tensor when the model is fp32) and the fp32 log-softmax
-    logits = [chunk * v * e] + ([chunk * v * 4] if e != 4 else []) + [chunk * v * 4]
-    head_small = tok * h * e + rows * (t - 1) * (h * e + 4) + sum(x for x in logits if x < BIG_ALLOC)
-    head_big = sum(x for x in logits if x >= BIG_ALLOC)
-    head = head_small + head_big
-    # Freed layer activations stay with the allocator (glibc heap, CUDA cache); small head buffers
-    # reuse them, large logits chunks get fresh memory on top (measured: see module docstring).
-    pg_step = residual + max(layer, head_small) + head_big
+    residual = 2 * tok * h * e  # the embeddings and the layer input
+    layer = _layer_peak_bytes(d, rows, t, e)
+    decoder = residual + layer
+    head_tokens = rows * (t - 1)
+    chunk = min(chunk_tokens, head_tokens)
+    # fp32 logits and log-softmax of one chunk; from the second chunk on, the next chunk's logits in
+    # the model dtype exist while the previous fp32 chunk is still bound (fp32: .float() is a no-op)
+    logits = chunk * v * (8 if e == 4 or head_tokens <= chunk else 8 + e)
+    # final hidden states, their flattened copy [R*(T-1), H], fp32 NLLs, int64 labels
+    head = tok * h * e + head_tokens * (h * e + 4 + 8) + logits
+    ids = tok * 8  # the K-times repeated int64 token ids
+    pg_step = max(decoder, head) + ids
     gathered = _layer_params(d) * e if forward == "gathered" else 0  # the kept weights of one pruned view
     pg_step += gathered
     n_units = d["layers"] * (d["intermediate"] + d["kv_heads"] + 2)
@@ -146,10 +173,10 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     metric = 0
     if metric_nsamples:
         mb = min(metric_batch_size, metric_nsamples)
-        metric = 2 * metric_nsamples * t * h * e + (mb * t * h + _layer_peak_elems(d, mb, t)) * e
+        metric = 2 * metric_nsamples * t * h * e + mb * t * h * e + _layer_peak_bytes(d, mb, t, e)
         metric += d["layers"] * 8 * 2 * (2 * h + d["intermediate"] + d["heads"] * d["head_dim"])  # float64 stats
     breakdown = {"weights": weights, "pg_step_activations": pg_step, "pg_residual_stream": residual,
-                 "pg_layer_peak": layer, "pg_lm_head_loss": head, "probabilities_and_masks": probs,
+                 "pg_layer_peak": layer, "pg_decoder": decoder, "pg_lm_head_loss": head, "probabilities_and_masks": probs,
                  "calibration_pool": pool, "metric_init": metric, "gathered_weights": gathered}
     total = weights + pool + probs + max(pg_step, metric)
     return {"total_bytes": int(total), "breakdown": {k_: int(x) for k_, x in breakdown.items()},
@@ -176,22 +203,38 @@ def available_bytes(device) -> tuple[int, str]:
     return -1, f"unknown for a {device.type} device"
 
 
+def allocator_slack(estimate: dict, device=None) -> int:
+    """Bytes an allocator may keep in freed blocks during the run, on top of the plan's live bytes:
+    `ALLOCATOR_SLACK[device type]` times the PG step's decoder working set (0 for other devices)."""
+    kind = torch.device(device if device is not None else "cpu").type
+    return int(ALLOCATOR_SLACK.get(kind, 0.0) * estimate["breakdown"]["pg_decoder"])
+
+
+def required_bytes(estimate: dict, device=None, *, weights_loaded: bool = False) -> int:
+    """What `check_fits` asks of `device`: (plan + allocator slack) x the 10 % margin, without the
+    weights when they are already loaded."""
+    need = estimate["total_bytes"] - (estimate["breakdown"]["weights"] if weights_loaded else 0)
+    return int((need + allocator_slack(estimate, device)) * SAFETY)
+
+
 def check_fits(estimate: dict, device=None, *, weights_loaded: bool = False) -> None:
-    """Raise ConfigError when the plan (with a 10 % margin) exceeds the free memory of `device`.
+    """Raise ConfigError when the plan plus the allocator's slack (`allocator_slack`), with a 10 %
+    margin, exceeds the free memory of `device`.
 
     `weights_loaded`: the model already sits on the device, so its weights are not counted again
     (free memory was measured after loading). Unknown availability (e.g. mps) passes."""
-    need = estimate["total_bytes"] - (estimate["breakdown"]["weights"] if weights_loaded else 0)
-    need = int(need * SAFETY)
+    need = required_bytes(estimate, device, weights_loaded=weights_loaded)
     have, source = available_bytes(device)
     if have < 0 or need <= have:
         return
     b, i = estimate["breakdown"], estimate["inputs"]
     items = ", ".join(f"{name} {b[name] / GIB:.2f}" for name in
                       ("weights", "pg_step_activations", "metric_init", "calibration_pool") if b[name])
+    slack = allocator_slack(estimate, device)
     raise ConfigError(
         f"the policy-gradient run needs about {need / GIB:.2f} GiB {'more ' if weights_loaded else ''}on {device} "
-        f"(GiB: {items}; +10 % margin) but only {have / GIB:.2f} GiB is available ({source}). "
+        f"(GiB: {items}; allocator slack {slack / GIB:.2f}; +10 % margin) but only {have / GIB:.2f} GiB is "
+        f"available ({source}). "
         f"The step runs K*B = {i['k']}x{i['batch_size']} rows of {i['seqlen']} tokens: lower --batch-size, --k or "
         f"--seqlen, load in bf16 (--dtype bf16), fewer --nsamples, or spread the model over devices (device_map)")
 
@@ -204,9 +247,11 @@ def measure_peak_growth(fn: Callable[[], object], repeat: int = 1) -> tuple[int,
     was trimmed, so earlier peaks and freed memory are not counted. Where one run's blocks land in
     the heap depends on the free lists earlier runs left, so the peak of a single run after a trim
     varies by whole activation tensors (measured on the same PG step: 58-76 MiB, while torch's own
-    tensor accounting is 40.3 MiB every time). Over several consecutive runs without a trim in
-    between, the mark settles at the footprint a loop of such runs holds, which is what the memory
-    plan predicts and what a PG run needs."""
+    tensor accounting is 40.3 MiB every time). Over consecutive runs without a trim in between the
+    mark grows slowly towards the footprint a loop of such runs holds: the plan's live bytes plus
+    what `allocator_slack` allows for. With MALLOC_MMAP_THRESHOLD_=65536 in the environment of the
+    process (set before it starts), glibc mmaps every block of 64 KiB or more and returns it on
+    free, and the growth of a single run is its live bytes, what `estimate_pg_memory` counts."""
     import ctypes
     import gc
 
