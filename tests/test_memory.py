@@ -159,3 +159,20 @@ def test_check_fits_asks_for_plan_plus_allocator_slack(monkeypatch):
     monkeypatch.setattr("pgprune.memory.available_bytes", lambda device: (need - 1, "free memory of cuda (test)"))
     with pytest.raises(ConfigError, match="needs about"):
         check_fits(est, "cuda")
+
+
+def test_least_squares_covariances_are_planned_as_collected():
+    # the plan's covariance bytes are those collect_layer_stats(covariance=True) allocates: every
+    # layer's while PG scores masks by least squares, one layer's (in a walk phase) for the final refit
+    from pgprune.metrics.calibration import collect_layer_stats
+
+    model = synthetic_model("llama")
+    stats = collect_layer_stats(model, torch.randint(0, 100, (2, 16)), covariance=True, progress=False)
+    collected = sum(fs.comoment.numel() * fs.comoment.element_size() for st in stats for fs in (st.attn_in, st.mlp_in))
+    plain = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32)
+    lsq = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, reconstruct="lsq", pg_reconstruct="lsq")
+    assert plain["breakdown"]["reconstruction_covariances"] == plain["phases"]["final_refit"] == 0
+    assert lsq["breakdown"]["reconstruction_covariances"] == collected
+    assert lsq["total_bytes"] >= plain["total_bytes"] + collected
+    final_only = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, reconstruct="lsq")
+    assert final_only["phases"]["final_refit"] > collected // len(stats)

@@ -132,7 +132,8 @@ def _layer_peak_bytes(d: dict, rows: int, t: int, e: int) -> int:
 def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int = 8, seqlen: int = 128,
                        units=("channel", "head"), *, nsamples: int = 1024, metric_nsamples: int = 128,
                        metric_batch_size: int = 8, world_size: int = 1, chunk_tokens: int = 4096,
-                       forward: str = "gated") -> dict:
+                       forward: str = "gated", reconstruct: str = "bias", pg_reconstruct: str = "bias",
+                       refit_nsamples: int = 128) -> dict:
     """Bytes a policy-gradient run needs on one device (one rank), with a breakdown.
 
     `model_or_config`: a model (its exact parameter count and dtype are used) or a HF config.
@@ -141,6 +142,10 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     (bytes per item), "phases" (bytes of the PG step and the metric init), "inputs"}.
     `forward`: "gated" (the K masks in one forward of K*B rows) or "gathered" (one mask at a time
     through a pruned view: B rows, plus at most one copy of the decoder weights).
+    `reconstruct` / `pg_reconstruct` (none | bias | lsq): least squares needs float64 input covariances
+    (`reconstruction_covariances`): PG scoring with it holds every layer's for the whole loop plus one
+    solve's temporaries per step; the final refit holds one layer's during its calibration walk over
+    `refit_nsamples` windows.
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
         raise ConfigError(f"memory plan needs K >= 1, batch size >= 1 and seqlen >= 2 (got {k}, {batch_size}, {seqlen})")
@@ -170,21 +175,33 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     n_units = d["layers"] * (d["intermediate"] + d["kv_heads"] + 2)
     probs = n_units * 4 * (3 + k * world_size) + 2 * d["layers"] * (d["intermediate"] + d["heads"] * d["head_dim"]) * k * e
     pool = nsamples * seqlen * 8
+    def walk(n: int) -> int:  # a layer-by-layer calibration walk over n windows: their inputs and outputs
+        mb = min(metric_batch_size, n)
+        return 2 * n * t * h * e + mb * t * h * e + _layer_peak_bytes(d, mb, t, e)
+
     metric = 0
     if metric_nsamples:
-        mb = min(metric_batch_size, metric_nsamples)
-        metric = 2 * metric_nsamples * t * h * e + mb * t * h * e + _layer_peak_bytes(d, mb, t, e)
-        metric += d["layers"] * 8 * 2 * (2 * h + d["intermediate"] + d["heads"] * d["head_dim"])  # float64 stats
+        metric = walk(metric_nsamples) + d["layers"] * 8 * 2 * (2 * h + d["intermediate"] + d["heads"] * d["head_dim"])  # float64 stats
+    # least squares: float64 covariances of o_proj's and down_proj's inputs, per layer; a solve holds
+    # about three kept x kept float64 blocks (the indexed covariances and the Cholesky factor)
+    attn_in, mlp_in = d["heads"] * d["head_dim"], d["intermediate"]
+    layer_cov = 8 * (attn_in ** 2 + mlp_in ** 2)
+    solve = 3 * 8 * max(attn_in, mlp_in) ** 2
+    held_cov = d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
+    if pg_reconstruct == "lsq":
+        pg_step += solve
+    final_refit = walk(refit_nsamples) + layer_cov + solve if reconstruct == "lsq" else 0
     breakdown = {"weights": weights, "pg_step_activations": pg_step, "pg_residual_stream": residual,
                  "pg_layer_peak": layer, "pg_decoder": decoder, "pg_lm_head_loss": head, "probabilities_and_masks": probs,
-                 "calibration_pool": pool, "metric_init": metric, "gathered_weights": gathered}
-    total = weights + pool + probs + max(pg_step, metric)
+                 "calibration_pool": pool, "metric_init": metric, "gathered_weights": gathered,
+                 "reconstruction_covariances": held_cov, "final_refit": final_refit}
+    total = weights + pool + probs + held_cov + max(pg_step, metric, final_refit)
     return {"total_bytes": int(total), "breakdown": {k_: int(x) for k_, x in breakdown.items()},
-            "phases": {"pg_step": int(pg_step), "metric_init": int(metric)},
+            "phases": {"pg_step": int(pg_step), "metric_init": int(metric), "final_refit": int(final_refit)},
             "inputs": {"parameters": int(params), "dtype_bytes": e, "k": k, "batch_size": batch_size,
                        "seqlen": seqlen, "units": list(units) if not isinstance(units, str) else units,
                        "nsamples": nsamples, "metric_nsamples": metric_nsamples, "world_size": world_size,
-                       "forward": forward,
+                       "forward": forward, "reconstruct": reconstruct, "pg_reconstruct": pg_reconstruct,
                        "attention": d["attn"], **{f"model_{n}": x for n, x in d.items() if n != "attn"}}}
 
 

@@ -201,7 +201,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                   units=settings.units, nsamples=settings.pool_size(world.size),
                                   metric_nsamples=0 if pg.init == "constant" else METRIC_NSAMPLES,
                                   metric_batch_size=settings.execution.metric_batch_size, world_size=world.size,
-                                  forward=session.forward)
+                                  forward=session.forward, reconstruct=settings.reconstruct,
+                                  pg_reconstruct=settings.pg.reconstruct)
         check_fits(plan, next(model.parameters()).device, weights_loaded=True)
     execution = session.execution(world.size)
     if world.is_main:
