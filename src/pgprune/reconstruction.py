@@ -22,13 +22,12 @@ refit); a removed layer's mean update goes to the last kept layer before it (see
 `compensation_biases`).
 
 `reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
-that `surgery.remove_units(..., refit=...)` applies. The bias compensation also serves:
-
-- the metric methods (FLAP adds these biases; the pruned-propagation walk compensates layer by layer),
-- the policy-gradient loop (`--compensate`: the gated forward fills dropped features with their
-  means, `gating.gated(..., fill=feature_means(stats))`, so each sampled mask is scored as the model
-  it would export),
-- surgery and export (`surgery.remove_units(..., output_bias=compensation_biases(...))`).
+that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input_weights)` applies
+and `refit_applied(model, masks, r)` reproduces with hooks on the unchanged model. The policy-gradient
+loop scores its sampled masks with the mean fill (`--pg-reconstruct bias`: `gating.gated(...,
+fill=feature_means(stats))`, the same function as these biases) or with each mask's own least-squares
+refit (`--pg-reconstruct lsq`: `gating.gathered_losses(..., refit=...)`). The metric methods' pruned
+propagation walk compensates layer by layer with `layer_compensation_biases`.
 """
 
 from __future__ import annotations
