@@ -195,15 +195,19 @@ def solve_shift(logits: dict[str, torch.Tensor], costs: UnitCosts, keep: float) 
 
 
 def hard_mask(probs: dict[str, torch.Tensor], costs: UnitCosts, sparsity: float, *,
-              tolerance: float | None = None) -> Masks:
+              tolerance: float | None = None, multiple: int = 1) -> Masks:
     """Top-k under the budget: keep the most probable units, removing the least probable prefix
     whose true sparsity is closest to `sparsity` (the same rule as the metric allocations; ties
-    in (kind, layer, unit) order)."""
+    in (kind, layer, unit) order). `multiple` > 1: MLP widths then rounded by probability
+    (`round_widths`)."""
     target = check_sparsity(sparsity)
     positions = global_positions({k: v.double() for k, v in probs.items()}, costs)
     pre = closest_prefix(positions, costs, target, tolerance=tolerance,
                          what="+".join(probs) + " units by probability")
-    return masks_from_positions(positions, pre.n)
+    masks = masks_from_positions(positions, pre.n)
+    if multiple > 1:
+        masks = round_widths(masks, probs, costs, multiple, target)[0]
+    return masks
 
 
 def per_kind_hard_mask(probs: dict[str, torch.Tensor], costs: UnitCosts, sparsity: float) -> Masks:
@@ -298,3 +302,112 @@ def _bisect(f, keep: float, what: str, iters: int = 100) -> float:
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+# --- widths that quantize ---------------------------------------------------------------------------
+# llama.cpp's q8_0 / q4_0 need row lengths that are multiples of 32, its k-quants 256; GPU kernels
+# like multiples of 64 or 128. `--width-multiple N` makes every kept MLP width a multiple of N.
+# Attention is pruned in whole KV-head groups, whose row counts are already multiples of head_dim
+# (64 for SmolLM2); a group count is not rounded (with 3 groups a layer, rounding to an even count
+# would move a third of the layer's attention at once).
+def check_width_multiple(multiple, costs: UnitCosts | None = None) -> int:
+    """N as an int >= 1; with `costs`, N must divide every present layer's MLP width."""
+    try:
+        n = int(multiple)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--width-multiple must be a whole number >= 1, got {multiple!r}") from None
+    if n != multiple or n < 1:
+        raise ConfigError(f"--width-multiple must be a whole number >= 1 (1: no constraint), got {multiple!r}")
+    if costs is not None and n > 1:
+        widths = [int(w) for w in costs.intermediate if int(w) > 0]
+        bad = sorted({w for w in widths if w % n})
+        if bad:
+            raise ConfigError(f"--width-multiple {n} does not divide the model's MLP widths ({', '.join(map(str, bad))} "
+                              f"channels): every kept width could not be a multiple of {n}. Choose a divisor of "
+                              f"{math.gcd(*widths)} (e.g. 32 for llama.cpp's q8_0 / q4_0)")
+    return n
+
+
+def check_kept_widths(kept: torch.Tensor, multiple: int) -> None:
+    """Refuse a layer that keeps fewer MLP channels than the multiple (rounding would remove the
+    block or more than double it). `kept`: [L] channels each layer keeps (0: block removed)."""
+    small = [(i, int(k)) for i, k in enumerate(kept.tolist()) if 0 < k < multiple]
+    if small:
+        where = ", ".join(f"layer {i}: {k}" for i, k in small[:6]) + (" ..." if len(small) > 6 else "")
+        raise ConfigError(f"--width-multiple {multiple} is larger than the MLP width some layers keep at this "
+                          f"sparsity ({where} channels). Lower --width-multiple or the sparsity")
+
+
+@dataclass
+class Rounding:
+    """What `round_widths` changed: per layer the channels before and after, and which layers went up."""
+    before: list[int]
+    after: list[int]
+    rounded_up: list[int]
+    rounded_down: list[int]
+    sparsity: float
+
+    def to_dict(self) -> dict:
+        return {"channels_before": self.before, "channels_after": self.after, "rounded_up": self.rounded_up,
+                "rounded_down": self.rounded_down, "sparsity": self.sparsity}
+
+
+def round_widths(masks: Masks, keys: dict[str, torch.Tensor], costs: UnitCosts, multiple: int,
+                 target: float) -> tuple[Masks, Rounding]:
+    """Round every kept MLP width of `masks` to a multiple of `multiple`, by the scores `keys`
+    (higher = more important; `keys["channel"]` [L, units]).
+
+    Each layer whose kept count k is not a multiple either rounds down (drops its k mod N least
+    important kept channels) or up (keeps its N - k mod N most important removed ones): the N
+    channels between the two choices are the layer's boundary chunk. Chunks are ranked globally by
+    their mean key; the best ones are kept, as many as bring the true sparsity closest to `target`
+    (ties: the fewer kept). So a layer moves by less than N channels and the total lands within
+    about half a chunk of the target."""
+    n = check_width_multiple(multiple)
+    if n == 1 or "channel" not in masks.kinds:
+        kept = masks.effective(costs)["channel"].sum(-1).tolist() if "channel" in masks.kinds else []
+        return masks, Rounding(kept, kept, [], [], float(masks.sparsity(costs)))
+    if masks.num_masks is not None:
+        raise ConfigError("round_widths rounds one mask, not a stack")
+    eff = masks.effective(costs)
+    chans = eff["channel"]
+    kept = chans.sum(-1)
+    check_kept_widths(kept, n)
+    key = keys["channel"].double()
+    base = masks["channel"].clone()
+    down = base & eff["mlp"][:, None]
+    chunks: list[tuple[float, int, torch.Tensor]] = []  # (mean key, layer, the units of the up choice)
+    for i in range(costs.num_layers):
+        k, w = int(kept[i]), int(costs.intermediate[i])
+        r = k % n
+        if r == 0 or not bool(eff["mlp"][i]):
+            continue
+        present = torch.arange(key.shape[1]) < w
+        finite_or_never(key[i], present)
+        kept_idx = chans[i].nonzero().squeeze(1)
+        removed_idx = (present & ~chans[i]).nonzero().squeeze(1)
+        # least important kept first; most important removed first (ties: lower index less important)
+        lo = kept_idx[torch.sort(key[i, kept_idx], stable=True).indices[:r]]
+        asc = removed_idx[torch.sort(key[i, removed_idx], stable=True).indices]
+        hi = asc[asc.numel() - (n - r):]
+        down[i, lo] = False
+        chunks.append((float(key[i, torch.cat([lo, hi])].mean()), i, torch.cat([lo, hi])))
+    chunks.sort(key=lambda c: (-c[0], c[1]))
+
+    def with_up(m: int) -> Masks:
+        t = down.clone()
+        for _, i, units in chunks[:m]:
+            t[i, units] = True
+        return Masks({**masks.tensors, "channel": t})
+
+    best, best_gap = None, None
+    for m in range(len(chunks) + 1):
+        cand = with_up(m)
+        gap = abs(float(cand.sparsity(costs)) - target)
+        if best_gap is None or gap < best_gap - 1e-15:
+            best, best_gap = m, gap
+    out = with_up(best)
+    after = out.effective(costs)["channel"].sum(-1)
+    up = sorted(i for _, i, _ in chunks[:best])
+    dn = sorted(i for _, i, _ in chunks[best:])
+    return out, Rounding(kept.tolist(), after.tolist(), up, dn, float(out.sparsity(costs)))

@@ -236,6 +236,11 @@ def _add_apply(sub) -> None:
     p.add_argument("--output-bias", default=None,
                    help="optional safetensors with 'attn' and/or 'mlp' tensors [layers, hidden]: FLAP-style "
                         "bias compensation added to o_proj / down_proj")
+    p.add_argument("--width-multiple", type=int, default=1, metavar="N",
+                   help="round every kept MLP width to a multiple of N (32 for llama.cpp's q8_0 / q4_0), keeping "
+                        "the mask's sparsity as closely as N allows; the mask file carries no scores, so the "
+                        "boundary channels are chosen by weight magnitude (prune with --width-multiple to "
+                        "choose them by the method's own scores). Default 1: the mask as it is")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weight dtype of the exported model (auto: bf16 where the device supports it, else fp32)")
@@ -250,16 +255,56 @@ def _run_apply(args) -> int:
     from pgprune.models.load import load_model
     from pgprune.surgery import remove_units
 
+    from pgprune.budget import check_width_multiple
+
+    multiple = check_width_multiple(args.width_multiple)
     masks = Masks.load(args.masks)
     bias = load_file(args.output_bias) if args.output_bias else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    rounding = None
+    if multiple > 1:
+        masks, rounding = _round_mask_widths(model, masks, multiple, has_bias=bias is not None)
     remove_units(model, masks, output_bias=bias)
     out = save_pruned(model, tokenizer, args.out, masks=masks, overwrite=args.overwrite,
                       extra={"source_model": args.model, "masks_file": str(args.masks),
-                             "output_bias_file": args.output_bias})
+                             "output_bias_file": args.output_bias, "width_multiple": multiple,
+                             "width_rounding": rounding})
     print(format_summary(structure_summary(model), str(out)))
     print(f"wrote {out}")
     return 0
+
+
+def _round_mask_widths(model, masks, multiple: int, has_bias: bool):
+    """`apply --width-multiple`: the mask's MLP widths rounded by weight magnitude (standardised)."""
+    from pgprune.budget import check_width_multiple, round_widths
+    from pgprune.errors import ConfigError
+    from pgprune.masks import UnitCosts
+    from pgprune.metrics.scores import scores_from_stats
+    from pgprune.models.adapter import get_adapter
+
+    adapter = get_adapter(model)
+    costs = UnitCosts.from_adapter(adapter)
+    check_width_multiple(multiple, costs)
+    masks.check(costs)
+    if masks.num_masks is not None:
+        raise ConfigError("--masks holds a stack of masks; apply takes one mask")
+    if "channel" not in masks.kinds:
+        return masks, None
+    keys = scores_from_stats(adapter, None, "magnitude", ("channel",)).standardized
+    rounded, info = round_widths(masks, keys, costs, multiple, float(masks.sparsity(costs)))
+    if has_bias and not torch_equal(rounded["channel"], masks["channel"]):
+        raise ConfigError(f"--width-multiple {multiple} changes this mask (layers {info.rounded_up + info.rounded_down}), "
+                          "but --output-bias was computed for the mask as it is; prune with --width-multiple "
+                          "instead, or apply without --output-bias")
+    print(f"[pgprune] width multiple {multiple}: MLP widths {info.before} -> {info.after}, "
+          f"sparsity {masks.sparsity(costs):.4f} -> {info.sparsity:.4f}")
+    return rounded, info.to_dict()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def _add_info(sub) -> None:

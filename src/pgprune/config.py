@@ -148,6 +148,9 @@ class RunSettings:
                                      group=ADVANCED, choices=("dense", "sequential"))
     reconstruct_damp: float = option(0.01, "least-squares ridge, relative to the mean variance of the kept inputs",
                                      group=ADVANCED, type=float)
+    width_multiple: int = option(1, "every layer's kept MLP width a multiple of N (32: llama.cpp's q8_0 / q4_0, "
+                                    "256: its k-quants); the rounding is chosen by the method's scores, the "
+                                    "budget met as closely as the multiple allows", group=ADVANCED, type=int)
     recipe: str = option("features", "named preset of these settings (see --help-all / docs/method.md); "
                                      "explicit options override it", choices=("features", "paper"))
     data: DataSettings = field(default_factory=DataSettings)
@@ -235,6 +238,9 @@ class RunSettings:
             raise ConfigError(f"unknown method {self.method!r}; choose pg or a metric: {', '.join(METHODS)}")
         if self.data.seqlen < 1 or self.eval.seqlen < 1:
             raise ConfigError("--seqlen and --eval-seqlen must be >= 1")
+        from pgprune.budget import check_width_multiple
+
+        check_width_multiple(self.width_multiple)
         if self.reconstruct_damp < 0:
             raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
         lsq = self.reconstruct == "lsq" or (self.method == "pg" and self.pg.reconstruct == "lsq")

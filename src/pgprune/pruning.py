@@ -118,8 +118,10 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
     if pg.policy == "features":  # validate() refused --init constant with it
         from pgprune.policy.features import FeaturePolicy
 
-        return FeaturePolicy.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
-                                         stats=None if metric.scores.stats is not None else dense_stats())
+        policy = FeaturePolicy.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
+                                           stats=None if metric.scores.stats is not None else dense_stats())
+        policy.width_multiple = settings.width_multiple
+        return policy
     if metric is not None and pg.init_mapping == "per-layer":  # the reference code's start
         probs = per_layer_probabilities(metric.scores.raw, costs, 1.0 - settings.sparsity)
         s0, sparsity = layout.merge({k: probs[k] for k in layout.kinds}).float(), settings.sparsity
@@ -129,8 +131,10 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
         sparsity = init.sparsity  # the reachable budget closest to the request (± one unit)
     else:
         s0, sparsity = layout.present.float() * (1.0 - settings.sparsity), settings.sparsity
-    return UnitPolicy(s0, layout, costs, sparsity, projection=pg.projection, per_kind_budget=pg.per_kind_budget,
-                      floor=pg.floor)
+    policy = UnitPolicy(s0, layout, costs, sparsity, projection=pg.projection, per_kind_budget=pg.per_kind_budget,
+                        floor=pg.floor)
+    policy.width_multiple = settings.width_multiple
+    return policy
 
 
 def prune(settings: RunSettings, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -193,6 +197,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         print(f"[pgprune] settings (recipe {settings.recipe}): {settings.describe()}", flush=True)
     session = load_session(settings)
     model, costs, kinds = session.model, session.costs, session.layout.kinds
+    _check_width_multiple(settings, costs)  # needs the model's widths; before any data pass
     if pg_run:  # fail now, not after the metric init, when a PG step cannot fit
         from pgprune.memory import check_fits, estimate_pg_memory
 
@@ -234,7 +239,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     if metric_name != "constant":
         metric = run_metric(model, calib[:METRIC_NSAMPLES] if pg_run else calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
-                            seed=settings.seed, bias_compensation=False, progress=progress)
+                            seed=settings.seed, bias_compensation=False, progress=progress,
+                            width_multiple=settings.width_multiple)
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
     dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric)
@@ -336,6 +342,19 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
             "track": {"dataset": track, "split": split, "max_tokens": settings.eval.track_max_tokens},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks
+
+
+def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:
+    """--width-multiple against the loaded model: it divides every MLP width, and (uniform allocation,
+    whose per-layer counts are known now) no layer keeps fewer channels than the multiple."""
+    from pgprune.budget import check_kept_widths, check_width_multiple
+    from pgprune.metrics.allocation import uniform_plan
+
+    n = check_width_multiple(settings.width_multiple, costs)
+    if n > 1 and settings.allocation == "uniform" and "channel" in settings.kinds \
+            and not set(settings.kinds) & {"attn", "mlp", "layer"}:
+        plan = uniform_plan(costs, settings.kinds, settings.sparsity)
+        check_kept_widths(costs.intermediate - plan.counts["channel"], n)
 
 
 def _dense_stats_once(model, calib, settings: RunSettings, metric=None):

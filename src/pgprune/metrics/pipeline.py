@@ -16,8 +16,8 @@ from torch import nn
 
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
-from pgprune.budget import check_sparsity
-from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, allocate, lowest_in_layer,
+from pgprune.budget import check_kept_widths, check_sparsity, check_width_multiple, round_widths
+from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, _removed_counts, allocate, lowest_in_layer,
                                         uniform_plan)
 from pgprune.metrics.calibration import LayerEdit, LayerStats, collect_layer_stats
 from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
@@ -30,7 +30,7 @@ from pgprune.reconstruction import (bias_params_added, compensation_biases, feat
 class MetricResult:
     masks: Masks
     output_bias: dict[str, torch.Tensor] | None  # {"attn"|"mlp": [L, hidden]} for surgery, or None
-    allocation: Allocation
+    allocation: Allocation  # the scores' allocation, before any width rounding (PG starts from it)
     scores: Scores
     info: dict
     dense_stats: list[LayerStats] | None = None  # the calibration statistics, when dense-propagated (reusable)
@@ -59,6 +59,7 @@ def run_metric(
     storage_device=None,
     progress: bool = True,
     stats: list[LayerStats] | None = None,
+    width_multiple: int = 1,
 ) -> MetricResult:
     """Scores, allocation and (for FLAP) compensation biases; the model is not modified.
 
@@ -68,7 +69,11 @@ def run_metric(
     Default: the method's reference recipe (wanda-sp + uniform: pruned; otherwise dense).
     bias_compensation: default True for flap, False otherwise; needs calibration windows.
     stats: dense statistics from an earlier `collect_layer_stats(model, calib_ids)` to reuse (they
-    do not depend on the method or the budget); only with propagate="dense"."""
+    do not depend on the method or the budget); only with propagate="dense".
+    width_multiple: N > 1 rounds every kept MLP width to a multiple of N by the method's own
+    (standardised) scores (`budget.round_widths`); `masks`, the biases and `info` are the rounded
+    ones, `allocation` the one before rounding. With pruned propagation the walk prunes the
+    unrounded counts: later layers' scores see the earlier layers before rounding."""
     t0 = time.perf_counter()
     m = get_method(method)
     kinds = check_kinds(m, kinds)
@@ -99,6 +104,10 @@ def run_metric(
 
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
+    multiple = check_width_multiple(width_multiple, costs)
+    if multiple > 1 and allocation == "uniform" and "channel" in kinds:  # refuse before calibrating
+        plan = uniform_plan(costs, kinds, target, tolerance=tolerance)
+        check_kept_widths(costs.intermediate - plan.counts["channel"], multiple)
     reused = stats is not None
     walk_masks: dict[int, dict[str, torch.Tensor]] = {}
     if need_stats and stats is None:
@@ -117,14 +126,18 @@ def run_metric(
                 if not torch.equal(alloc.masks[kind][i, : k.numel()], k):
                     raise RuntimeError(f"internal error: layer {i} {kind} mask differs between the walk "
                                        "and the final allocation")
-    bias = compensation_biases(adapter, feature_means(stats), alloc.masks, costs) if compensate else None
-    masks = alloc.masks
+    masks, rounding = alloc.masks, None
+    if multiple > 1:
+        masks, rounding = round_widths(alloc.masks, alloc.keys, costs, multiple, target)
+    bias = compensation_biases(adapter, feature_means(stats), masks, costs) if compensate else None
     info = {
         "method": method,
         "allocation": allocation,
         "unit_kinds": list(kinds),
         "target_sparsity": target,
-        "sparsity": alloc.sparsity,
+        "sparsity": float(masks.sparsity(costs)),
+        "width_multiple": multiple,
+        "width_rounding": None if rounding is None else rounding.to_dict(),
         "propagate": propagate if need_stats else None,
         "bias_compensation": compensate,
         "bias_params_added": bias_params_added(adapter, masks, costs, bias),
@@ -133,7 +146,7 @@ def run_metric(
             "seqlen": None if calib_ids is None else int(calib_ids.shape[1]),
             "tokens": stats[0].tokens, "batch_size": batch_size, "reused_stats": reused},
         "seed": seed,
-        "removed_units": alloc.removed,
+        "removed_units": alloc.removed if rounding is None else _removed_counts(masks, costs),
         "masks": masks.summary(costs),
         "seconds": time.perf_counter() - t0,
     }

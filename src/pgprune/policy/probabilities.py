@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pgprune.masks import Masks, UnitCosts
-from pgprune.budget import hard_mask, per_kind_hard_mask, present_units, project
+from pgprune.budget import hard_mask, per_kind_hard_mask, present_units, project, round_widths
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class Policy(ABC):
     layout: UnitLayout
     costs: UnitCosts
     sparsity: float  # the budget: fraction of the prunable parameters removed
+    width_multiple: int = 1  # the hard mask's MLP widths are multiples of this (budget.round_widths)
 
     @abstractmethod
     def probs(self) -> torch.Tensor:
@@ -101,7 +102,8 @@ class Policy(ABC):
 
     def hard_mask(self) -> Masks:
         """The most probable units that fit the budget (the closest reachable prefix)."""
-        return hard_mask(self.layout.split(self.probs().double()), self.costs, self.sparsity)
+        return hard_mask(self.layout.split(self.probs().double()), self.costs, self.sparsity,
+                         multiple=self.width_multiple)
 
 
 class UnitPolicy(Policy):
@@ -125,7 +127,11 @@ class UnitPolicy(Policy):
 
     def hard_mask(self) -> Masks:
         if self.projection == "reference":  # the authors' per-kind top-k by unit count
-            return per_kind_hard_mask(self.layout.split(self.s.double()), self.costs, self.sparsity)
+            probs = self.layout.split(self.s.double())
+            masks = per_kind_hard_mask(probs, self.costs, self.sparsity)
+            if self.width_multiple > 1:
+                masks = round_widths(masks, probs, self.costs, self.width_multiple, self.sparsity)[0]
+            return masks
         return super().hard_mask()
 
     def state_dict(self) -> dict:
