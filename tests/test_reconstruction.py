@@ -200,12 +200,17 @@ def test_sequential_refit_reads_the_model_refit_so_far():
 
 
 def test_least_squares_needs_partly_pruned_projections():
+    # whole blocks / layers keep nothing to refit: PG scoring by least squares is refused, the final
+    # refit is the mean compensation it equals there
     from pgprune.config import RunSettings
 
-    for overrides in ({"reconstruct": "lsq"}, {"pg.reconstruct": "lsq"}):
-        with pytest.raises(ConfigError, match="--reconstruct bias"):
-            RunSettings.from_recipe("features", {"units": "layer", "pg.init": "block-influence", **overrides}).validate()
-    RunSettings.from_recipe("features", {"units": "channel,layer", "reconstruct": "lsq"}).validate()
+    layers = {"units": "layer", "pg.init": "block-influence"}
+    with pytest.raises(ConfigError, match="--pg-reconstruct bias"):
+        RunSettings.from_recipe("features", {**layers, "pg.reconstruct": "lsq"}).validate()
+    s = RunSettings.from_recipe("features", {**layers, "reconstruct": "lsq"})
+    s.validate()
+    assert s.final_reconstruct == "bias"
+    assert RunSettings.from_recipe("features", {"units": "channel,layer"}).final_reconstruct == "lsq"
 
 
 def test_bad_reconstruction_input():

@@ -206,7 +206,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                   units=settings.units, nsamples=settings.pool_size(world.size),
                                   metric_nsamples=0 if pg.init == "constant" else METRIC_NSAMPLES,
                                   metric_batch_size=settings.execution.metric_batch_size, world_size=world.size,
-                                  forward=session.forward, reconstruct=settings.reconstruct,
+                                  forward=session.forward, reconstruct=settings.final_reconstruct,
                                   pg_reconstruct=settings.pg.reconstruct)
         check_fits(plan, next(model.parameters()).device, weights_loaded=True)
     execution = session.execution(world.size)
@@ -272,8 +272,9 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
 
     # the final refit: dense means of the calibration windows PG's mean fill used (bias), or a
     # layer-by-layer least-squares pass on them (lsq; none when PG kept the covariances)
-    reuse = dense_stats() if settings.reconstruct == "bias" else cov_stats
-    refit = reconstruct(model, calib[:METRIC_NSAMPLES], masks, settings.reconstruct,
+    mode = settings.final_reconstruct
+    reuse = dense_stats() if mode == "bias" else cov_stats
+    refit = reconstruct(model, calib[:METRIC_NSAMPLES], masks, mode,
                         inputs=settings.reconstruct_inputs, damp=settings.reconstruct_damp,
                         stats=reuse if settings.reconstruct_inputs == "dense" else None,
                         batch_size=settings.execution.metric_batch_size, progress=progress, costs=costs)
@@ -286,7 +287,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
 
     remove_units(model, masks, output_bias=refit.output_bias, input_weights=refit.input_weights)
     ppl["pruned"] = ppl_all(None)
-    _print_ppl(f"final (pruned model, reconstruction {settings.reconstruct})", ppl["pruned"])
+    _print_ppl(f"final (pruned model, reconstruction {mode})", ppl["pruned"])
     save_pruned(model, session.tokenizer, out / run_folder.MODEL_DIR, masks=masks, overwrite=True,
                 extra={"method": settings.method, "sparsity_target": settings.sparsity})
     record.update(masks=masks.summary(costs), perplexity=ppl, seconds=time.perf_counter() - t_start,
