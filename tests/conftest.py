@@ -48,6 +48,28 @@ def run_settings(**options):
     return RunSettings.from_recipe("features", {**UNITS_POLICY, **{path(k): v for k, v in options.items()}})
 
 
+def tiny_workdir(tmp_path_factory, name: str):
+    """(folder, text file): a tiny saved qwen2 model (MLP width 96) with a character tokenizer in
+    folder/model, and a short English text, for end-to-end runs of prune()."""
+    from pgprune.models.synthetic import synthetic_model
+
+    root = tmp_path_factory.mktemp(name)
+    synthetic_model("qwen2", seed=3).save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    text = root / "text.txt"
+    text.write_text("Structured pruning removes whole channels, heads and layers of a network. " * 60)
+    return root, text
+
+
+def tiny_run_settings(root, text, **options):
+    """A short PG run of the tiny model on the text (the units policy, gated forward), with `options`."""
+    base = dict(model=str(root / "model"), method="pg", init="wanda-sp", steps=4, eval_every=2, units="channel,head",
+                sparsity=0.25, calib=f"text:{text}", eval=f"text:{text}", nsamples=16, seqlen=32, eval_seqlen=32,
+                eval_max_tokens=None, track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu",
+                forward="gated")
+    return run_settings(**{**base, **options})
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()

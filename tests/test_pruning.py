@@ -11,10 +11,9 @@ import pytest
 from pgprune.errors import ConfigError
 from pgprune.evaluate.perplexity import evaluate_perplexity
 from pgprune.export import load_pruned
-from pgprune.models.synthetic import synthetic_model
 from pgprune.pruning import prune
 
-from conftest import char_tokenizer, run_settings
+from conftest import tiny_run_settings, tiny_workdir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,21 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pruning")
-    synthetic_model("qwen2", seed=3).save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
-    text = root / "text.txt"
-    text.write_text("Structured pruning removes whole channels, heads and layers of a network. " * 60)
-    return root, text
+    return tiny_workdir(tmp_path_factory, "pruning")
 
 
-def _options(root, text, **kw):
-    # the paper recipe's policy (units, no compensation) on the gated forward, unless a test says otherwise
-    base = dict(model=str(root / "model"), method="pg", init="wanda-sp", steps=4, eval_every=2, units="channel,head",
-                sparsity=0.25, calib=f"text:{text}", eval=f"text:{text}", nsamples=16, seqlen=32, eval_seqlen=32,
-                eval_max_tokens=None, track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu",
-                forward="gated")
-    return run_settings(**{**base, **kw})
+# the paper recipe's policy (units, no compensation) on the gated forward, unless a test says otherwise
+_options = tiny_run_settings
 
 
 def test_pg_pipeline_exports_the_model_it_evaluated(workdir):

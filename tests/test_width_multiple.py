@@ -168,24 +168,15 @@ def test_allocate_scores_are_standardised_keys():
 # --- end to end: prune (metric and PG) and apply ------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from conftest import char_tokenizer
+    from conftest import tiny_workdir
 
-    root = tmp_path_factory.mktemp("width")
-    synthetic_model("qwen2", seed=3).save_pretrained(root / "model")  # MLP width 96
-    char_tokenizer().save_pretrained(root / "model")
-    text = root / "text.txt"
-    text.write_text("Structured pruning removes whole channels, heads and layers of a network. " * 60)
-    return root, text
+    return tiny_workdir(tmp_path_factory, "width")  # MLP width 96
 
 
 def _settings(root, text, **kw):
-    from conftest import run_settings
+    from conftest import tiny_run_settings
 
-    base = dict(model=str(root / "model"), method="pg", init="wanda-sp", steps=4, eval_every=2, units="channel,head",
-                sparsity=0.3, calib=f"text:{text}", eval=f"text:{text}", nsamples=16, seqlen=32, eval_seqlen=32,
-                eval_max_tokens=None, track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu",
-                width_multiple=16)
-    return run_settings(**{**base, **kw})
+    return tiny_run_settings(root, text, **{"sparsity": 0.3, "width_multiple": 16, "forward": "auto", **kw})
 
 
 @pytest.mark.parametrize("method", ["pg", "flap"])
