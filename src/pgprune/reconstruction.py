@@ -135,15 +135,18 @@ def lsq_columns(weight: torch.Tensor, stats, keep: torch.Tensor, damp: float = D
     bias = w[:, dropped] @ mean[dropped]
     if len(kept) == 0 or len(dropped) == 0:
         return w[:, kept], bias
-    cov = stats.covariance.to(w.device)
-    c_ss = cov[kept][:, kept]
+    if stats.comoment is None:
+        raise ConfigError("least squares needs input covariances; collect the statistics with covariance=True")
+    # only the kept rows of the covariance, scaled once (PG's lsq scoring calls this per mask and layer)
+    rows = stats.comoment.to(w.device)[kept] / max(stats.count, 1)
+    c_ss = rows[:, kept]
     scale = float(c_ss.diagonal().mean())
     if not (scale > 0):  # every kept feature constant on the calibration tokens: only the mean helps
         return w[:, kept], bias
-    rhs = cov[kept][:, dropped] @ w[:, dropped].T  # [S, out]
+    rhs = rows[:, dropped] @ w[:, dropped].T  # [S, out]
     lam = damp * scale
     for _ in range(8):  # damping too small for a numerically singular C_SS: raise it until it factorises
-        chol, failed = torch.linalg.cholesky_ex(c_ss + lam * torch.eye(len(kept), dtype=cov.dtype, device=cov.device))
+        chol, failed = torch.linalg.cholesky_ex(c_ss + lam * torch.eye(len(kept), dtype=rows.dtype, device=rows.device))
         if not int(failed):
             break
         lam = max(lam * 10, 1e-8 * scale)
