@@ -4,9 +4,9 @@ f16 / q8_0 / q4_0 move the perplexity against f32.
 Models: the dense model and wanda-sp masks at each --sparsities (bias compensation, `--width-multiple
 32` so every row length quantizes to q8_0 / q4_0), pruned by `pgprune.pruning.prune` (as `pgprune
 prune --method wanda-sp --width-multiple 32 --reconstruct bias`) into --work, exported with
-`pgprune.gguf_export.export_gguf` as f32, f16 and q8_0; q4_0 is made from the f32 file by llama.cpp's
-own quantizer (`llama_model_quantize`, default parameters: what `llama-quantize F32.gguf Q4_0.gguf
-Q4_0` writes).
+`pgprune.gguf_export.export_gguf` (`pgprune export --outtype T`): f32, f16 and q8_0 by pgprune's
+writer, q4_0 (and any other llama.cpp type in --types) by llama.cpp's own quantizer from an f32 file
+(`llama_model_quantize`, default parameters: what `llama-quantize F32.gguf Q4_0.gguf Q4_0` writes).
 
 Speed: every model is loaded once (CPU, --threads for both batch and single-token evaluation). A
 round measures, for each model in turn (the order rotates from round to round), prompt processing:
@@ -65,26 +65,15 @@ def prune_model(sparsity: float, work: Path, args) -> Path:
 
 
 def make_files(name: str, source, work: Path, types) -> dict[str, Path]:
-    """{type: GGUF path}: f32 / f16 / q8_0 by pgprune's exporter, q4_0 by llama.cpp's quantizer."""
-    import llama_cpp
-
+    """{type: GGUF path} by `pgprune export` (f32 / f16 / q8_0 by pgprune's writer, q4_0 and the other
+    llama.cpp types by llama.cpp's quantizer from an f32 file)."""
     from pgprune.gguf_export import export_gguf
 
     files = {}
     for t in ["f32"] + [t for t in types if t != "f32"]:
         path = work / f"{name}.{t}.gguf"
         if not path.is_file():
-            if t == "q4_0":
-                params = llama_cpp.llama_model_quantize_default_params()
-                params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-                params.nthread = 2
-                tmp = path.with_suffix(".tmp")
-                rc = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(tmp).encode(), params)
-                if rc != 0:
-                    raise RuntimeError(f"llama_model_quantize failed ({rc}) for {path}")
-                tmp.replace(path)
-            else:
-                export_gguf(source, path, outtype=t, overwrite=True)
+            export_gguf(source, path, outtype=t, overwrite=True)
         files[t] = path
     return {t: files[t] for t in types}
 

@@ -87,9 +87,9 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
     a = RunSettings()
     b = RunSettings.from_recipe("features", {"execution.device": "cuda", "eval.datasets": "c4",
                                              "eval.max_tokens": None, "data.data_dir": "/data",
-                                             "execution.tensorboard": "tb"})
+                                             "execution.tensorboard": "tb", "gguf": "f16"})
     assert not differences(a.resume_fingerprint(), b.resume_fingerprint())
-    assert len(RESUME_MAY_CHANGE) == 5
+    assert len(RESUME_MAY_CHANGE) == 6
     c = RunSettings.from_recipe("features", {"pg.lr": 0.03})
     assert differences(a.resume_fingerprint(), c.resume_fingerprint()) == ["pg.lr: 0.02 then, 0.03 now"]
 

@@ -169,3 +169,73 @@ def test_cli_export_errors(tmp_path):
     assert rc == 1 and not (tmp_path / "e.gguf").exists()
     r = subprocess.run([sys.executable, "-m", "pgprune", "export", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--outtype" in r.stdout and "deci" in r.stdout
+
+
+def test_quantized_types_refuse_widths_their_blocks_cannot_hold(smol_gguf, one_thread):
+    from pgprune.config import GGUF_OUTTYPES
+    from pgprune.gguf_export import LLAMACPP_OUTTYPES, WRITER_OUTTYPES, check_outtype, plan_gguf
+
+    assert set(GGUF_OUTTYPES) == set(WRITER_OUTTYPES) | set(LLAMACPP_OUTTYPES)
+    plan = plan_gguf(_tiny(hidden_size=64, intermediate_size=96))
+    check_outtype(plan, "q4_0")  # rows of 64 and 96: blocks of 32 fit
+    # k-quants: blocks of 256, and the hidden size itself does not fit, so no width multiple helps
+    with pytest.raises(ConfigError, match=r"blocks of 256.*hidden size 64 is not a multiple of 256"):
+        check_outtype(plan, "q4_k_m")
+    # a hidden size that fits, FFN rows that do not: the remedy is the width multiple
+    plan = plan_gguf(_tiny(hidden_size=256, intermediate_size=96))
+    with pytest.raises(ConfigError, match=r"q6_k stores rows in blocks of 256.*ffn_down.*--width-multiple 256"):
+        check_outtype(plan, "q6_k")
+
+
+@pytest.fixture(scope="module")
+def gguf_workdir(tmp_path_factory, smollm2):
+    """A tiny saved llama (hidden 64, head size 32, MLP width 128) with SmolLM2's tokenizer, and a text."""
+    _, tok = smollm2
+    root = tmp_path_factory.mktemp("gguf_run")
+    synthetic_model("llama", seed=1, num_hidden_layers=3, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                    num_attention_heads=2, num_key_value_heads=2).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    text = root / "text.txt"
+    text.write_text("Structured pruning removes whole channels, heads and layers of a network. " * 80)
+    return root, text
+
+
+def _gguf_run(root, text, **options):
+    from conftest import tiny_run_settings
+
+    return tiny_run_settings(root, text, **{"method": "wanda-sp", "width_multiple": 32, "gguf": "q8_0",
+                                            "reconstruct": "lsq", **options})
+
+
+def test_prune_gguf_writes_the_run_model_as_gguf(gguf_workdir, tmp_path, one_thread):
+    from pgprune import pruning, run_folder
+
+    root, text = gguf_workdir
+    out = tmp_path / "run"
+    record = pruning.prune(_gguf_run(root, text, sparsity=0.5), out, progress=False)
+    path = out / run_folder.gguf_file("q8_0")
+    assert record["gguf"] == {"path": str(path), "outtype": "q8_0", "bytes": path.stat().st_size}
+    r, f = _fields(path)
+    widths = f["deci.feed_forward_length"]
+    assert widths == record["masks"]["channels_per_layer"]  # the run's own pruned widths
+    assert all(w % 32 == 0 for w in widths) and sum(widths) < 3 * 128  # pruned, in blocks of 32
+    assert {t.name: t.tensor_type.name for t in r.tensors}["blk.0.ffn_down.weight"] == "Q8_0"
+
+
+def test_prune_gguf_refuses_unstorable_widths_before_the_run(gguf_workdir, tmp_path, monkeypatch, one_thread):
+    from pgprune import pruning
+
+    root, text = gguf_workdir
+    with pytest.raises(ConfigError, match=r"unknown GGUF outtype 'q3'"):
+        pruning.prune(_gguf_run(root, text, gguf="q3"), tmp_path / "a", progress=False)
+    # the FFN widths of channel pruning fit q8_0 only in multiples of 32: refused before the model loads
+    monkeypatch.setattr(pruning, "load_session", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ConfigError, match=r"--gguf q8_0 stores rows in blocks of 32.*--width-multiple 32"):
+        pruning.prune(_gguf_run(root, text, width_multiple=1), tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    # k-quants: this model's hidden size (64) cannot hold blocks of 256, seen once the model is loaded
+    pytest.importorskip("llama_cpp", reason="--gguf q4_k_m needs llama-cpp-python (pgprune[llamacpp])")
+    with pytest.raises(ConfigError, match=r"hidden size 64 is not a multiple of 256"):
+        pruning.prune(_gguf_run(root, text, gguf="q4_k_m", width_multiple=1, units="head"), tmp_path / "c",
+                      progress=False)
+    assert list(tmp_path.iterdir()) == []  # no run folder left by any of them

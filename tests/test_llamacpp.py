@@ -107,3 +107,40 @@ def test_removed_blocks_and_layer_with_constants_match_in_llamacpp(setting, tmp_
     assert s["layers"][14]["dummy_ffn"] and s["layers"][-1]["dummy_ffn"]
     assert s["layers"][8]["folded"]  # layer 9's attention constant went into layer 8's ffn_down.bias
     _compare(pruned, windows, path)
+
+
+def test_llamacpp_quantizer_types_from_export(setting, tmp_path):
+    """q4_0 of the dense SmolLM2 through llama.cpp's quantizer: the matrices are stored as Q4_0, nothing
+    but the file is left beside it, and it still scores the text (the measured q4_0 drift is ~22 %)."""
+    import gguf
+
+    model, _, windows = setting
+    windows = windows[:8]
+    path = tmp_path / "dense.q4_0.gguf"
+    export_gguf("smollm2-135m", path, outtype="q4_0")
+    assert list(tmp_path.iterdir()) == [path]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q4_0" and types["blk.29.attn_q.weight"] == "Q4_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    t_nll, t_top = _torch_scores(model, windows)
+    l_nll, l_top = _llamacpp_scores(path, windows)
+    ratio = float(np.exp(l_nll.mean() - t_nll.mean()))
+    assert 0.9 < ratio < 1.5, ratio
+    assert 0.6 < float((t_top == l_top).mean()) < 1.0  # close, but quantized: not the same model
+
+
+def test_k_quant_of_a_model_whose_rows_fit_256(tmp_path):
+    import gguf
+
+    from pgprune.models.synthetic import synthetic_model
+
+    model = synthetic_model("llama", seed=0, num_hidden_layers=2, vocab_size=49152, hidden_size=256,
+                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny.q4_k_m.gguf"
+    export_gguf(model, path, outtype="q4_k_m", tokenizer_from="smollm2-135m")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q4_K" and types["blk.1.attn_q.weight"] == "Q4_K"
+    llm = open_gguf(path, 16, threads=1)
+    logits = window_logits(llm, list(range(100, 116)))
+    llm.close()
+    assert logits.shape == (16, 49152) and np.isfinite(logits).all()

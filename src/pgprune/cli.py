@@ -160,9 +160,13 @@ def _add_export(sub) -> None:
     p.add_argument("model", metavar="PRUNED_FOLDER_OR_MODEL")
     p.add_argument("--format", default="gguf", choices=["gguf"],
                    help="gguf (llama.cpp); the Hugging Face folder is what `prune` / `apply` write")
-    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="weight type of the matrices (default f16); q8_0 needs row lengths that are multiples "
-                        "of 32. Norms and biases stay f32")
+    from pgprune.config import GGUF_OUTTYPES
+
+    p.add_argument("--outtype", default="f16", choices=GGUF_OUTTYPES, metavar="OUTTYPE",
+                   help="weight type of the matrices (default f16): " + ", ".join(GGUF_OUTTYPES) + ". q8_0 is "
+                        "written by pgprune, q4_0 and below by llama.cpp's quantizer (needs pgprune[llamacpp]); "
+                        "quantized types need row lengths that are multiples of 32 (k-quants: 256). Norms and "
+                        "biases stay f32")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--tokenizer-from", default=None, metavar="GGUF_OR_FOLDER",
                    help="take the tokenizer from this .gguf file or Hugging Face folder (default: the GGUF the "

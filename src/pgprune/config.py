@@ -18,6 +18,11 @@ from typing import Any
 
 from pgprune.errors import ConfigError
 
+# Weight types of a GGUF export (`pgprune export --outtype`, `prune --gguf`); pgprune.gguf_export says
+# which writer makes each and how long its row blocks are. Here so that the CLI lists them without torch.
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s",
+                 "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
 # Field groups shown by `pgprune prune --help`; the others only by --help-all.
 MAIN, ADVANCED, EXPERIMENTAL = "main", "advanced", "experimental"
 
@@ -151,6 +156,10 @@ class RunSettings:
     width_multiple: int = option(1, "every layer's kept MLP width a multiple of N (32: llama.cpp's q8_0 / q4_0, "
                                     "256: its k-quants); the rounding is chosen by the method's scores, the "
                                     "budget met as closely as the multiple allows", group=ADVANCED, type=int)
+    gguf: str | None = option(None, "also write the pruned model as RUN_DIR/model.OUTTYPE.gguf for llama.cpp "
+                                    "(`pgprune export --outtype`: " + ", ".join(GGUF_OUTTYPES) + "; quantized types "
+                                    "need FFN widths in multiples of their row block, see --width-multiple)",
+                              group=ADVANCED, metavar="OUTTYPE")
     recipe: str = option("features", "named preset of these settings (see --help-all / docs/method.md); "
                                      "explicit options override it", choices=("features", "paper"))
     data: DataSettings = field(default_factory=DataSettings)
@@ -241,6 +250,8 @@ class RunSettings:
         from pgprune.budget import check_width_multiple
 
         check_width_multiple(self.width_multiple)
+        if self.gguf is not None:
+            self._validate_gguf(kinds)
         if self.reconstruct_damp < 0:
             raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
         if self.method == "pg" and self.pg.reconstruct == "lsq" and not {"channel", "head"} & set(kinds):
@@ -255,6 +266,17 @@ class RunSettings:
             raise ConfigError("--eval needs at least one dataset")
         if self.method == "pg":
             self._validate_pg(kinds)
+
+    def _validate_gguf(self, kinds) -> None:
+        """--gguf refused now, not after the run, where its widths could never be stored (more: prune's
+        check of the loaded model's sizes, and export_gguf's own before it writes)."""
+        from pgprune.gguf_export import check_outtype_name, row_block
+
+        check_outtype_name(self.gguf)
+        block = row_block(self.gguf)
+        if "channel" in kinds and self.width_multiple % block:
+            raise ConfigError(f"--gguf {self.gguf} stores rows in blocks of {block} values, so every kept FFN width "
+                              f"must be a multiple of {block}: add --width-multiple {block}")
 
     def _validate_pg(self, kinds) -> None:
         from pgprune.metrics.scores import METHODS
@@ -337,7 +359,7 @@ _RENAMED_SETTINGS = {"pg.compensate": ("pg.reconstruct", lambda on: "bias" if on
 
 # Settings a resumed run may change: where it runs and what it reports, not what it learns.
 RESUME_MAY_CHANGE = ("execution.device", "execution.tensorboard", "data.data_dir", "eval.datasets",
-                     "eval.max_tokens")
+                     "eval.max_tokens", "gguf")
 
 
 def differences(old, new, prefix: str = "") -> list[str]:

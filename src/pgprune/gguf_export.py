@@ -34,15 +34,20 @@ Hugging Face folder. From a Hugging Face folder the vocabulary is read with the 
 helpers (GPT-2 BPE or SentencePiece); llama.cpp's pre-tokenizer name is not known then and is
 written as "default" (pass the original GGUF to get it right).
 
-Outtypes: f32, f16, bf16 and q8_0 (written with the `gguf` package's own quantizer). q8_0 needs
-every quantized row length (the input width of each matrix: hidden size, heads x head_dim, FFN
-width) to be a multiple of 32; otherwise the export stops with an error before writing anything.
-Norms and biases stay F32, as in llama.cpp's own converter.
+Outtypes: f32, f16, bf16 and q8_0 are written with the `gguf` package's own quantizer; the other
+quantized types (q4_0 .. q5_1, the k-quants q2_k .. q6_k) by llama.cpp's quantizer
+(`llama_model_quantize` of llama-cpp-python, the extra pgprune[llamacpp]; what `llama-quantize` does)
+from an f32 file written first into a temporary folder beside the output. Each stores rows in
+blocks: every quantized row length (the input width of each matrix: hidden size, heads x head_dim,
+FFN width) must be a multiple of 32 (q8_0, q4_0 .. q5_1) or 256 (k-quants), else the export stops
+with an error before loading llama.cpp or writing anything (llama.cpp itself would silently store
+such matrices in another type). Norms and biases stay F32, as in llama.cpp's own converter.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,10 +56,15 @@ import torch
 from torch import nn
 
 from pgprune import atomic
+from pgprune.config import GGUF_OUTTYPES
 from pgprune.errors import ConfigError, ModelLoadError, UnsupportedModelError
 
 ARCH = "deci"
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = GGUF_OUTTYPES
+WRITER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # written by the gguf package
+# the rest, by llama.cpp's quantizer from an f32 file: outtype -> row block length
+LLAMACPP_OUTTYPES = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q2_k": 256, "q3_k_m": 256,
+                     "q4_k_s": 256, "q4_k_m": 256, "q5_k_s": 256, "q5_k_m": 256, "q6_k": 256}
 DUMMY_FFN_WIDTH = 32
 _PROVENANCE_DEPTH = 4  # how many provenance links to follow to find a model's GGUF origin
 
@@ -220,12 +230,28 @@ def _is_dummy(gl: GgufLayer, tensor) -> bool:
     return (gl.dummy_attn and tensor in attn) or (gl.dummy_ffn and tensor in ffn)
 
 
-def check_outtype(plan: GgufPlan, outtype: str) -> None:
-    """ConfigError when a matrix cannot be stored as `outtype` (q8_0: row lengths multiple of 32)."""
+def check_outtype_name(outtype: str) -> None:
+    """ConfigError for an unknown outtype, or one of llama.cpp's when llama-cpp-python is missing."""
     if outtype not in OUTTYPES:
         raise ConfigError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    g = _gguf()
-    block = g.GGML_QUANT_SIZES[_qtype(outtype)][0]
+    if outtype in LLAMACPP_OUTTYPES:
+        from pgprune.evaluate.llamacpp import require_llama_cpp
+
+        require_llama_cpp(f"--outtype {outtype} (llama.cpp's quantizer)")
+
+
+def row_block(outtype: str) -> int:
+    """How many values of a row `outtype` stores per block (1: any row length)."""
+    if outtype in LLAMACPP_OUTTYPES:
+        return LLAMACPP_OUTTYPES[outtype]
+    return _gguf().GGML_QUANT_SIZES[_qtype(outtype)][0]
+
+
+def check_outtype(plan: GgufPlan, outtype: str) -> None:
+    """ConfigError when a matrix cannot be stored as `outtype` (row lengths multiple of its block)."""
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    block = row_block(outtype)
     if block == 1:
         return
     bad = []
@@ -238,9 +264,28 @@ def check_outtype(plan: GgufPlan, outtype: str) -> None:
                 bad.append(f"{_tensor_name(tensor, suffix, j)} (row length {w.shape[1]})")
     if bad:
         shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        hint = (f"prune with --width-multiple {block}" if plan.hidden % block == 0 else
+                f"this model's hidden size {plan.hidden} is not a multiple of {block}, so no pruning fixes it: "
+                f"choose a type with smaller blocks")
         raise ConfigError(f"--outtype {outtype} stores rows in blocks of {block} values, but {len(bad)} matrices have "
                           f"row lengths that are not a multiple of {block}: {shown}. Choose f16, bf16 or f32, or "
-                          f"prune to widths that are multiples of {block}")
+                          f"{hint}")
+
+
+def quantize_gguf(source: Path, out: Path, outtype: str, threads: int | None = None) -> None:
+    """llama.cpp's quantizer (`llama-quantize SOURCE OUT TYPE`, default parameters) into `out`, atomically."""
+    import os
+
+    from pgprune.evaluate.llamacpp import require_llama_cpp
+
+    llama_cpp = require_llama_cpp(f"--outtype {outtype} (llama.cpp's quantizer)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic.temp_path(out) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise ModelLoadError(f"llama.cpp's quantizer failed (code {rc}) writing {outtype} from {source}")
 
 
 def _encode(w: np.ndarray, outtype: str):
@@ -427,7 +472,6 @@ def write_gguf(plan: GgufPlan, tokenizer: TokenizerMeta, out: Path, outtype: str
     from pgprune import __version__
 
     g = _gguf()
-    T = g.MODEL_TENSOR
     check_outtype(plan, outtype)
     with atomic.temp_path(out) as tmp:
         w = g.GGUFWriter(str(tmp), arch=ARCH)
@@ -483,14 +527,14 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, outtype: str 
 
     `model`: a pruned folder (written by `pgprune prune` / `apply`), a dense Hugging Face folder,
     a hub id, a .gguf file, the alias smollm2-135m, or a loaded model (then pass `tokenizer_from`
-    unless its `name_or_path` leads to a tokenizer). `outtype`: f32, f16, bf16 or q8_0.
+    unless its `name_or_path` leads to a tokenizer). `outtype`: one of OUTTYPES (those of
+    LLAMACPP_OUTTYPES need llama-cpp-python).
     `tokenizer_from`: a .gguf file or Hugging Face folder whose tokenizer goes into the file
     (default: the model's GGUF origin, else its own tokenizer files). Returns a summary dict
     (per-layer widths, dummy blocks, folded constants, tokenizer source, bytes).
     """
     out = Path(out).expanduser()
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    check_outtype_name(outtype)
     _check_out(out, overwrite)
     if tokenizer_from is not None and not Path(str(tokenizer_from)).expanduser().exists() \
             and _gguf_origin(str(tokenizer_from)) is None:
@@ -508,7 +552,15 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, outtype: str 
     check_outtype(plan, outtype)
     tok = resolve_tokenizer(source, tokenizer_from, plan.vocab)
     label = Path(str(source)).name if source else "pgprune model"
-    write_gguf(plan, tok, out, outtype, name=label, extra={"source_model": source})
+    extra = {"source_model": source}
+    if outtype in LLAMACPP_OUTTYPES:  # f32 first, then llama.cpp's quantizer; nothing left beside `out` but it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+            f32 = Path(work) / "f32.gguf"
+            write_gguf(plan, tok, f32, "f32", name=label, extra=extra)
+            quantize_gguf(f32, out, outtype)
+    else:
+        write_gguf(plan, tok, out, outtype, name=label, extra=extra)
     return {
         "path": str(out),
         "architecture": ARCH,

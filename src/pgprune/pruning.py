@@ -198,6 +198,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     session = load_session(settings)
     model, costs, kinds = session.model, session.costs, session.layout.kinds
     _check_width_multiple(settings, costs)  # needs the model's widths; before any data pass
+    if settings.gguf is not None:
+        _check_gguf_widths(settings, session.adapter)
     if pg_run:  # fail now, not after the metric init, when a PG step cannot fit
         from pgprune.memory import check_fits, estimate_pg_memory
 
@@ -290,6 +292,13 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     _print_ppl(f"final (pruned model, reconstruction {mode})", ppl["pruned"])
     save_pruned(model, session.tokenizer, out / run_folder.MODEL_DIR, masks=masks, overwrite=True,
                 extra={"method": settings.method, "sparsity_target": settings.sparsity})
+    if settings.gguf is not None:
+        from pgprune.gguf_export import export_gguf
+
+        gguf_path = out / run_folder.gguf_file(settings.gguf)
+        summary = export_gguf(out / run_folder.MODEL_DIR, gguf_path, outtype=settings.gguf, overwrite=True)
+        record["gguf"] = {"path": str(gguf_path), "outtype": settings.gguf, "bytes": summary["bytes"]}
+        print(f"[pgprune] wrote {gguf_path} ({summary['bytes'] / 2**20:.1f} MiB, llama.cpp `deci`)", flush=True)
     record.update(masks=masks.summary(costs), perplexity=ppl, seconds=time.perf_counter() - t_start,
                   pruned_model=str(out / run_folder.MODEL_DIR))
     run_folder.write_record(out, record)
@@ -356,6 +365,22 @@ def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:
             and not set(settings.kinds) & {"attn", "mlp", "layer"}:
         plan = uniform_plan(costs, settings.kinds, settings.sparsity)
         check_kept_widths(costs.intermediate - plan.counts["channel"], n)
+
+
+def _check_gguf_widths(settings: RunSettings, adapter) -> None:
+    """--gguf against the loaded model's sizes: what no mask can change (the hidden size; with head units
+    the o_proj rows of kept heads x head_dim) must fit the type's row blocks."""
+    from pgprune.gguf_export import row_block
+
+    block = row_block(settings.gguf)
+    if adapter.hidden_size % block:
+        raise ConfigError(f"--gguf {settings.gguf} stores rows in blocks of {block} values; this model's hidden size "
+                          f"{adapter.hidden_size} is not a multiple of {block}: choose a type with smaller blocks "
+                          "(f16, q8_0, q4_0 ..)")
+    if "head" in settings.kinds and adapter.head_dim % block:
+        raise ConfigError(f"--gguf {settings.gguf} stores rows in blocks of {block} values, but with --units head "
+                          f"o_proj keeps rows of (kept heads x {adapter.head_dim}): choose a type with blocks of "
+                          f"{adapter.head_dim} or fewer values, or prune without head units")
 
 
 def _dense_stats_once(model, calib, settings: RunSettings, metric=None):

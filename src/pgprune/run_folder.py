@@ -9,6 +9,7 @@ What `pgprune prune ... --out DIR` (Python: `pgprune.prune(settings, DIR)`) writ
     probabilities.pt    final keep-probabilities {kind: [L, units]} (pg only)
     masks.safetensors   the final hard mask
     model/              the pruned Hugging Face folder
+    model.OUTTYPE.gguf  the same model for llama.cpp (--gguf OUTTYPE)
     report.md, report.json, *.png   `pgprune report DIR` (pgprune.report)
     tensorboard/        --tensorboard without a folder
 
@@ -34,6 +35,13 @@ MODEL_DIR = "model"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def gguf_file(outtype: str) -> str:
+    """The run folder's GGUF export (`prune --gguf OUTTYPE`)."""
+    return f"model.{outtype}.gguf"
+
+
 # What makes a folder worth keeping after a failure: a run that can be resumed or was finished.
 KEEPSAKES = (CHECKPOINT_FILE, RUN_FILE)
 

@@ -27,13 +27,13 @@ from pgprune.errors import ConfigError, ModelLoadError
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
 
 
-def require_llama_cpp():
-    """The llama_cpp module, or a ConfigError that says how to install it."""
+def require_llama_cpp(purpose: str = "--engine llama.cpp"):
+    """The llama_cpp module, or a ConfigError that says what needs it and how to install it."""
     try:
         import llama_cpp
     except ImportError as e:
         raise ConfigError(
-            "--engine llama.cpp needs llama-cpp-python, which is not installed: install the extra with "
+            f"{purpose} needs llama-cpp-python, which is not installed: install the extra with "
             "`pip install 'pgprune[llamacpp]'` (built from source; with CMAKE_ARGS as in the README / Makefile "
             f"`llamacpp` target), or `{LLAMA_CPP_REQUIREMENT}`") from e
     return llama_cpp
