@@ -11,8 +11,8 @@ DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 PYTEST_ARGS ?=
 # llama.cpp (the optional extra pgprune[llamacpp]) for the GGUF tests and `eval --engine llama.cpp`:
 # built from the pinned sdist with portable AVX2 kernels. The default native build (-march=native plus
-# every optional part) segfaulted on its first eval on an AVX512/AMX CPU; this one runs there and on
-# AVX2-only CPUs. LLAMACPP=0 skips it (the llama.cpp tests then skip and say why).
+# every optional part) segfaulted on its first eval on an AVX512/AMX CPU (likely llama.cpp's AMX backend,
+# docs/structure.md); this one runs there and on AVX2-only CPUs. LLAMACPP=0 skips it (the llama.cpp tests then skip and say why).
 LLAMACPP ?= 1
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF \
