@@ -22,6 +22,11 @@ the LM head for the last position), generation by bytes read per token (every ma
 stored type, the LM head included, plus the K and V cache at the mean context, f16).
 efficiency = measured / ideal.
 
+With --torch-dtype (default fp32) the same models are also timed in pgprune's PyTorch forward
+(`pgprune.evaluate.speed.compare_speed`: random prompt ids of the same length, the same number of
+cached decode steps, interleaved, same threads) after the llama.cpp rounds, for the speed-ups side by
+side; their ideal uses the f32 GGUF's FLOPs and bytes.
+
 Perplexity: WikiText-2 test, the first --ppl-tokens tokens (pgprune's tokenizer), windows of
 --ppl-seqlen from an empty cache (pgprune.evaluate.llamacpp, DESIGN.md protocol), each type against
 the f32 file of the same model.
@@ -126,6 +131,36 @@ def time_once(llm, prompt_ids: list[int], gen_ids: list[int]) -> tuple[float, fl
     return len(prompt_ids) / (t1 - t0), len(gen_ids) / (t2 - t1)
 
 
+def torch_rows(sources: dict, files: dict, args) -> list[dict]:
+    """The same models in pgprune's PyTorch forward (pgprune.evaluate.speed.compare_speed: batch 1, a
+    --prompt token prefill, --gen cached decode steps, interleaved, --rounds repeats, --threads threads);
+    ideal speed-ups from the f32 GGUF of each model (FLOPs; bytes at f32)."""
+    import torch
+
+    from pgprune.evaluate.speed import compare_speed
+    from pgprune.models.load import load_model
+
+    torch.set_num_threads(args.threads)
+    models = {name: load_model(str(src), dtype=args.torch_dtype, device="cpu")[0] for name, src in sources.items()}
+    cmp = compare_speed(models, baseline="dense", prompt_len=args.prompt, new_tokens=args.gen, repeats=args.rounds)
+    dense_cost = gguf_costs(files["dense"]["f32"], args.prompt, args.gen)
+    rows = []
+    for name in sources:
+        res, rat = cmp.results[name], cmp.ratios[name]
+        row = {"model": name, "type": f"torch-{args.torch_dtype}", "pp_tok_s": res.prefill_tokens_per_s,
+               "tg_tok_s": res.decode_tokens_per_s, "param_MiB": res.param_bytes / 2**20}
+        if name != "dense":
+            cost = gguf_costs(files[name]["f32"], args.prompt, args.gen)
+            row.update(pp_speedup=rat["prefill_speedup"], tg_speedup=rat["decode_speedup"],
+                       pp_ideal=dense_cost["flops_prefill"] / cost["flops_prefill"],
+                       tg_ideal=dense_cost["bytes_per_token"] / cost["bytes_per_token"])
+            row["pp_efficiency"] = row["pp_speedup"] / row["pp_ideal"]
+            row["tg_efficiency"] = row["tg_speedup"] / row["tg_ideal"]
+        rows.append(row)
+        print(f"torch {name}: prefill {row['pp_tok_s']:.1f} tok/s, decode {row['tg_tok_s']:.1f} tok/s", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -136,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--torch-dtype", default="fp32",
+                   help="also time the same models in pgprune's PyTorch forward (transformers) at this dtype, "
+                        "same threads, prompt and steps, for the speed-ups side by side; 'none' skips it")
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--ppl-seqlen", type=int, default=128)
     p.add_argument("--ppl-models", default="dense,0.3", help="models whose perplexity drift is measured")
@@ -206,7 +244,11 @@ def main(argv=None) -> int:
         for c in order:
             samples[c].append(time_once(llms[c], prompt_ids, gen_ids))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
+    for llm in llms.values():
+        llm.close()
     rows = []
+    if args.torch_dtype != "none":
+        rows += torch_rows(sources, files, args)
     for name, t in cells:
         cost, dense_cost = gguf_costs(files[name][t], args.prompt, args.gen), gguf_costs(files["dense"][t], args.prompt, args.gen)
         pp = [s[0] for s in samples[(name, t)]]

@@ -233,3 +233,11 @@ def test_bad_reconstruction_input():
             reconstruct(model, random_ids(2, 8), masks, "lsq", progress=False)
     finally:
         hook.remove()
+
+
+def test_finiteness_is_scanned_once_per_update():
+    fs = FeatureStats.empty(3, covariance=True)
+    fs.update(correlated(10, 3))
+    assert fs.is_finite() and fs._finite is True  # cached: PG's per-mask refits do not rescan
+    fs.update(torch.tensor([[1.0, float("inf"), 0.0]]))
+    assert fs._finite is None and not fs.is_finite()  # an update clears the verdict

@@ -158,10 +158,9 @@ def lsq_columns(weight: torch.Tensor, stats, keep: torch.Tensor, damp: float = D
 
 
 def _check_finite(stats, i: int, block: str) -> None:
-    for t in (stats.mean, stats.m2, stats.comoment):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise DataError(f"layer {i} {block}: the calibration activations are not finite (an fp16/bf16 "
-                            "overflow?); run the reconstruction with --dtype fp32")
+    if not stats.is_finite():
+        raise DataError(f"layer {i} {block}: the calibration activations are not finite (an fp16/bf16 "
+                        "overflow?); run the reconstruction with --dtype fp32")
 
 
 def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor, channels: torch.Tensor,

@@ -18,7 +18,7 @@ Module names come from the adapter only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -46,6 +46,8 @@ class FeatureStats:
     mean: torch.Tensor  # [F] float64
     m2: torch.Tensor  # [F] float64: sum of squared deviations from the mean
     comoment: torch.Tensor | None = None  # [F, F] float64: sum of (x - mean)(x - mean)^T, or None
+    # set by is_finite() once it has scanned these values; any update clears it
+    _finite: bool | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, features: int, device=None, covariance: bool = False) -> "FeatureStats":
@@ -70,6 +72,14 @@ class FeatureStats:
             self.comoment += (centred.T @ centred).double()
             self.comoment += torch.outer(delta, delta) * (n_a * n_b / n)
         self.count = n
+        self._finite = None
+
+    def is_finite(self) -> bool:
+        """Whether mean, m2 and co-moment are all finite; scanned once until the next update (PG's
+        per-mask refits read the same statistics thousands of times)."""
+        if self._finite is None:
+            self._finite = all(t is None or bool(torch.isfinite(t).all()) for t in (self.mean, self.m2, self.comoment))
+        return self._finite
 
     @property
     def variance(self) -> torch.Tensor:
