@@ -1,0 +1,204 @@
+"""The default recipe against the metric methods under issue 18's protocol, in one resumable command.
+
+For every calibration source and seed (`--calibs wiki-sample:3,c4:2` = seeds 0-2 of the Wikipedia
+sample, 0-1 of C4), every --sparsities and every run kind:
+- each `--variants` entry: a PG run of a recipe, `features` (the default) or `paper`, optionally with
+  settings overridden after `+` (`features+pg.reconstruct=lsq`: PG scored by least squares);
+- each `--metrics` method at each `--metric-reconstruct` mode (wanda-sp uniform, flap global),
+the run is `pgprune.prune()` itself (the `pgprune prune` pipeline: calibration windows of the source,
+held-out calibration text for PG's tracking, nothing from the evaluation sets) into
+--work/CALIB_sSEED_SPARSITY_LABEL, and its exported model is then scored once under DESIGN.md's protocol
+(seqlen 128): WikiText-2 test (first --wikitext-tokens; 0 = all) and the natural-text measure, the
+geometric mean of the perplexities of the shared C4 sample's validation documents and the Wikipedia
+sample's test split (first --natural-tokens each). A finished cell (run.json + scores.json) is reused,
+so an interrupted sweep continues where it stopped; add seeds or sparsities to the same --work.
+
+Summary per (calibration source, sparsity): for every run kind the median over seeds (and min / max),
+the best metric method at its best reconstruction (lowest median), and each PG variant's ratio to it
+(median, and the worst seed against that metric's median): the targets' "<= 0.8x, no seed above".
+
+    python bench/recipe_targets.py --data-dir /work/shared/data                         # the full sweep
+    python bench/recipe_targets.py --calibs c4:1 --variants features,paper --metrics '' \\
+        --wikitext-tokens 0 --tag paper_setting                                         # the paper's setting
+
+Writes bench/results/TAG.json (after every cell) and prints the tables. A GPU: --device cuda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS_DIR, command_line, machine, table  # noqa: E402
+from pgprune import atomic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NATURAL = ("c4", "wiki-sample")  # the natural-text measure: C4 validation documents, Wikipedia sample test
+METRIC_ALLOCATION = {"wanda-sp": "uniform", "flap": "global"}
+
+
+def parse_calibs(text: str) -> list[tuple[str, int]]:
+    """'wiki-sample:3,c4:2' -> [(wiki-sample, 0), (wiki-sample, 1), (wiki-sample, 2), (c4, 0), (c4, 1)]."""
+    cells = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, seeds = part.partition(":")
+        cells += [(name, s) for s in range(int(seeds or 1))]
+    return cells
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'features+pg.reconstruct=lsq+pg.lr=0.01' -> ('features', {'pg.reconstruct': 'lsq', 'pg.lr': 0.01})."""
+    recipe, *overrides = text.split("+")
+    values = {}
+    for o in overrides:
+        key, _, raw = o.partition("=")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return recipe, values
+
+
+def natural_text_ppl(ppl: dict) -> float:
+    """exp of the mean log-perplexity over the natural-text sets."""
+    return math.exp(statistics.fmean(math.log(ppl[n]) for n in NATURAL))
+
+
+def score(model_path: str, args) -> dict:
+    """{dataset: perplexity} of a saved model under the protocol (+ 'natural')."""
+    from pgprune.evaluate.perplexity import evaluate_perplexity
+    from pgprune.models.load import load_model
+
+    model, tok = load_model(model_path, dtype=args.dtype, device=args.device)
+    out = {}
+    for name, limit in (("wikitext2", args.wikitext_tokens or None),
+                        *((n, args.natural_tokens or None) for n in NATURAL)):
+        out[name] = evaluate_perplexity(model, tok, name, "test", seqlen=128, max_tokens=limit,
+                                        data_dir=args.data_dir).ppl
+    out["natural"] = natural_text_ppl(out)
+    return out
+
+
+def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> dict:
+    """prune() into `folder` (unless finished) and its scores (cached in scores.json)."""
+    from pgprune.config import RunSettings
+    from pgprune.pruning import prune
+
+    scores_file = folder / "scores.json"
+    if scores_file.is_file() and (folder / "run.json").is_file():
+        return json.loads(scores_file.read_text())
+    settings = RunSettings.from_recipe(recipe, {
+        "model": args.model, "data.data_dir": args.data_dir, "eval.datasets": "wikitext2",
+        "eval.max_tokens": args.progress_tokens, "execution.dtype": args.dtype, "execution.device": args.device,
+        **overrides})
+    t0 = time.perf_counter()
+    record = prune(settings, folder, overwrite=True, progress=not args.quiet)
+    cell = {"label": label, "settings": record["settings"], "seconds": time.perf_counter() - t0,
+            "sparsity": record["masks"].get("sparsity"), "scores": score(str(folder / "model"), args)}
+    if "pg" in record:
+        cell["pg_seconds"] = record["pg"].get("seconds")
+    atomic.write_json(scores_file, cell)
+    return cell
+
+
+def summarize(cells: list[dict], variants: list[str]) -> list[dict]:
+    rows = []
+    groups = sorted({(c["calib"], c["sparsity_target"]) for c in cells})
+    for calib, sparsity in groups:
+        mine = [c for c in cells if c["calib"] == calib and c["sparsity_target"] == sparsity]
+        by_label: dict[str, list[dict]] = {}
+        for c in mine:
+            by_label.setdefault(c["label"], []).append(c)
+        med = {lab: {k: statistics.median(c["scores"][k] for c in cs) for k in ("wikitext2", "natural")}
+               for lab, cs in by_label.items()}
+        metrics = [lab for lab in by_label if lab not in variants]
+        for lab, cs in by_label.items():
+            row = {"calib": calib, "sparsity": sparsity, "run": lab, "seeds": len(cs),
+                   "wikitext2": med[lab]["wikitext2"], "wt2_min": min(c["scores"]["wikitext2"] for c in cs),
+                   "wt2_max": max(c["scores"]["wikitext2"] for c in cs), "natural": med[lab]["natural"],
+                   "nat_max": max(c["scores"]["natural"] for c in cs)}
+            if lab in variants and metrics:
+                for key, short in (("wikitext2", "wt2"), ("natural", "nat")):
+                    best = min(metrics, key=lambda m: med[m][key])
+                    worst = max(c["scores"][key] for c in cs)
+                    row[f"{short}_best_metric"] = best
+                    row[f"{short}_vs_best"] = med[lab][key] / med[best][key]
+                    row[f"{short}_worst_seed_vs_best"] = worst / med[best][key]
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calibs", default="wiki-sample:3,c4:2", help="SOURCE:SEEDS, comma-separated")
+    p.add_argument("--sparsities", default="0.3,0.5")
+    p.add_argument("--variants", default="features", help="PG runs: RECIPE[+setting=value...], comma-separated")
+    p.add_argument("--metrics", default="wanda-sp,flap", help="metric methods ('' for none)")
+    p.add_argument("--metric-reconstruct", default="lsq", help="their reconstruction(s): none, bias, lsq")
+    p.add_argument("--wikitext-tokens", type=int, default=65536, help="first N WikiText-2 test tokens (0: all)")
+    p.add_argument("--natural-tokens", type=int, default=32768, help="first N tokens of each natural-text set")
+    p.add_argument("--progress-tokens", type=int, default=4096,
+                   help="the runs' own printed perplexities (not the scores) use this many tokens")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--work", default=str(REPO / "runs" / "recipe_targets"))
+    p.add_argument("--tag", default="recipe_targets")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    modes = [m.strip() for m in args.metric_reconstruct.split(",") if m.strip()]
+    kinds = [(v, *parse_variant(v)) for v in variants]
+    kinds += [(f"{m}+{r}", "features", {"method": m, "allocation": METRIC_ALLOCATION.get(m, "uniform"),
+                                        "reconstruct": r}) for m in metrics for r in modes]
+    out = RESULTS_DIR / f"{args.tag}.json"
+    record = {"command": command_line("recipe_targets.py", sys.argv[1:] if argv is None else argv),
+              "machine": machine(), "model": args.model, "protocol": {
+                  "seqlen": 128, "wikitext2": {"split": "test", "max_tokens": args.wikitext_tokens or None},
+                  "natural": {"sets": {"c4": "validation documents", "wiki-sample": "test"},
+                              "max_tokens": args.natural_tokens or None, "mean": "geometric"}},
+              "dense": None, "cells": []}
+    dense_file = work / f"dense_{args.model.replace('/', '_')}.json"
+    if dense_file.is_file():
+        record["dense"] = json.loads(dense_file.read_text())
+    else:
+        record["dense"] = score(args.model, args)
+        atomic.write_json(dense_file, record["dense"])
+    print(f"dense: {record['dense']}", flush=True)
+    for calib, seed in parse_calibs(args.calibs):
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            for label, recipe, overrides in kinds:
+                folder = work / f"{calib}_s{seed}_{sparsity:g}_{label.replace('=', '-')}"
+                cell = run_cell(label, {"data.calib": calib, "seed": seed, "sparsity": sparsity, **overrides},
+                                recipe, folder, args)
+                cell.update(calib=calib, seed=seed, sparsity_target=sparsity, folder=str(folder))
+                record["cells"].append(cell)
+                print(f"{calib} seed {seed} {sparsity:g} {label}: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in cell["scores"].items()), flush=True)
+                record["summary"] = summarize(record["cells"], variants)
+                atomic.write_json(out, record)
+    print(table(record["summary"], ["calib", "sparsity", "run", "seeds", "wikitext2", "wt2_min", "wt2_max", "natural",
+                                    "nat_max", "wt2_vs_best", "wt2_worst_seed_vs_best", "nat_vs_best",
+                                    "nat_worst_seed_vs_best"]))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
