@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -40,7 +39,6 @@ from _common import RESULTS_DIR, command_line, machine, table  # noqa: E402
 from pgprune import atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-NATURAL = ("c4", "wiki-sample")  # the natural-text measure: C4 validation documents, Wikipedia sample test
 METRIC_ALLOCATION = {"wanda-sp": "uniform", "flap": "global"}
 
 
@@ -66,20 +64,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return recipe, values
 
 
-def natural_text_ppl(ppl: dict) -> float:
-    """exp of the mean log-perplexity over the natural-text sets."""
-    return math.exp(statistics.fmean(math.log(ppl[n]) for n in NATURAL))
-
-
 def score(model_path: str, args) -> dict:
     """{dataset: perplexity} of a saved model under the protocol (+ 'natural')."""
-    from pgprune.evaluate.perplexity import evaluate_perplexity
+    from pgprune.evaluate.perplexity import NATURAL_TEXT, evaluate_perplexity, natural_text_ppl
     from pgprune.models.load import load_model
 
     model, tok = load_model(model_path, dtype=args.dtype, device=args.device)
     out = {}
     for name, limit in (("wikitext2", args.wikitext_tokens or None),
-                        *((n, args.natural_tokens or None) for n in NATURAL)):
+                        *((n, args.natural_tokens or None) for n in NATURAL_TEXT)):
         out[name] = evaluate_perplexity(model, tok, name, "test", seqlen=128, max_tokens=limit,
                                         data_dir=args.data_dir).ppl
     out["natural"] = natural_text_ppl(out)

@@ -172,10 +172,11 @@ def test_cli_export_errors(tmp_path):
 
 
 def test_quantized_types_refuse_widths_their_blocks_cannot_hold(smol_gguf, one_thread):
-    from pgprune.config import GGUF_OUTTYPES
-    from pgprune.gguf_export import LLAMACPP_OUTTYPES, WRITER_OUTTYPES, check_outtype, plan_gguf
+    from pgprune.gguf_export import _qtype, check_outtype, plan_gguf
+    from pgprune.gguf_types import WRITER_BLOCKS
 
-    assert set(GGUF_OUTTYPES) == set(WRITER_OUTTYPES) | set(LLAMACPP_OUTTYPES)
+    for outtype, block in WRITER_BLOCKS.items():  # the light table agrees with the gguf package
+        assert gguf.GGML_QUANT_SIZES[_qtype(outtype)][0] == block
     plan = plan_gguf(_tiny(hidden_size=64, intermediate_size=96))
     check_outtype(plan, "q4_0")  # rows of 64 and 96: blocks of 32 fit
     # k-quants: blocks of 256, and the hidden size itself does not fit, so no width multiple helps

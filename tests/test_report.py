@@ -272,3 +272,20 @@ def test_export_check_counts_the_compensation_biases(workdir, reconstruct):
     assert run["bias_params_added"] > 0
     assert rep["export_check"]["ok"] is True, rep["export_check"]["problems"]
     assert rep["export_check"]["prunable_params"] == run["masks"]["kept_prunable_params"] + run["bias_params_added"]
+
+
+def test_natural_text_column_when_c4_and_the_wikipedia_sample_are_evaluated(metric_run, tmp_path):
+    src, _ = metric_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    run = json.loads((out / "run.json").read_text())
+    for values in run["perplexity"].values():
+        values.update({"c4": 40.0, "wiki-sample": 90.0})
+    (out / "run.json").write_text(json.dumps(run))
+    rep = write_report(out, inspect_export=False)
+    md = (out / "report.md").read_text()
+    assert rep["natural_text"]["pruned"] == pytest.approx(60.0)  # sqrt(40 * 90)
+    assert "| natural text |" in md and re.search(r"^\| pruned \|.* \| 60\.0+ \|$", md, re.M)
+    # without both sets there is no such column
+    rep = write_report(src, inspect_export=False)
+    assert set(rep["natural_text"].values()) == {None} and "natural text" not in (src / "report.md").read_text()

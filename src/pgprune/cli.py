@@ -160,7 +160,7 @@ def _add_export(sub) -> None:
     p.add_argument("model", metavar="PRUNED_FOLDER_OR_MODEL")
     p.add_argument("--format", default="gguf", choices=["gguf"],
                    help="gguf (llama.cpp); the Hugging Face folder is what `prune` / `apply` write")
-    from pgprune.config import GGUF_OUTTYPES
+    from pgprune.gguf_types import OUTTYPES as GGUF_OUTTYPES
 
     p.add_argument("--outtype", default="f16", choices=GGUF_OUTTYPES, metavar="OUTTYPE",
                    help="weight type of the matrices (default f16): " + ", ".join(GGUF_OUTTYPES) + ". q8_0 is "

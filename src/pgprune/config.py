@@ -17,11 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pgprune.errors import ConfigError
-
-# Weight types of a GGUF export (`pgprune export --outtype`, `prune --gguf`); pgprune.gguf_export says
-# which writer makes each and how long its row blocks are. Here so that the CLI lists them without torch.
-GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s",
-                 "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+from pgprune.gguf_types import OUTTYPES as GGUF_OUTTYPES
 
 # Field groups shown by `pgprune prune --help`; the others only by --help-all.
 MAIN, ADVANCED, EXPERIMENTAL = "main", "advanced", "experimental"
@@ -270,7 +266,7 @@ class RunSettings:
     def _validate_gguf(self, kinds) -> None:
         """--gguf refused now, not after the run, where its widths could never be stored (more: prune's
         check of the loaded model's sizes, and export_gguf's own before it writes)."""
-        from pgprune.gguf_export import check_outtype_name, row_block
+        from pgprune.gguf_types import check_outtype_name, row_block
 
         check_outtype_name(self.gguf)
         block = row_block(self.gguf)

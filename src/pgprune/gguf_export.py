@@ -56,15 +56,10 @@ import torch
 from torch import nn
 
 from pgprune import atomic
-from pgprune.config import GGUF_OUTTYPES
 from pgprune.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from pgprune.gguf_types import LLAMACPP_BLOCKS, check_outtype_name, row_block
 
 ARCH = "deci"
-OUTTYPES = GGUF_OUTTYPES
-WRITER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # written by the gguf package
-# the rest, by llama.cpp's quantizer from an f32 file: outtype -> row block length
-LLAMACPP_OUTTYPES = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q2_k": 256, "q3_k_m": 256,
-                     "q4_k_s": 256, "q4_k_m": 256, "q5_k_s": 256, "q5_k_m": 256, "q6_k": 256}
 DUMMY_FFN_WIDTH = 32
 _PROVENANCE_DEPTH = 4  # how many provenance links to follow to find a model's GGUF origin
 
@@ -230,28 +225,9 @@ def _is_dummy(gl: GgufLayer, tensor) -> bool:
     return (gl.dummy_attn and tensor in attn) or (gl.dummy_ffn and tensor in ffn)
 
 
-def check_outtype_name(outtype: str) -> None:
-    """ConfigError for an unknown outtype, or one of llama.cpp's when llama-cpp-python is missing."""
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    if outtype in LLAMACPP_OUTTYPES:
-        from pgprune.evaluate.llamacpp import require_llama_cpp
-
-        require_llama_cpp(f"--outtype {outtype} (llama.cpp's quantizer)")
-
-
-def row_block(outtype: str) -> int:
-    """How many values of a row `outtype` stores per block (1: any row length)."""
-    if outtype in LLAMACPP_OUTTYPES:
-        return LLAMACPP_OUTTYPES[outtype]
-    return _gguf().GGML_QUANT_SIZES[_qtype(outtype)][0]
-
-
 def check_outtype(plan: GgufPlan, outtype: str) -> None:
     """ConfigError when a matrix cannot be stored as `outtype` (row lengths multiple of its block)."""
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    block = row_block(outtype)
+    block = row_block(outtype)  # ConfigError for an unknown type
     if block == 1:
         return
     bad = []
@@ -527,8 +503,8 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, outtype: str 
 
     `model`: a pruned folder (written by `pgprune prune` / `apply`), a dense Hugging Face folder,
     a hub id, a .gguf file, the alias smollm2-135m, or a loaded model (then pass `tokenizer_from`
-    unless its `name_or_path` leads to a tokenizer). `outtype`: one of OUTTYPES (those of
-    LLAMACPP_OUTTYPES need llama-cpp-python).
+    unless its `name_or_path` leads to a tokenizer). `outtype`: one of gguf_types.OUTTYPES (those of
+    LLAMACPP_BLOCKS need llama-cpp-python).
     `tokenizer_from`: a .gguf file or Hugging Face folder whose tokenizer goes into the file
     (default: the model's GGUF origin, else its own tokenizer files). Returns a summary dict
     (per-layer widths, dummy blocks, folded constants, tokenizer source, bytes).
@@ -553,7 +529,7 @@ def export_gguf(model: str | Path | nn.Module, out: str | Path, *, outtype: str 
     tok = resolve_tokenizer(source, tokenizer_from, plan.vocab)
     label = Path(str(source)).name if source else "pgprune model"
     extra = {"source_model": source}
-    if outtype in LLAMACPP_OUTTYPES:  # f32 first, then llama.cpp's quantizer; nothing left beside `out` but it
+    if outtype in LLAMACPP_BLOCKS:  # f32 first, then llama.cpp's quantizer; nothing left beside `out` but it
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
             f32 = Path(work) / "f32.gguf"

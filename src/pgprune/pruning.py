@@ -370,7 +370,7 @@ def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:
 def _check_gguf_widths(settings: RunSettings, adapter) -> None:
     """--gguf against the loaded model's sizes: what no mask can change (the hidden size; with head units
     the o_proj rows of kept heads x head_dim) must fit the type's row blocks."""
-    from pgprune.gguf_export import row_block
+    from pgprune.gguf_types import row_block
 
     block = row_block(settings.gguf)
     if adapter.hidden_size % block:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pgprune import atomic
 from pgprune.errors import ConfigError
+from pgprune.evaluate.perplexity import natural_text_ppl
 
 from pgprune.run_folder import (METRICS_FILE, MODEL_DIR, PROBS_FILE, REPORT_JSON, REPORT_MD, read_metrics,
                                 read_probabilities, read_record)
@@ -129,6 +130,7 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "dense_channels": dense["channel"], "channels": m["channels_per_layer"],
         },
         "perplexity": record["perplexity"],
+        "natural_text": {st: natural_text_ppl(v) for st, v in record["perplexity"].items()},
         "perplexity_protocol": {"seqlen": proto.get("seqlen", o["eval"]["seqlen"]),
                                 "max_tokens": proto.get("max_tokens", o["eval"]["max_tokens"]),
                                 "split": proto.get("split", "test"),
@@ -395,11 +397,15 @@ def _markdown(s: dict) -> str:
     ppl = s["perplexity"]
     stages = [st for st in STAGES if st in ppl] + [st for st in ppl if st not in STAGES]
     datasets = list(dict.fromkeys(d for st in stages for d in ppl[st]))
-    lines.append("| stage | " + " | ".join(f"`{d}`" for d in datasets) + " |")
-    lines.append("|---|" + "---:|" * len(datasets))
+    natural = any(natural_text_ppl(ppl[st]) is not None for st in stages)
+    lines.append("| stage | " + " | ".join(f"`{d}`" for d in datasets) + (" | natural text |" if natural else " |"))
+    lines.append("|---|" + "---:|" * (len(datasets) + natural))
     for st in stages:
-        lines.append(f"| {st} | " + " | ".join(_num(ppl[st].get(d)) for d in datasets) + " |")
+        lines.append(f"| {st} | " + " | ".join(_num(ppl[st].get(d)) for d in datasets)
+                     + (f" | {_num(natural_text_ppl(ppl[st]))}" if natural else "") + " |")
     lines.append("")
+    if natural:
+        lines.append("- natural text: the geometric mean of the `c4` and `wiki-sample` perplexities (docs/report.md)")
     lines += [f"- {st}: {STAGES[st]}" for st in stages if st in STAGES]
 
     if s["pg"]:

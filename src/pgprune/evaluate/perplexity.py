@@ -109,6 +109,20 @@ def evaluate_perplexity(model, tokenizer, source: str = "wikitext2", split: str 
                                 dataset=source, split=split)
 
 
+# The natural-text measure (issue 18's layer target, DESIGN.md protocol): how a pruned model does on
+# naturally written held-out text, the geometric mean of the perplexities of the C4 sample's validation
+# documents (`c4`, split test) and the Wikipedia sample's test split, first 32k tokens each.
+NATURAL_TEXT = ("c4", "wiki-sample")
+
+
+def natural_text_ppl(ppl_by_dataset: dict) -> float | None:
+    """exp(mean log perplexity) over NATURAL_TEXT, or None unless every one of them is there."""
+    values = [ppl_by_dataset.get(n) for n in NATURAL_TEXT]
+    if any(v is None or not v > 0 for v in values):
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def format_ppl_table(model_name: str, results: list[PerplexityResult]) -> str:
     rows = [("dataset", "split", "seqlen", "tokens", "ppl", "tok/s", "note")]
     for r in results:
