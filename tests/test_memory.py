@@ -162,13 +162,19 @@ def test_check_fits_asks_for_plan_plus_allocator_slack(monkeypatch):
 
 
 def test_least_squares_covariances_are_planned_as_collected():
-    # the plan's covariance bytes are those collect_layer_stats(covariance=True) allocates: every
-    # layer's while PG scores masks by least squares, one layer's (in a walk phase) for the final refit
+    # the plan's covariance bytes are those collect_layer_stats(covariance=True) allocates and the
+    # precision matrices PG's per-mask refits cache beside them: every layer's while PG scores masks
+    # by least squares, one layer's (in a walk phase) for the final refit
     from pgprune.metrics.calibration import collect_layer_stats
+    from pgprune.reconstruction import DEFAULT_DAMP
 
     model = synthetic_model("llama")
     stats = collect_layer_stats(model, torch.randint(0, 100, (2, 16)), covariance=True, progress=False)
-    collected = sum(fs.comoment.numel() * fs.comoment.element_size() for st in stats for fs in (st.attn_in, st.mlp_in))
+    for st in stats:
+        for fs in (st.attn_in, st.mlp_in):
+            fs.damped_precision(DEFAULT_DAMP)
+    collected = sum(t.numel() * t.element_size() for st in stats for fs in (st.attn_in, st.mlp_in)
+                    for t in (fs.comoment, *fs._precision.values()))
     plain = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32)
     lsq = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, reconstruct="lsq", pg_reconstruct="lsq")
     assert plain["breakdown"]["reconstruction_covariances"] == plain["phases"]["final_refit"] == 0

@@ -37,7 +37,7 @@ def plain_ridge(x, w, keep, damp):
     x, w = x.double(), w.double()
     xs = x[:, keep]
     n = x.shape[0]
-    lam = damp * float(xs.var(0, correction=0).mean())
+    lam = damp * float(x.var(0, correction=0).mean())  # relative to the mean variance of all inputs
     design = torch.cat([torch.cat([xs, torch.ones(n, 1, dtype=x.dtype)], 1),
                         torch.cat([(n * lam) ** 0.5 * torch.eye(xs.shape[1], dtype=x.dtype),
                                    torch.zeros(xs.shape[1], 1, dtype=x.dtype)], 1)])
@@ -53,15 +53,37 @@ def test_covariance_merges_batches_exactly():
     torch.testing.assert_close(fs.mean, x.double().mean(0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", [False, True])
 @pytest.mark.parametrize("damp", [0.0, DEFAULT_DAMP, 0.5])
-def test_lsq_columns_match_a_plain_ridge_regression(damp):
+def test_lsq_columns_match_a_plain_ridge_regression(damp, precision):
+    """Both exact forms (the kept-size solve, and through the damped precision matrix where fewer inputs
+    are dropped than kept) against a plain ridge regression, for few and for many dropped inputs."""
     x = correlated(400, 12, seed=1)
     w = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
-    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
-    weight, bias = lsq_columns(w, stats_of(x), keep, damp)
-    ref_w, ref_b = plain_ridge(x, w, keep, damp)
-    torch.testing.assert_close(weight, ref_w, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bias, ref_b, rtol=1e-5, atol=1e-5)
+    fs = stats_of(x)
+    for keep in (torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool), torch.arange(12) % 4 == 0):
+        weight, bias = lsq_columns(w, fs, keep, damp, precision=precision)
+        ref_w, ref_b = plain_ridge(x, w, keep, damp)
+        torch.testing.assert_close(weight, ref_w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bias, ref_b, rtol=1e-5, atol=1e-5)
+    assert (damp in fs._precision) == precision  # factored once, cached for the next masks
+
+
+def test_reused_statistics_honour_the_damping():
+    """reconstruct(stats=...) (PG's per-mask refits, the final refit after PG) uses the damping it is given."""
+    from pgprune.metrics.calibration import collect_layer_stats
+
+    model = make_model("llama")
+    costs = costs_of(model)
+    masks = structured_mask(costs)
+    ids = random_ids(4, 16)
+    stats = collect_layer_stats(model, ids, covariance=True, progress=False)
+    reused = reconstruct(model, None, masks, "lsq", damp=1e9, stats=stats, costs=costs)
+    walked = reconstruct(model, ids, masks, "lsq", damp=1e9, progress=False, costs=costs)
+    biases = reconstruct(model, ids, masks, "bias", progress=False, costs=costs)
+    for block in ("attn", "mlp"):
+        torch.testing.assert_close(reused.output_bias[block], walked.output_bias[block], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reused.output_bias[block], biases.output_bias[block], rtol=1e-3, atol=1e-4)
 
 
 def test_strong_damping_is_the_bias_compensation_and_no_damping_the_best_fit():

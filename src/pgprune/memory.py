@@ -143,8 +143,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     `forward`: "gated" (the K masks in one forward of K*B rows) or "gathered" (one mask at a time
     through a pruned view: B rows, plus at most one copy of the decoder weights).
     `reconstruct` / `pg_reconstruct` (none | bias | lsq): least squares needs float64 input covariances
-    (`reconstruction_covariances`): PG scoring with it holds every layer's for the whole loop plus one
-    solve's temporaries per step; the final refit holds one layer's during its calibration walk over
+    (`reconstruction_covariances`): PG scoring with it holds every layer's, and their damped precision
+    matrices, for the whole loop plus one solve's temporaries per step; the final refit holds one layer's during its calibration walk over
     `refit_nsamples` windows.
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
@@ -183,11 +183,12 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     if metric_nsamples:
         metric = walk(metric_nsamples) + d["layers"] * 8 * 2 * (2 * h + d["intermediate"] + d["heads"] * d["head_dim"])  # float64 stats
     # least squares: float64 covariances of o_proj's and down_proj's inputs, per layer; a solve holds
-    # about three kept x kept float64 blocks (the indexed covariances and the Cholesky factor)
+    # about three kept x kept float64 blocks (the indexed covariances and the Cholesky factor). PG's
+    # per-mask refits also hold each projection's damped precision matrix (lsq_columns(precision=True))
     attn_in, mlp_in = d["heads"] * d["head_dim"], d["intermediate"]
     layer_cov = 8 * (attn_in ** 2 + mlp_in ** 2)
     solve = 3 * 8 * max(attn_in, mlp_in) ** 2
-    held_cov = d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
+    held_cov = 2 * d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
     if pg_reconstruct == "lsq":
         pg_step += solve
     final_refit = walk(refit_nsamples) + layer_cov + solve if reconstruct == "lsq" else 0

@@ -10,9 +10,12 @@ kept channels). Three modes (`--reconstruct`, `MODES`):
   dropped features, the kept columns and the bias are refit so that `W'_S x_S + b'` reproduces the
   dense `W x` (the target keeps the dense weights). Centred, the optimum is
       Delta = W_D C_DS (C_SS + lambda I)^-1,   W'_S = W_S + Delta,   b' = W_D mu_D - Delta mu_S,
-  with C the input covariance and mu its mean; the ridge lambda = damp x mean(diag C_SS) (as
-  SparseGPT damps relative to its Hessian's diagonal) pulls Delta towards 0, i.e. towards `bias`,
-  which is the lambda -> infinity limit. Statistics are accumulated and solved in float64 whatever the
+  with C the input covariance and mu its mean; the ridge lambda = damp x mean(diag C) (over all the
+  projection's inputs, as SparseGPT damps relative to its Hessian's diagonal) pulls Delta towards 0,
+  i.e. towards `bias`, which is the lambda -> infinity limit. With P = (C + lambda I)^-1 the same
+  Delta is -W_D P_DD^-1 P_DS (the block-inverse identity), a solve of the dropped size instead of the
+  kept one: PG's per-mask refits (`--pg-reconstruct lsq`) factor P once per layer and take the
+  cheaper of the two exact forms for each mask. Statistics are accumulated and solved in float64 whatever the
   model dtype. The inputs come either from the dense model (`inputs="dense"`) or sequentially from
   the model pruned and refit so far (`"sequential"`, layer by layer as SparseGPT/SlimGPT: layer i's
   statistics are read with layers < i already pruned and refit, the target W x on those inputs).
@@ -122,10 +125,16 @@ def bias_params_added(adapter: ModelAdapter, masks: Masks, costs: UnitCosts, bia
 
 
 # --- least squares ----------------------------------------------------------------------------------------
-def lsq_columns(weight: torch.Tensor, stats, keep: torch.Tensor, damp: float = DEFAULT_DAMP):
+def lsq_columns(weight: torch.Tensor, stats, keep: torch.Tensor, damp: float = DEFAULT_DAMP, *,
+                precision: bool = False):
     """(W'_S [out, |S|], b' [out]) in float64: the least-squares refit of a projection `weight`
     [out, in] whose inputs `keep` ([in] bool) keeps, from `stats` (a `FeatureStats` with covariance).
-    With nothing dropped: (W_S, 0); with nothing kept: (empty, W mu), the mean compensation."""
+    With nothing dropped: (W_S, 0); with nothing kept: (empty, W mu), the mean compensation.
+    precision: where fewer inputs are dropped than kept, solve through the damped precision matrix
+    (`stats.damped_precision(damp)`, factored once and cached: worth it for many masks on the same
+    statistics) instead of factoring C_SS; the two are the same refit to rounding."""
+    from pgprune.metrics.calibration import damped_cholesky
+
     if damp < 0:
         raise ConfigError(f"the least-squares damping must be >= 0, got {damp}")
     w = weight.double()
@@ -137,23 +146,17 @@ def lsq_columns(weight: torch.Tensor, stats, keep: torch.Tensor, damp: float = D
         return w[:, kept], bias
     if stats.comoment is None:
         raise ConfigError("least squares needs input covariances; collect the statistics with covariance=True")
-    # only the kept rows of the covariance, scaled once (PG's lsq scoring calls this per mask and layer)
-    rows = stats.comoment.to(w.device)[kept] / max(stats.count, 1)
-    c_ss = rows[:, kept]
-    scale = float(c_ss.diagonal().mean())
-    if not (scale > 0):  # every kept feature constant on the calibration tokens: only the mean helps
+    lam = stats.ridge(damp)
+    if lam is None:  # every input constant on the calibration tokens: only the mean helps
         return w[:, kept], bias
-    rhs = rows[:, dropped] @ w[:, dropped].T  # [S, out]
-    lam = damp * scale
-    for _ in range(8):  # damping too small for a numerically singular C_SS: raise it until it factorises
-        chol, failed = torch.linalg.cholesky_ex(c_ss + lam * torch.eye(len(kept), dtype=rows.dtype, device=rows.device))
-        if not int(failed):
-            break
-        lam = max(lam * 10, 1e-8 * scale)
-    else:
-        raise DataError("the calibration covariance of a projection's kept inputs is not positive definite even "
-                        "with strong damping; check the calibration text")
-    delta = torch.cholesky_solve(rhs, chol).T  # [out, S]
+    if precision and len(dropped) < len(kept):  # Delta = -W_D P_DD^-1 P_DS
+        rows = stats.damped_precision(damp).to(w.device)[dropped]
+        chol = torch.linalg.cholesky(rows[:, dropped])  # a principal block of an SPD matrix
+        delta = -(torch.cholesky_solve(w[:, dropped].T.contiguous(), chol).T @ rows[:, kept])
+    else:  # Delta = W_D C_DS (C_SS + lambda I)^-1, from the kept rows of the covariance only
+        rows = stats.comoment.to(w.device)[kept] / max(stats.count, 1)
+        chol = damped_cholesky(rows[:, kept], lam)
+        delta = torch.cholesky_solve(rows[:, dropped] @ w[:, dropped].T, chol).T  # [out, S]
     return w[:, kept] + delta, bias - delta @ mean[kept]
 
 
@@ -164,12 +167,12 @@ def _check_finite(stats, i: int, block: str) -> None:
 
 
 def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor, channels: torch.Tensor,
-                mode: str, damp: float = DEFAULT_DAMP) -> dict:
+                mode: str, damp: float = DEFAULT_DAMP, precision: bool = False) -> dict:
     """{block: (bias [hidden] float64 or None, kept-column weight [hidden, S] float64 or None)} of
     layer i for its unit keep-masks (`heads` [G] over KV groups, `channels` [I]). `inputs`:
     {"attn"|"mlp": the `FeatureStats` of o_proj's / down_proj's input (with covariance for lsq), or
     for mode bias just its mean}. A block whose inputs are all kept gets (None, None), a block with
-    nothing kept only its mean output."""
+    nothing kept only its mean output. precision: see `lsq_columns`."""
     m = adapter.layer(i)
     out = {}
     for block, proj, keep in (("attn", m.o_proj, adapter.expand_head_mask(heads, "o")),
@@ -189,7 +192,7 @@ def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor
         if mode == "bias" or not bool(keep.any()):
             out[block] = (_dropped_mean_output(proj, mean, keep), None)
         else:
-            weight, bias = lsq_columns(read_weight(proj), fs, keep, damp)
+            weight, bias = lsq_columns(read_weight(proj), fs, keep, damp, precision=precision)
             out[block] = (bias, weight)
     return out
 
@@ -245,8 +248,9 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     if inputs == "dense" and stats is not None and (mode == "bias" or _holds_covariance(stats)):
         for i in range(costs.num_layers):
             inputs_i = {"attn": stats[i].attn_in, "mlp": stats[i].mlp_in}
+            # reused covariances serve many masks (PG's per-mask refits): factor each projection once
             builder.add(i, bool(eff["layer"][i]), layer_refit(adapter, i, inputs_i, eff["head"][i], eff["channel"][i],
-                                                              mode))
+                                                              mode, damp, precision=True))
         builder.refit.info = {**info, "tokens": stats[0].tokens, "reused_stats": True}
         return builder.refit
     if calib_ids is None:

@@ -46,8 +46,9 @@ class FeatureStats:
     mean: torch.Tensor  # [F] float64
     m2: torch.Tensor  # [F] float64: sum of squared deviations from the mean
     comoment: torch.Tensor | None = None  # [F, F] float64: sum of (x - mean)(x - mean)^T, or None
-    # set by is_finite() once it has scanned these values; any update clears it
+    # derived values cached until the next update: is_finite()'s verdict, damped_precision() per damping
     _finite: bool | None = field(default=None, repr=False, compare=False)
+    _precision: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(cls, features: int, device=None, covariance: bool = False) -> "FeatureStats":
@@ -73,6 +74,7 @@ class FeatureStats:
             self.comoment += torch.outer(delta, delta) * (n_a * n_b / n)
         self.count = n
         self._finite = None
+        self._precision = {}
 
     def is_finite(self) -> bool:
         """Whether mean, m2 and co-moment are all finite; scanned once until the next update (PG's
@@ -80,6 +82,18 @@ class FeatureStats:
         if self._finite is None:
             self._finite = all(t is None or bool(torch.isfinite(t).all()) for t in (self.mean, self.m2, self.comoment))
         return self._finite
+
+    def ridge(self, damp: float) -> float | None:
+        """The least-squares ridge: damp x the mean variance of all features (None when every feature
+        is constant: nothing to regress on)."""
+        scale = float(self.comoment.diagonal().mean()) / max(self.count, 1)
+        return damp * scale if scale > 0 else None
+
+    def damped_precision(self, damp: float) -> torch.Tensor:
+        """(C + ridge I)^-1 [F, F] float64, computed once per damping and cached (F^2 x 8 bytes more)."""
+        if damp not in self._precision:
+            self._precision[damp] = torch.cholesky_inverse(damped_cholesky(self.covariance, self.ridge(damp) or 0.0))
+        return self._precision[damp]
 
     @property
     def variance(self) -> torch.Tensor:
@@ -104,6 +118,18 @@ class FeatureStats:
 
     def without_covariance(self) -> "FeatureStats":
         return FeatureStats(self.count, self.mean, self.m2)
+
+
+def damped_cholesky(c: torch.Tensor, lam: float) -> torch.Tensor:
+    """The Cholesky factor of c + lam I, the damping raised where c is numerically singular (lam 0)."""
+    scale = float(c.diagonal().mean())
+    for _ in range(8):
+        chol, failed = torch.linalg.cholesky_ex(c + lam * torch.eye(len(c), dtype=c.dtype, device=c.device))
+        if not int(failed):
+            return chol
+        lam = max(lam * 10, 1e-8 * scale, 1e-12)
+    raise DataError("the calibration covariance of a projection's inputs is not positive definite even with "
+                    "strong damping; check the calibration text")
 
 
 @dataclass
