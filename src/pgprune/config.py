@@ -147,8 +147,8 @@ class RunSettings:
     reconstruct_inputs: str = option("dense", "inputs of the least-squares refit: dense (each layer from the dense "
                                               "model) or sequential (from the model pruned and refit so far)",
                                      group=ADVANCED, choices=("dense", "sequential"))
-    reconstruct_damp: float = option(0.01, "least-squares ridge, relative to the mean variance of the projection's inputs",
-                                     group=ADVANCED, type=float)
+    reconstruct_damp: float = option(0.01, "least-squares ridge, relative to the mean variance of the "
+                                           "projection's inputs", group=ADVANCED, type=float)
     width_multiple: int = option(1, "every layer's kept MLP width a multiple of N (32: llama.cpp's q8_0 / q4_0, "
                                     "256: its k-quants); the rounding is chosen by the method's scores, the "
                                     "budget met as closely as the multiple allows", group=ADVANCED, type=int)

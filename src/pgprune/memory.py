@@ -144,8 +144,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     through a pruned view: B rows, plus at most one copy of the decoder weights).
     `reconstruct` / `pg_reconstruct` (none | bias | lsq): least squares needs float64 input covariances
     (`reconstruction_covariances`): PG scoring with it holds every layer's, and their damped precision
-    matrices, for the whole loop plus one solve's temporaries per step; the final refit holds one layer's during its calibration walk over
-    `refit_nsamples` windows.
+    matrices, for the whole loop plus one solve's temporaries per step; the final refit holds one
+    layer's during its calibration walk over `refit_nsamples` windows.
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
         raise ConfigError(f"memory plan needs K >= 1, batch size >= 1 and seqlen >= 2 (got {k}, {batch_size}, {seqlen})")
