@@ -182,3 +182,8 @@ def test_least_squares_covariances_are_planned_as_collected():
     assert lsq["total_bytes"] >= plain["total_bytes"] + collected
     final_only = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, reconstruct="lsq")
     assert final_only["phases"]["final_refit"] > collected // len(stats)
+    # removed layers regressed on the previous MLP's inputs: their joint covariance is planned too
+    cfg = model.config
+    joint = 8 * (cfg.intermediate_size + cfg.hidden_size) ** 2
+    with_layers = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, units=("channel", "layer"), reconstruct="lsq")
+    assert with_layers["phases"]["final_refit"] >= joint > 0

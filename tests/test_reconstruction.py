@@ -222,8 +222,9 @@ def test_sequential_refit_reads_the_model_refit_so_far():
 
 
 def test_least_squares_needs_partly_pruned_projections():
-    # whole blocks / layers keep nothing to refit: PG scoring by least squares is refused, the final
-    # refit is the mean compensation it equals there
+    # whole blocks / layers keep nothing to refit: PG scoring by least squares is refused; the final
+    # refit of whole attention / MLP blocks is the mean compensation it equals there, while removed
+    # layers are regressed on the previous layer's MLP inputs (so layer units keep lsq)
     from pgprune.config import RunSettings
 
     layers = {"units": "layer", "pg.init": "block-influence"}
@@ -231,7 +232,9 @@ def test_least_squares_needs_partly_pruned_projections():
         RunSettings.from_recipe("features", {**layers, "pg.reconstruct": "lsq"}).validate()
     s = RunSettings.from_recipe("features", {**layers, "reconstruct": "lsq"})
     s.validate()
-    assert s.final_reconstruct == "bias"
+    assert s.final_reconstruct == "lsq"
+    assert RunSettings.from_recipe("features", {"units": "attn,mlp", "pg.init": "block-influence"}
+                                   ).final_reconstruct == "bias"
     assert RunSettings.from_recipe("features", {"units": "channel,layer"}).final_reconstruct == "lsq"
 
 
@@ -263,3 +266,54 @@ def test_finiteness_is_scanned_once_per_update():
     assert fs.is_finite() and fs._finite is True  # cached: PG's per-mask refits do not rescan
     fs.update(torch.tensor([[1.0, float("inf"), 0.0]]))
     assert fs._finite is None and not fs.is_finite()  # an update clears the verdict
+
+
+def _only_layer_removed(costs, layer: int) -> Masks:
+    keep = torch.ones(costs.num_layers, 1, dtype=torch.bool)
+    keep[layer] = False
+    return Masks({"layer": keep})
+
+
+def test_a_removed_layer_is_regressed_on_the_previous_mlp_inputs():
+    """Layer 2 removed: least squares fits its update delta = h_2 - h_1 on layer 1's down_proj inputs
+    (hook-recorded on the dense model, solved here as a plain ridge) and adds it to layer 1's
+    down_proj; on the calibration tokens the residual stream after the gap is closer to the dense one
+    than with the mean fold (bias), which is the no-regression limit."""
+    model = make_model("llama")
+    costs = costs_of(model)
+    masks = _only_layer_removed(costs, 2)
+    ids = random_ids(6, 16, seed=3)
+    a = get_adapter(model)
+    xs = []
+    hook = a.layer(1).down_proj.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach()))
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    hook.remove()
+    x = torch.cat(xs).flatten(0, 1).double()
+    delta = (hs[3] - hs[2]).flatten(0, 1).double()  # hidden_states[i] enters layer i
+    xc, dc = x - x.mean(0), delta - delta.mean(0)
+    lam = DEFAULT_DAMP * float(x.var(0, correction=0).mean())
+    ref_a = torch.linalg.solve(xc.T @ xc / len(x) + lam * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ dc / len(x)).T
+
+    refit = reconstruct(model, ids, masks, "lsq", progress=False, costs=costs)
+    assert refit.info["removed_runs_regressed"] == {1: 2}
+    w1 = a.layer(1).down_proj.weight.double()
+    torch.testing.assert_close(refit.input_weights["mlp"][1].double() - w1, ref_a, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(refit.output_bias["mlp"][1].double(), delta.mean(0) - ref_a @ x.mean(0),
+                               rtol=1e-3, atol=1e-4)
+
+    def gap_error(r):  # what enters layer 3, pruned-and-refit against dense
+        with refit_applied(model, masks, r, costs), torch.no_grad():
+            got = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[3]
+        return float((got - hs[3]).double().pow(2).mean())
+
+    bias = reconstruct(model, ids, masks, "bias", progress=False, costs=costs)
+    assert gap_error(refit) < gap_error(bias)
+    # surgery writes layer 1's full-width refit: the pruned model computes what the hooks did
+    with refit_applied(model, masks, refit, costs):
+        hooked = _lm_logits(model, ids)
+    pruned = remove_units(model, masks, output_bias=refit.output_bias, input_weights=refit.input_weights, copy=True)
+    torch.testing.assert_close(_lm_logits(pruned, ids), hooked, rtol=1e-4, atol=1e-4)
+    # sequential inputs keep the mean fold (the regression reads the dense model)
+    seq = reconstruct(model, ids, masks, "lsq", inputs="sequential", progress=False, costs=costs)
+    assert seq.info["removed_runs_regressed"] == {} and 1 not in seq.input_weights["mlp"]

@@ -334,9 +334,10 @@ class RunSettings:
 
     @property
     def final_reconstruct(self) -> str:
-        """The final refit: least squares has nothing to refit when only whole blocks / layers are pruned,
-        where it is the mean compensation (`bias`) computed the cheap way."""
-        if self.reconstruct == "lsq" and not {"channel", "head"} & set(self.kinds):
+        """The final refit: least squares has nothing to refit when only whole attention / MLP blocks are
+        pruned, where it is the mean compensation (`bias`) computed the cheap way (removed layers are
+        regressed on the previous layer's MLP inputs, so `layer` units keep lsq)."""
+        if self.reconstruct == "lsq" and not {"channel", "head", "layer"} & set(self.kinds):
             return "bias"
         return self.reconstruct
 

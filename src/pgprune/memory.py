@@ -192,6 +192,11 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     if pg_reconstruct == "lsq":
         pg_step += solve
     final_refit = walk(refit_nsamples) + layer_cov + solve if reconstruct == "lsq" else 0
+    kinds = units.split(",") if isinstance(units, str) else list(units)
+    if reconstruct == "lsq" and "layer" in kinds:  # removed runs regressed: a walk holding x_p of every
+        # window, a copy of h_p and the joint [x_p, delta] covariance (collect_removed_run_stats)
+        runs = walk(refit_nsamples) + refit_nsamples * t * (mlp_in + h) * e + 8 * (mlp_in + h) ** 2 + solve
+        final_refit = max(final_refit, runs)
     breakdown = {"weights": weights, "pg_step_activations": pg_step, "pg_residual_stream": residual,
                  "pg_layer_peak": layer, "pg_decoder": decoder, "pg_lm_head_loss": head, "probabilities_and_masks": probs,
                  "calibration_pool": pool, "metric_init": metric, "gathered_weights": gathered,

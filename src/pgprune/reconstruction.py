@@ -22,7 +22,11 @@ kept channels). Three modes (`--reconstruct`, `MODES`):
 
 A removed block keeps its mean output as a constant (both modes agree there: nothing is kept to
 refit); a removed layer's mean update goes to the last kept layer before it (see
-`compensation_biases`).
+`compensation_biases`). Under lsq with dense inputs a run of removed layers p+1 .. j right after a
+kept layer p whose MLP stays is regressed instead: delta = h_j - h_p, what the run adds to the
+residual stream, is fit by least squares on p's kept down_proj inputs x_S (the same ridge), and the
+fit is added to p's down_proj, `W'_S += A`, `b' += mu_delta - A mu_S` (the mean fold is the A = 0
+limit). It needs one more dense walk over the calibration windows (`collect_removed_run_stats`).
 
 `reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
 that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input_weights)` applies
@@ -218,6 +222,63 @@ class _RefitBuilder:
             self.last_kept = i
 
 
+def removed_runs(eff: dict, adapter: ModelAdapter) -> dict[int, int]:
+    """{p: j}: each kept layer p whose MLP stays, followed by removed layers p+1 .. j (effective masks)."""
+    layer, mlp = eff["layer"].tolist(), eff["mlp"].tolist()
+    runs = {}
+    for p in range(len(layer) - 1):
+        if layer[p] and mlp[p] and not layer[p + 1] and adapter.layer(p).down_proj is not None:
+            j = p + 1
+            while j + 1 < len(layer) and not layer[j + 1]:
+                j += 1
+            runs[p] = j
+    return runs
+
+
+def regress_run(joint, n_inputs: int, keep: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A [hidden, S], b [hidden]) float64: the ridge least squares of delta on the kept inputs x_S from
+    the joint statistics of [x (n_inputs), delta] (`collect_removed_run_stats`), without the mean of
+    delta (the mean fold carries it): b = -A mu_S. The ridge is damp x the mean variance of all x, as
+    `lsq_columns`'. None when x is constant."""
+    from pgprune.metrics.calibration import damped_cholesky
+
+    cov = joint.covariance
+    kept = keep.to(cov.device).nonzero().flatten()
+    scale = float(cov.diagonal()[:n_inputs].mean())
+    if not scale > 0 or len(kept) == 0:
+        return None
+    rows = cov[kept]
+    chol = damped_cholesky(rows[:, kept], damp * scale)
+    a = torch.cholesky_solve(rows[:, n_inputs:], chol).T  # [hidden, S]
+    return a, -(a @ joint.mean.to(cov.device)[kept])
+
+
+def _regress_removed_runs(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: "_RefitBuilder", damp: float,
+                          batch_size: int, progress: bool) -> dict:
+    """Add each removed run's regression to the down_proj of the kept layer before it (module doc)."""
+    from pgprune.metrics.calibration import collect_removed_run_stats
+
+    runs = removed_runs(eff, adapter)
+    joint = collect_removed_run_stats(model, calib_ids, runs, batch_size=batch_size, adapter=adapter,
+                                      progress=progress)
+    done = {}
+    for p, j in runs.items():
+        keep = eff["channel"][p][: adapter.intermediate_size(p)]
+        fit = regress_run(joint[p], int(keep.numel()), keep, damp)
+        if fit is None:
+            continue
+        a, shift = fit
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(shift).all())):
+            raise DataError(f"layers {p + 1}-{j}: the regression of their update is not finite; raise the damping")
+        down = read_weight(adapter.layer(p).down_proj).detach()
+        base = builder.refit.input_weights["mlp"].get(p)
+        base = down[:, keep.to(down.device)].float().cpu() if base is None else base
+        builder.refit.input_weights["mlp"][p] = base + a.float().cpu()
+        builder.refit.output_bias["mlp"][p] += shift.float().cpu()
+        done[p] = j
+    return done
+
+
 def _holds_covariance(stats) -> bool:
     return any(fs is not None and fs.comoment is not None for st in stats for fs in (st.attn_in, st.mlp_in))
 
@@ -252,6 +313,9 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
             builder.add(i, bool(eff["layer"][i]), layer_refit(adapter, i, inputs_i, eff["head"][i], eff["channel"][i],
                                                               mode, damp, precision=True))
         builder.refit.info = {**info, "tokens": stats[0].tokens, "reused_stats": True}
+        if mode == "lsq" and calib_ids is not None and removed_runs(eff, adapter):
+            builder.refit.info["removed_runs_regressed"] = _regress_removed_runs(
+                model, adapter, calib_ids, eff, builder, damp, batch_size, progress)
         return builder.refit
     if calib_ids is None:
         raise ConfigError(f"--reconstruct {mode} needs calibration windows")
@@ -280,6 +344,9 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     info["tokens"] = stats[0].tokens
     if narrow:  # damping keeps the solve defined, but the refit of these is poorly determined
         info["fewer_tokens_than_kept_inputs"] = narrow
+    if mode == "lsq" and removed_runs(eff, adapter):  # sequential inputs keep the mean fold (module doc)
+        info["removed_runs_regressed"] = {} if inputs == "sequential" else _regress_removed_runs(
+            model, adapter, calib_ids, eff, builder, damp, batch_size, progress)
     builder.refit.info = info
     return builder.refit
 

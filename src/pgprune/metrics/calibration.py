@@ -350,6 +350,56 @@ def collect_layer_stats(
     return stats
 
 
+@torch.no_grad()
+def collect_removed_run_stats(model: nn.Module, calib_ids: torch.Tensor, runs: dict[int, int], *,
+                              batch_size: int = 8, storage_device: torch.device | str | None = None,
+                              adapter: ModelAdapter | None = None, progress: bool = True) -> dict[int, FeatureStats]:
+    """{p: joint statistics (with covariance) of [x_p, delta_p]} over the calibration tokens, for each
+    kept layer p followed by a run of removed layers p+1 .. runs[p]: x_p is the input of p's down_proj
+    and delta_p = h_{runs[p]} - h_p what the removed layers add to the residual stream, both from the
+    dense model. Least squares regresses delta_p on x_p (`reconstruction`). Memory beyond a walk:
+    x_p of every window (tokens x intermediate, on the storage device), one copy of h_p and the joint
+    float64 covariance ((intermediate + hidden)^2 x 8 bytes), one run at a time."""
+    adapter = adapter or get_adapter(model)
+    out: dict[int, FeatureStats] = {}
+    if not runs:
+        return out
+    inputs = capture_layer_inputs(model, calib_ids, batch_size=batch_size, storage_device=storage_device,
+                                  adapter=adapter)
+    inps = inputs.hidden
+    outs = torch.empty_like(inps)
+    held = None  # (p, x_p per batch, h_p)
+    iterator: Iterator[int] = range(max(runs.values()) + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="removed layers' updates", unit="layer")
+    for i in iterator:
+        mods = adapter.layer(i)
+        dev = _layer_device(mods.layer, inps.device)
+        xs: list[torch.Tensor] = []
+        hook = None
+        if i in runs:
+            hook = mods.down_proj.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach().to(inps.device)))
+        try:
+            _layer_pass(mods, i, inps, outs, inputs, dev, collect=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if i in runs:
+            held = (i, xs, outs.clone())
+        if held is not None and runs[held[0]] == i:
+            p, xs_p, h_p = held
+            fs = FeatureStats.empty(xs_p[0].shape[-1] + inps.shape[-1], dev, covariance=True)
+            for b, x in zip(inputs.batches, xs_p):
+                delta = (outs[b] - h_p[b]).to(dev)
+                fs.update(torch.cat([x.to(dev).flatten(0, -2).float(), delta.flatten(0, -2).float()], -1))
+            out[p] = fs
+            held = None
+        inps, outs = outs, inps
+    return out
+
+
 def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: LayerInputs,
                 dev: torch.device, *, collect: bool, covariance: bool = False) -> LayerStats:
     """Push all windows through layer i; write its outputs to `outs`; optionally collect stats."""
