@@ -20,6 +20,8 @@ the best metric method at its best reconstruction (lowest median), and each PG v
     python bench/recipe_targets.py --data-dir /work/shared/data                         # the full sweep
     python bench/recipe_targets.py --calibs c4:1 --variants features,paper --metrics '' \\
         --wikitext-tokens 0 --tag paper_setting                                         # the paper's setting
+    python bench/recipe_targets.py --calibs wiki-sample:1 --sparsities 0.3 --units layer --variants '' \\
+        --metrics block-influence --metric-reconstruct bias,lsq --tag layers            # layers: bias vs lsq
 
 Writes bench/results/TAG.json (after every cell) and prints the tables. A GPU: --device cuda.
 """
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calibs", default="wiki-sample:3,c4:2", help="SOURCE:SEEDS, comma-separated")
     p.add_argument("--sparsities", default="0.3,0.5")
+    p.add_argument("--units", default="channel,head", help="unit kinds of every run (layer: block influence)")
     p.add_argument("--variants", default="features", help="PG runs: RECIPE[+setting=value...], comma-separated")
     p.add_argument("--metrics", default="wanda-sp,flap", help="metric methods ('' for none)")
     p.add_argument("--metric-reconstruct", default="lsq", help="their reconstruction(s): none, bias, lsq")
@@ -177,9 +180,10 @@ def main(argv=None) -> int:
     for calib, seed in parse_calibs(args.calibs):
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for label, recipe, overrides in kinds:
-                folder = work / f"{calib}_s{seed}_{sparsity:g}_{label.replace('=', '-')}"
-                cell = run_cell(label, {"data.calib": calib, "seed": seed, "sparsity": sparsity, **overrides},
-                                recipe, folder, args)
+                units = "" if args.units == "channel,head" else "_" + args.units.replace(",", "-")
+                folder = work / f"{calib}_s{seed}_{sparsity:g}{units}_{label.replace('=', '-')}"
+                cell = run_cell(label, {"data.calib": calib, "seed": seed, "sparsity": sparsity, "units": args.units,
+                                        **overrides}, recipe, folder, args)
                 cell.update(calib=calib, seed=seed, sparsity_target=sparsity, folder=str(folder))
                 record["cells"].append(cell)
                 print(f"{calib} seed {seed} {sparsity:g} {label}: " + ", ".join(
