@@ -85,11 +85,16 @@ def test_existing_folder_needs_resume_or_overwrite(workdir):
         prune(_options(root, text), out, progress=False)
 
 
-@pytest.mark.parametrize("method,reconstruct", [("magnitude", "none"), ("flap", "bias"), ("magnitude", "lsq")])
-def test_metric_method_pipeline(workdir, method, reconstruct, tmp_path):
+@pytest.mark.parametrize("method,reconstruct,units", [("magnitude", "none", "channel,head"), ("flap", "bias", "channel,head"),
+                                                      ("magnitude", "lsq", "channel,head"),
+                                                      ("block-influence", "lsq", "layer")])
+def test_metric_method_pipeline(workdir, method, reconstruct, units, tmp_path):
     root, text = workdir
     out = tmp_path / method
-    record = prune(_options(root, text, method=method, sparsity=0.3, reconstruct=reconstruct), out, progress=False)
+    record = prune(_options(root, text, method=method, sparsity=0.3, reconstruct=reconstruct, units=units), out,
+                   progress=False)
+    if units == "layer":  # removed layers regressed on the previous kept layer's MLP inputs
+        assert record["reconstruction"]["removed_runs_regressed"]
     name = f"text:{text}"
     assert "init" not in record["perplexity"]
     assert record["reconstruction"]["mode"] == reconstruct
