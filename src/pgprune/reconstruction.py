@@ -22,11 +22,12 @@ kept channels). Three modes (`--reconstruct`, `MODES`):
 
 A removed block keeps its mean output as a constant (both modes agree there: nothing is kept to
 refit); a removed layer's mean update goes to the last kept layer before it (see
-`compensation_biases`). Under lsq with dense inputs a run of removed layers p+1 .. j right after a
-kept layer p whose MLP stays is regressed instead: delta = h_j - h_p, what the run adds to the
-residual stream, is fit by least squares on p's kept down_proj inputs x_S (the same ridge), and the
-fit is added to p's down_proj, `W'_S += A`, `b' += mu_delta - A mu_S` (the mean fold is the A = 0
-limit). It needs one more dense walk over the calibration windows (`collect_removed_run_stats`).
+`compensation_biases`). Under lsq a run of removed layers p+1 .. j right after a kept layer p whose
+MLP stays is regressed instead: delta = h_j - h_p, what the run adds to the residual stream, is fit
+by least squares on p's kept down_proj inputs x_S (the same ridge), and the fit is added to p's
+down_proj, `W'_S += A`, `b' += mu_delta - A mu_S` (the mean fold is the A = 0 limit). Both come from
+one more walk of the dense model over the calibration windows (`collect_removed_run_stats`), also
+under sequential inputs, whose later layers' statistics then see the mean fold.
 
 `reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
 that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input_weights)` applies
@@ -344,9 +345,9 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     info["tokens"] = stats[0].tokens
     if narrow:  # damping keeps the solve defined, but the refit of these is poorly determined
         info["fewer_tokens_than_kept_inputs"] = narrow
-    if mode == "lsq" and removed_runs(eff, adapter):  # sequential inputs keep the mean fold (module doc)
-        info["removed_runs_regressed"] = {} if inputs == "sequential" else _regress_removed_runs(
-            model, adapter, calib_ids, eff, builder, damp, batch_size, progress)
+    if mode == "lsq" and removed_runs(eff, adapter):  # from the dense model, whatever the inputs (module doc)
+        info["removed_runs_regressed"] = _regress_removed_runs(model, adapter, calib_ids, eff, builder, damp,
+                                                               batch_size, progress)
     builder.refit.info = info
     return builder.refit
 
