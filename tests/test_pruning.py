@@ -159,7 +159,8 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
 def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, monkeypatch):
     # --pg-reconstruct lsq: every sampled mask is scored on its own least-squares refit (gathered
     # views); the start, the tracked masks and the final mask are refit the same way, and the
-    # exported model (--reconstruct lsq, from the same covariances: no further pass) scores the same.
+    # exported model (--reconstruct lsq with dense inputs, from the same covariances: no further pass)
+    # scores the same.
     root, text = workdir
     name = f"text:{text}"
     out = root / "pg-lsq"
@@ -169,8 +170,8 @@ def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, mo
     collect = calibration.collect_layer_stats
     monkeypatch.setattr(calibration, "collect_layer_stats",
                         lambda *a, **kw: passes.append(kw.get("covariance", False)) or collect(*a, **kw))
-    record = prune(_options(root, text, pg_reconstruct="lsq", reconstruct="lsq", forward="auto", steps=2,
-                            track_max_tokens=10**6), out, progress=False)
+    record = prune(_options(root, text, pg_reconstruct="lsq", reconstruct="lsq", reconstruct_inputs="dense",
+                            forward="auto", steps=2, track_max_tokens=10**6), out, progress=False)
     assert passes == [True]  # one covariance pass serves the loop and the final refit
     assert record["execution"]["forward"] == "gathered" and record["reconstruction"]["mode"] == "lsq"
     ppl = record["perplexity"]

@@ -278,7 +278,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     reuse = dense_stats() if mode == "bias" else cov_stats
     refit = reconstruct(model, calib[:METRIC_NSAMPLES], masks, mode,
                         inputs=settings.reconstruct_inputs, damp=settings.reconstruct_damp,
-                        stats=reuse if settings.reconstruct_inputs == "dense" else None,
+                        stats=reuse,  # used where it serves (bias; lsq with dense inputs)
                         batch_size=settings.execution.metric_batch_size, progress=progress, costs=costs)
     record["reconstruction"] = refit.info
     # surgery adds a bias vector per compensated block without one: counted beside the mask's parameters

@@ -304,6 +304,8 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
         raise ConfigError("reconstruct takes one mask, not a stack; pick one with masks.select(k)")
     if mode == "none":
         return Refit.none()
+    if mode == "bias":  # the mean compensation reads the dense model: the PG's mean fill, FLAP's biases
+        inputs = "dense"
     eff = masks.to("cpu").effective(costs)
     builder = _RefitBuilder(costs.num_layers, adapter.hidden_size)
     info = {"mode": mode, "inputs": inputs if mode == "lsq" else "dense", "damp": damp if mode == "lsq" else None}
