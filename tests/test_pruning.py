@@ -85,7 +85,8 @@ def test_existing_folder_needs_resume_or_overwrite(workdir):
         prune(_options(root, text), out, progress=False)
 
 
-@pytest.mark.parametrize("method,reconstruct,units", [("magnitude", "none", "channel,head"), ("flap", "bias", "channel,head"),
+@pytest.mark.parametrize("method,reconstruct,units", [("magnitude", "none", "channel,head"),
+                                                      ("flap", "bias", "channel,head"),
                                                       ("magnitude", "lsq", "channel,head"),
                                                       ("block-influence", "lsq", "layer")])
 def test_metric_method_pipeline(workdir, method, reconstruct, units, tmp_path):

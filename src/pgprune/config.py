@@ -144,9 +144,9 @@ class RunSettings:
                                       "exported model: none, bias (FLAP's mean compensation), lsq (least squares "
                                       "of the kept columns and the bias on calibration activations)",
                               choices=("none", "bias", "lsq"))
-    reconstruct_inputs: str = option("sequential", "inputs of the least-squares refit: sequential (from the model "
-                                                   "pruned and refit so far) or dense (each layer from the dense model)",
-                                     group=ADVANCED, choices=("dense", "sequential"))
+    reconstruct_inputs: str = option("sequential", "inputs of the least-squares refit: sequential (from the "
+                                                   "model pruned and refit so far) or dense (each layer from the "
+                                                   "dense model)", group=ADVANCED, choices=("dense", "sequential"))
     reconstruct_damp: float = option(0.01, "least-squares ridge, relative to the mean variance of the "
                                            "projection's inputs", group=ADVANCED, type=float)
     width_multiple: int = option(1, "every layer's kept MLP width a multiple of N (32: llama.cpp's q8_0 / q4_0, "

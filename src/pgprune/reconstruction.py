@@ -15,8 +15,8 @@ kept channels). Three modes (`--reconstruct`, `MODES`):
   i.e. towards `bias`, which is the lambda -> infinity limit. With P = (C + lambda I)^-1 the same
   Delta is -W_D P_DD^-1 P_DS (the block-inverse identity), a solve of the dropped size instead of the
   kept one: PG's per-mask refits (`--pg-reconstruct lsq`) factor P once per layer and take the
-  cheaper of the two exact forms for each mask. Statistics are accumulated and solved in float64 whatever the
-  model dtype. The inputs come either from the dense model (`inputs="dense"`) or sequentially from
+  cheaper of the two exact forms for each mask. Statistics are accumulated and solved in float64
+  whatever the model dtype. The inputs come either from the dense model (`inputs="dense"`) or sequentially from
   the model pruned and refit so far (`"sequential"`, layer by layer as SparseGPT/SlimGPT: layer i's
   statistics are read with layers < i already pruned and refit, the target W x on those inputs).
 

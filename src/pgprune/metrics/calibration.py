@@ -379,8 +379,9 @@ def collect_removed_run_stats(model: nn.Module, calib_ids: torch.Tensor, runs: d
         dev = _layer_device(mods.layer, inps.device)
         xs: list[torch.Tensor] = []
         hook = None
-        if i in runs:
-            hook = mods.down_proj.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach().to(inps.device)))
+        if i in runs:  # x_p of every window, kept until the run's end
+            hook = mods.down_proj.register_forward_pre_hook(
+                lambda _m, args: xs.append(args[0].detach().to(inps.device)))
         try:
             _layer_pass(mods, i, inps, outs, inputs, dev, collect=False)
         finally:
