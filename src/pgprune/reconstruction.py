@@ -16,9 +16,10 @@ kept channels). Three modes (`--reconstruct`, `MODES`):
   Delta is -W_D P_DD^-1 P_DS (the block-inverse identity), a solve of the dropped size instead of the
   kept one: PG's per-mask refits (`--pg-reconstruct lsq`) factor P once per layer and take the
   cheaper of the two exact forms for each mask. Statistics are accumulated and solved in float64
-  whatever the model dtype. The inputs come either from the dense model (`inputs="dense"`) or sequentially from
-  the model pruned and refit so far (`"sequential"`, layer by layer as SparseGPT/SlimGPT: layer i's
-  statistics are read with layers < i already pruned and refit, the target W x on those inputs).
+  whatever the model dtype. The inputs come either from the dense model (`inputs="dense"`) or
+  sequentially from the model pruned and refit so far (`"sequential"`, layer by layer as
+  SparseGPT/SlimGPT: layer i's statistics are read with layers < i already pruned and refit, the
+  target W x on those inputs).
 
 A removed block keeps its mean output as a constant (both modes agree there: nothing is kept to
 refit); a removed layer's mean update goes to the last kept layer before it (see
@@ -291,8 +292,6 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     `calib_ids`; `stats`: dense `collect_layer_stats` results to reuse with inputs dense (for lsq they
     must hold covariances: `collect_layer_stats(..., covariance=True)`; then no pass runs).
     Memory: lsq holds one layer's input covariances at a time (in_features^2 float64 per projection)."""
-    from pgprune.metrics.calibration import LayerEdit, collect_layer_stats
-
     if mode not in MODES:
         raise ConfigError(f"reconstruction must be one of {', '.join(MODES)}, got {mode!r}")
     if inputs not in INPUTS:
@@ -308,20 +307,33 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
         inputs = "dense"
     eff = masks.to("cpu").effective(costs)
     builder = _RefitBuilder(costs.num_layers, adapter.hidden_size)
-    info = {"mode": mode, "inputs": inputs if mode == "lsq" else "dense", "damp": damp if mode == "lsq" else None}
+    info = {"mode": mode, "inputs": inputs, "damp": damp if mode == "lsq" else None}
     if inputs == "dense" and stats is not None and (mode == "bias" or _holds_covariance(stats)):
         for i in range(costs.num_layers):
             inputs_i = {"attn": stats[i].attn_in, "mlp": stats[i].mlp_in}
             # reused covariances serve many masks (PG's per-mask refits): factor each projection once
             builder.add(i, bool(eff["layer"][i]), layer_refit(adapter, i, inputs_i, eff["head"][i], eff["channel"][i],
                                                               mode, damp, precision=True))
-        builder.refit.info = {**info, "tokens": stats[0].tokens, "reused_stats": True}
-        if mode == "lsq" and calib_ids is not None and removed_runs(eff, adapter):
-            builder.refit.info["removed_runs_regressed"] = _regress_removed_runs(
-                model, adapter, calib_ids, eff, builder, damp, batch_size, progress)
-        return builder.refit
-    if calib_ids is None:
+        info.update(tokens=stats[0].tokens, reused_stats=True)
+    elif calib_ids is None:
         raise ConfigError(f"--reconstruct {mode} needs calibration windows")
+    else:
+        info.update(_refit_by_walk(model, adapter, calib_ids, eff, builder, mode, inputs, damp, batch_size, progress))
+    # removed runs: from the dense model whatever the inputs (module doc); without windows (PG's per-mask
+    # refits) the mean fold stays
+    if mode == "lsq" and calib_ids is not None and removed_runs(eff, adapter):
+        info["removed_runs_regressed"] = _regress_removed_runs(model, adapter, calib_ids, eff, builder, damp,
+                                                               batch_size, progress)
+    builder.refit.info = info
+    return builder.refit
+
+
+def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: _RefitBuilder, mode: str, inputs: str,
+                   damp: float, batch_size: int, progress: bool) -> dict:
+    """Fill `builder` layer by layer from a calibration walk (dense, or through the model pruned and
+    refit so far); returns what the walk adds to the refit's info."""
+    from pgprune.metrics.calibration import LayerEdit, collect_layer_stats
+
     narrow = []
 
     def on_layer(i: int, st) -> LayerEdit:
@@ -344,14 +356,10 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, adapter=adapter, progress=progress,
                                 propagate="pruned" if inputs == "sequential" else "dense", on_layer=on_layer,
                                 covariance=mode == "lsq")
-    info["tokens"] = stats[0].tokens
+    extra = {"tokens": stats[0].tokens}
     if narrow:  # damping keeps the solve defined, but the refit of these is poorly determined
-        info["fewer_tokens_than_kept_inputs"] = narrow
-    if mode == "lsq" and removed_runs(eff, adapter):  # from the dense model, whatever the inputs (module doc)
-        info["removed_runs_regressed"] = _regress_removed_runs(model, adapter, calib_ids, eff, builder, damp,
-                                                               batch_size, progress)
-    builder.refit.info = info
-    return builder.refit
+        extra["fewer_tokens_than_kept_inputs"] = narrow
+    return extra
 
 
 def _layer_edit(adapter: ModelAdapter, i: int, heads: torch.Tensor, channels: torch.Tensor, biases: dict,
