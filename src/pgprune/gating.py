@@ -234,7 +234,7 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     With `fill`, each view gets the matching compensation biases (the same function as `gated`);
     with `refit` (mask -> `reconstruction.Refit`), each view gets its own refit (least squares)."""
     from pgprune.lm_loss import token_nll
-    from pgprune.reconstruction import compensation_biases
+    from pgprune.reconstruction import Refit, compensation_biases
     from pgprune.surgery import pruned_view
 
     _check_input_ids(input_ids, "gathered_losses")
@@ -246,12 +246,10 @@ def gathered_losses(model: nn.Module, input_ids: torch.Tensor, masks: Masks, *,
     losses = []
     for j in range(stack.num_masks):
         mask = stack.select(j)
-        if refit is not None:
-            r = refit(mask)
-            view = pruned_view(model, mask, output_bias=r.output_bias, input_weights=r.input_weights)
-        else:
-            view = pruned_view(model, mask, output_bias=None if fill is None else compensation_biases(adapter, fill,
-                                                                                                      mask, costs))
+        # the mean fill is the refit with output biases only
+        r = refit(mask) if refit is not None else \
+            Refit(output_bias=None if fill is None else compensation_biases(adapter, fill, mask, costs))
+        view = pruned_view(model, mask, output_bias=r.output_bias, input_weights=r.input_weights)
         losses.append(token_nll(view, ids).mean())
     return torch.stack(losses).float()
 
