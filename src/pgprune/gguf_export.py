@@ -47,6 +47,7 @@ such matrices in another type). Norms and biases stay F32, as in llama.cpp's own
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,8 +251,6 @@ def check_outtype(plan: GgufPlan, outtype: str) -> None:
 
 def quantize_gguf(source: Path, out: Path, outtype: str, threads: int | None = None) -> None:
     """llama.cpp's quantizer (`llama-quantize SOURCE OUT TYPE`, default parameters) into `out`, atomically."""
-    import os
-
     from pgprune.evaluate.llamacpp import require_llama_cpp
 
     llama_cpp = require_llama_cpp(f"--outtype {outtype} (llama.cpp's quantizer)")
