@@ -323,19 +323,10 @@ def collect_layer_stats(
     if propagate not in PROPAGATE_CHOICES:
         raise ConfigError(f"propagate must be one of {', '.join(PROPAGATE_CHOICES)}, got {propagate!r}")
     adapter = adapter or get_adapter(model)
-    inputs = capture_layer_inputs(model, calib_ids, batch_size=batch_size,
-                                  storage_device=storage_device, adapter=adapter)
-    inps = inputs.hidden
-    outs = torch.empty_like(inps)
     stats: list[LayerStats] = []
-    iterator: Iterator[int] = range(adapter.num_layers)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="calibration (layer by layer)", unit="layer")
-    for i in iterator:
-        mods = adapter.layer(i)
-        dev = _layer_device(mods.layer, inps.device)
+    for i, mods, dev, inps, outs, inputs in _walk(model, calib_ids, adapter.num_layers, adapter=adapter,
+                                                  batch_size=batch_size, storage_device=storage_device,
+                                                  desc="calibration (layer by layer)" if progress else None):
         st = _layer_pass(mods, i, inps, outs, inputs, dev, collect=True, covariance=covariance)
         edit = on_layer(i, st) if on_layer is not None else None
         if propagate == "pruned" and edit is not None:
@@ -346,7 +337,6 @@ def collect_layer_stats(
                 for h in handles:
                     h.remove()
         stats.append(st)
-        inps, outs = outs, inps
     return stats
 
 
@@ -360,23 +350,13 @@ def collect_removed_run_stats(model: nn.Module, calib_ids: torch.Tensor, runs: d
     dense model. Least squares regresses delta_p on x_p (`reconstruction`). Memory beyond a walk:
     x_p of every window (tokens x intermediate, on the storage device), one copy of h_p and the joint
     float64 covariance ((intermediate + hidden)^2 x 8 bytes), one run at a time."""
-    adapter = adapter or get_adapter(model)
     out: dict[int, FeatureStats] = {}
     if not runs:
         return out
-    inputs = capture_layer_inputs(model, calib_ids, batch_size=batch_size, storage_device=storage_device,
-                                  adapter=adapter)
-    inps = inputs.hidden
-    outs = torch.empty_like(inps)
     held = None  # (p, x_p per batch, h_p)
-    iterator: Iterator[int] = range(max(runs.values()) + 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="removed layers' updates", unit="layer")
-    for i in iterator:
-        mods = adapter.layer(i)
-        dev = _layer_device(mods.layer, inps.device)
+    for i, mods, dev, inps, outs, inputs in _walk(model, calib_ids, max(runs.values()) + 1, adapter=adapter,
+                                                  batch_size=batch_size, storage_device=storage_device,
+                                                  desc="removed layers' updates" if progress else None):
         xs: list[torch.Tensor] = []
         hook = None
         if i in runs:  # x_p of every window, kept until the run's end
@@ -397,8 +377,28 @@ def collect_removed_run_stats(model: nn.Module, calib_ids: torch.Tensor, runs: d
                 fs.update(torch.cat([x.to(dev).flatten(0, -2).float(), delta.flatten(0, -2).float()], -1))
             out[p] = fs
             held = None
-        inps, outs = outs, inps
     return out
+
+
+def _walk(model: nn.Module, calib_ids: torch.Tensor, n_layers: int, *, adapter: ModelAdapter | None,
+          batch_size: int, storage_device, desc: str | None) -> Iterator[tuple]:
+    """The layer walk: captures what enters layer 0, then yields (i, mods, device, inps, outs, inputs)
+    for layers 0 .. n_layers-1; the caller pushes `inps` through layer i into `outs`, which become the
+    next layer's inputs (two buffers, swapped). desc: a progress bar's title (None: no bar)."""
+    adapter = adapter or get_adapter(model)
+    inputs = capture_layer_inputs(model, calib_ids, batch_size=batch_size, storage_device=storage_device,
+                                  adapter=adapter)
+    inps = inputs.hidden
+    outs = torch.empty_like(inps)
+    iterator: Iterator[int] = range(n_layers)
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=desc, unit="layer")
+    for i in iterator:
+        mods = adapter.layer(i)
+        yield i, mods, _layer_device(mods.layer, inps.device), inps, outs, inputs
+        inps, outs = outs, inps
 
 
 def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: LayerInputs,
