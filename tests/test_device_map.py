@@ -61,3 +61,22 @@ def test_layer_by_layer_metric_matches(plain_and_offloaded, method, propagate):
         assert torch.equal(got.masks[kind], want.masks[kind])
     for block, bias in (want.output_bias or {}).items():
         assert torch.allclose(got.output_bias[block], bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("inputs", ["dense", "sequential"])
+def test_least_squares_refit_matches(plain_and_offloaded, inputs):
+    # the sequential refit stands in for the attention / MLP modules and computes the edited
+    # projections itself (refit columns, the module's own bias): offloaded weights must be read right
+    from pgprune.reconstruction import reconstruct
+
+    model, offloaded = plain_and_offloaded
+    masks = structured_mask(costs_of(model))
+    calib = random_ids(8, 16, seed=6)
+    want = reconstruct(model, calib, masks, "lsq", inputs=inputs, batch_size=4, progress=False)
+    got = reconstruct(offloaded, calib, masks, "lsq", inputs=inputs, batch_size=4, progress=False)
+    assert want.input_weights["attn"] or want.input_weights["mlp"]
+    for block, weights in want.input_weights.items():
+        assert weights.keys() == got.input_weights[block].keys()
+        for i, w in weights.items():
+            assert torch.allclose(got.input_weights[block][i], w, atol=1e-4)
+        assert torch.allclose(got.output_bias[block], want.output_bias[block], atol=1e-4)

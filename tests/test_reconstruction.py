@@ -182,8 +182,9 @@ def test_lsq_lowers_the_error_on_calibration_text_below_bias():
 
 
 def test_sequential_refit_reads_the_model_refit_so_far():
-    """With inputs='sequential', layer i's refit is the plain least-squares refit on the inputs layer
-    i sees when the layers before it are pruned and refit (recorded here with hooks)."""
+    """With inputs='sequential', each block's refit is the plain least-squares refit on the inputs it
+    sees in the model pruned and refit up to it (recorded here with hooks): o_proj of layer i after
+    layers < i, down_proj of layer i after layers < i and layer i's attention block."""
     model = make_model("llama")
     a = get_adapter(model)
     costs = costs_of(model)
@@ -195,30 +196,33 @@ def test_sequential_refit_reads_the_model_refit_so_far():
     calib = random_ids(8, 16, seed=6)
     refit = reconstruct(model, calib, masks, "lsq", inputs="sequential", progress=False)
     dense_refit = reconstruct(model, calib, masks, "lsq", inputs="dense", progress=False)
-    for i in range(1, costs.num_layers):
-        before = Masks({k: torch.where(torch.arange(costs.num_layers)[:, None] < i, v, torch.ones_like(v))
-                        for k, v in masks.tensors.items()})
-        partial = Refit(output_bias={b: torch.where(torch.arange(costs.num_layers)[:, None] < i, t, 0)
-                                     for b, t in refit.output_bias.items()},
-                        input_weights={b: {j: w for j, w in ws.items() if j < i} for b, ws in refit.input_weights.items()})
-        m = a.layer(i)
-        seen = {"attn": [], "mlp": []}
-        hooks = [m.o_proj.register_forward_pre_hook(lambda _m, args: seen["attn"].append(args[0])),
-                 m.down_proj.register_forward_pre_hook(lambda _m, args: seen["mlp"].append(args[0]))]
-        try:
-            with refit_applied(model, before, partial), torch.no_grad():
-                model(input_ids=calib, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        for block, proj, keep in (("attn", m.o_proj, a.expand_head_mask(masks["head"][i], "o")),
-                                  ("mlp", m.down_proj, masks["channel"][i])):
+    rows = torch.arange(costs.num_layers)[:, None]
+    for i in range(costs.num_layers):
+        for block, kind, upto in (("attn", "head", {"head": i, "channel": i}),
+                                  ("mlp", "channel", {"head": i + 1, "channel": i})):
+            # what is edited before this block: rows < upto[kind] of each kind, attention blocks' refits alike
+            limit = {"attn": upto["head"], "mlp": upto["channel"]}
+            before = Masks({k: torch.where(rows < upto[k], v, torch.ones_like(v)) for k, v in masks.tensors.items()})
+            partial = Refit(output_bias={b: torch.where(rows < limit[b], t, 0) for b, t in refit.output_bias.items()},
+                            input_weights={b: {j: w for j, w in ws.items() if j < limit[b]}
+                                           for b, ws in refit.input_weights.items()})
+            m = a.layer(i)
+            proj = m.o_proj if block == "attn" else m.down_proj
+            keep = a.expand_head_mask(masks["head"][i], "o") if block == "attn" else masks["channel"][i]
             if bool(keep.all()):
                 continue
-            x = torch.cat(seen[block]).reshape(-1, proj.in_features)
+            seen = []
+            hook = proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+            try:
+                with refit_applied(model, before, partial), torch.no_grad():
+                    model(input_ids=calib, use_cache=False)
+            finally:
+                hook.remove()
+            x = torch.cat(seen).reshape(-1, proj.in_features)
             ref_w, _ = lsq_columns(proj.weight, stats_of(x, 1), keep, DEFAULT_DAMP)
             torch.testing.assert_close(refit.input_weights[block][i].double(), ref_w, rtol=1e-3, atol=1e-4)
-            assert not torch.allclose(refit.input_weights[block][i], dense_refit.input_weights[block][i])
+            if (i, block) != (0, "attn"):  # the first block sees the dense model
+                assert not torch.allclose(refit.input_weights[block][i], dense_refit.input_weights[block][i])
 
 
 def test_least_squares_needs_partly_pruned_projections():

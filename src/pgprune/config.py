@@ -404,7 +404,7 @@ RECIPES: dict[str, dict] = {
             "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
             "pg.reconstruct": "bias",  # FLAP's bias compensation is worth more than most mask choices
             "reconstruct": "lsq",      # then refit by least squares: 30 % PG mask 168.7 -> 146.8, Wanda-sp 255.6 -> 170.8
-            "reconstruct_inputs": "sequential",  # layer by layer on the pruned model: 146.8 -> 138.4, 170.8 -> 152.8
+            "reconstruct_inputs": "sequential",  # on the model pruned so far: 146.8 -> 138.4, 170.8 -> 152.8
             "pg.estimator": "paper",   # steadiest direction at the start (split-half cosine 0.65)
             "pg.steps": 300,
             "pg.lr": 0.02,             # Adam's step size on the shared parameters

@@ -133,7 +133,7 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
                        units=("channel", "head"), *, nsamples: int = 1024, metric_nsamples: int = 128,
                        metric_batch_size: int = 8, world_size: int = 1, chunk_tokens: int = 4096,
                        forward: str = "gated", reconstruct: str = "bias", pg_reconstruct: str = "bias",
-                       refit_nsamples: int = 128) -> dict:
+                       refit_nsamples: int = 128, reconstruct_inputs: str = "sequential") -> dict:
     """Bytes a policy-gradient run needs on one device (one rank), with a breakdown.
 
     `model_or_config`: a model (its exact parameter count and dtype are used) or a HF config.
@@ -145,7 +145,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     `reconstruct` / `pg_reconstruct` (none | bias | lsq): least squares needs float64 input covariances
     (`reconstruction_covariances`): PG scoring with it holds every layer's, and their damped precision
     matrices, for the whole loop plus one solve's temporaries per step; the final refit holds one
-    layer's during its calibration walk over `refit_nsamples` windows.
+    layer's during its calibration walk over `refit_nsamples` windows (`reconstruct_inputs`
+    sequential: also one layer's o_proj and down_proj inputs of every window).
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
         raise ConfigError(f"memory plan needs K >= 1, batch size >= 1 and seqlen >= 2 (got {k}, {batch_size}, {seqlen})")
@@ -191,7 +192,9 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     held_cov = 2 * d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
     if pg_reconstruct == "lsq":
         pg_step += solve
-    final_refit = walk(refit_nsamples) + layer_cov + solve if reconstruct == "lsq" else 0
+    # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially)
+    held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if reconstruct_inputs == "sequential" else 0
+    final_refit = walk(refit_nsamples) + held_inputs + layer_cov + solve if reconstruct == "lsq" else 0
     kinds = units.split(",") if isinstance(units, str) else list(units)
     if reconstruct == "lsq" and "layer" in kinds:  # removed runs regressed: a walk holding x_p of every
         # window, a copy of h_p and the joint [x_p, delta] covariance (collect_removed_run_stats)
@@ -208,6 +211,7 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
                        "seqlen": seqlen, "units": list(units) if not isinstance(units, str) else units,
                        "nsamples": nsamples, "metric_nsamples": metric_nsamples, "world_size": world_size,
                        "forward": forward, "reconstruct": reconstruct, "pg_reconstruct": pg_reconstruct,
+                       "reconstruct_inputs": reconstruct_inputs,
                        "attention": d["attn"], **{f"model_{n}": x for n, x in d.items() if n != "attn"}}}
 
 

@@ -209,7 +209,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                   metric_nsamples=0 if pg.init == "constant" else METRIC_NSAMPLES,
                                   metric_batch_size=settings.execution.metric_batch_size, world_size=world.size,
                                   forward=session.forward, reconstruct=settings.final_reconstruct,
-                                  pg_reconstruct=settings.pg.reconstruct)
+                                  pg_reconstruct=settings.pg.reconstruct,
+                                  reconstruct_inputs=settings.reconstruct_inputs)
         check_fits(plan, next(model.parameters()).device, weights_loaded=True)
     execution = session.execution(world.size)
     if world.is_main:

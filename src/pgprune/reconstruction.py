@@ -17,9 +17,10 @@ kept channels). Three modes (`--reconstruct`, `MODES`):
   kept one: PG's per-mask refits (`--pg-reconstruct lsq`) factor P once per layer and take the
   cheaper of the two exact forms for each mask. Statistics are accumulated and solved in float64
   whatever the model dtype. The inputs come either from the dense model (`inputs="dense"`) or
-  sequentially from the model pruned and refit so far (`"sequential"`, layer by layer as
-  SparseGPT/SlimGPT: layer i's statistics are read with layers < i already pruned and refit, the
-  target W x on those inputs).
+  sequentially from the model pruned and refit so far (`"sequential"`, block by block as
+  SparseGPT's true-sequential order: o_proj's statistics of layer i are read with layers < i pruned
+  and refit, down_proj's with layer i's attention block refit too; the target is W x on those
+  inputs). Each part of a layer then runs once (`collect_block_stats_sequentially`).
 
 A removed block keeps its mean output as a constant (both modes agree there: nothing is kept to
 refit); a removed layer's mean update goes to the last kept layer before it (see
@@ -173,9 +174,9 @@ def _check_finite(stats, i: int, block: str) -> None:
 
 
 def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor, channels: torch.Tensor,
-                mode: str, damp: float = DEFAULT_DAMP, precision: bool = False) -> dict:
+                mode: str, damp: float = DEFAULT_DAMP, precision: bool = False, blocks=BLOCKS) -> dict:
     """{block: (bias [hidden] float64 or None, kept-column weight [hidden, S] float64 or None)} of
-    layer i for its unit keep-masks (`heads` [G] over KV groups, `channels` [I]). `inputs`:
+    layer i's `blocks` for its unit keep-masks (`heads` [G] over KV groups, `channels` [I]). `inputs`:
     {"attn"|"mlp": the `FeatureStats` of o_proj's / down_proj's input (with covariance for lsq), or
     for mode bias just its mean}. A block whose inputs are all kept gets (None, None), a block with
     nothing kept only its mean output. precision: see `lsq_columns`."""
@@ -183,6 +184,8 @@ def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor
     out = {}
     for block, proj, keep in (("attn", m.o_proj, adapter.expand_head_mask(heads, "o")),
                               ("mlp", m.down_proj, channels)):
+        if block not in blocks:
+            continue
         out[block] = (None, None)
         if proj is None or mode == "none":
             continue
@@ -291,7 +294,8 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     """The `Refit` of `masks` (one mask) under `mode` (none | bias | lsq) from the calibration windows
     `calib_ids`; `stats`: dense `collect_layer_stats` results to reuse with inputs dense (for lsq they
     must hold covariances: `collect_layer_stats(..., covariance=True)`; then no pass runs).
-    Memory: lsq holds one layer's input covariances at a time (in_features^2 float64 per projection)."""
+    Memory: lsq holds one layer's input covariances at a time (in_features^2 float64 per projection);
+    sequential inputs also one layer's o_proj and down_proj inputs of every window."""
     if mode not in MODES:
         raise ConfigError(f"reconstruction must be one of {', '.join(MODES)}, got {mode!r}")
     if inputs not in INPUTS:
@@ -330,33 +334,43 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
 
 def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: _RefitBuilder, mode: str, inputs: str,
                    damp: float, batch_size: int, progress: bool) -> dict:
-    """Fill `builder` layer by layer from a calibration walk (dense, or through the model pruned and
-    refit so far); returns what the walk adds to the refit's info."""
-    from pgprune.metrics.calibration import LayerEdit, collect_layer_stats
+    """Fill `builder` from a calibration walk: the dense model's statistics layer by layer, or
+    (sequential) each block's statistics read from the model pruned and refit up to that block;
+    returns what the walk adds to the refit's info."""
+    from pgprune.metrics.calibration import collect_block_stats_sequentially, collect_layer_stats
 
     narrow = []
 
-    def on_layer(i: int, st) -> LayerEdit:
-        kept_layer = bool(eff["layer"][i])
-        folded = kept_layer or builder.last_kept is not None  # else its mean update is dropped (module doc)
-        parts = layer_refit(adapter, i, {"attn": st.attn_in, "mlp": st.mlp_in}, eff["head"][i], eff["channel"][i],
-                            mode, damp)
-        builder.add(i, kept_layer, parts)
-        for block in BLOCKS:  # free the covariances now: one layer's at a time
-            fs = getattr(st, f"{block}_in")
-            if fs is not None:
-                if fs.comoment is not None and parts[block][1] is not None and st.tokens < parts[block][1].shape[1]:
-                    narrow.append(f"layer {i} {block}")
-                setattr(st, f"{block}_in", fs.without_covariance())
-        if inputs == "dense":
-            return None
-        return _layer_edit(adapter, i, eff["head"][i], eff["channel"][i],
-                           {b: parts[b][0] if folded else None for b in BLOCKS}, {b: parts[b][1] for b in BLOCKS})
+    def refit_blocks(i: int, stats: dict) -> dict:
+        """layer i's refit of the blocks in `stats` ({block: FeatureStats or None}), added to `builder`."""
+        parts = layer_refit(adapter, i, stats, eff["head"][i], eff["channel"][i], mode, damp, blocks=tuple(stats))
+        builder.add(i, bool(eff["layer"][i]), parts)
+        for block, fs in stats.items():
+            weight = parts[block][1]
+            if fs is not None and fs.comoment is not None and weight is not None and fs.count < weight.shape[1]:
+                narrow.append(f"layer {i} {block}")
+        return parts
 
-    stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, adapter=adapter, progress=progress,
-                                propagate="pruned" if inputs == "sequential" else "dense", on_layer=on_layer,
-                                covariance=mode == "lsq")
-    extra = {"tokens": stats[0].tokens}
+    if inputs == "dense":
+        def on_layer(i: int, st) -> None:
+            refit_blocks(i, {"attn": st.attn_in, "mlp": st.mlp_in})
+            for block in BLOCKS:  # free the covariances now: one layer's at a time
+                fs = getattr(st, f"{block}_in")
+                if fs is not None:
+                    setattr(st, f"{block}_in", fs.without_covariance())
+
+        tokens = collect_layer_stats(model, calib_ids, batch_size=batch_size, adapter=adapter, progress=progress,
+                                     on_layer=on_layer, covariance=mode == "lsq")[0].tokens
+    else:
+        def on_block(i: int, block: str, fs):
+            folded = bool(eff["layer"][i]) or builder.last_kept is not None  # else dropped (module doc)
+            bias, weight = refit_blocks(i, {block: fs})[block]
+            return _layer_edit(adapter, i, eff["head"][i], eff["channel"][i],
+                               {block: bias if folded else None}, {block: weight})
+
+        tokens = collect_block_stats_sequentially(model, calib_ids, on_block, batch_size=batch_size,
+                                                  adapter=adapter, progress=progress)
+    extra = {"tokens": tokens}
     if narrow:  # damping keeps the solve defined, but the refit of these is poorly determined
         extra["fewer_tokens_than_kept_inputs"] = narrow
     return extra

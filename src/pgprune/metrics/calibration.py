@@ -18,6 +18,7 @@ Module names come from the adapter only.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from pgprune.errors import ConfigError, DataError
-from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter
+from pgprune.models.adapter import ModelAdapter, execution_device, get_adapter, read_weight
 
 PROPAGATE_CHOICES = ("dense", "pruned")
 
@@ -69,9 +70,10 @@ class FeatureStats:
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
         self.m2 = self.m2 + m2_b + delta.pow(2) * (n_a * n_b / n)
-        if self.comoment is not None:
-            self.comoment += (centred.T @ centred).double()
-            self.comoment += torch.outer(delta, delta) * (n_a * n_b / n)
+        if self.comoment is not None:  # in place: no float64 F x F temporaries
+            self.comoment.add_(_gram(centred))
+            if n_a:
+                self.comoment.addr_(delta, delta, alpha=n_a * n_b / n)
         self.count = n
         self._finite = None
         self._precision = {}
@@ -118,6 +120,22 @@ class FeatureStats:
 
     def without_covariance(self) -> "FeatureStats":
         return FeatureStats(self.count, self.mean, self.m2)
+
+
+def _gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """x^T x for x [tokens, F], computing only the blocks on and below the diagonal and mirroring them:
+    about 0.6 of the full product's work (the covariance update dominates a least-squares walk)."""
+    f = x.shape[1]
+    step = -(-f // blocks)
+    if f < 256:  # small: one product is as fast
+        return x.T @ x
+    out = torch.empty(f, f, dtype=x.dtype, device=x.device)
+    for start in range(0, f, step):
+        end = min(start + step, f)
+        rows = x[:, start:end].T @ x[:, :end]  # block row, columns up to the diagonal
+        out[start:end, :end] = rows
+        out[:start, start:end] = rows[:, :start].T
+    return out
 
 
 def damped_cholesky(c: torch.Tensor, lam: float) -> torch.Tensor:
@@ -380,6 +398,141 @@ def collect_removed_run_stats(model: nn.Module, calib_ids: torch.Tensor, runs: d
     return out
 
 
+@torch.no_grad()
+def collect_block_stats_sequentially(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    on_block: Callable[[int, str, FeatureStats | None], LayerEdit | None],
+    *,
+    batch_size: int = 8,
+    storage_device: torch.device | str | None = None,
+    progress: bool = True,
+    adapter: ModelAdapter | None = None,
+) -> int:
+    """Sequential statistics block by block, with covariance: the statistics of layer i's o_proj
+    inputs are read from the model whose layers before i are edited, those of its down_proj inputs
+    from the model whose attention block of layer i is edited too (SparseGPT's "true sequential"
+    order). on_block(i, "attn" | "mlp", stats) returns the `LayerEdit` of that block (its fields for
+    the other block are ignored; None: unedited) and is called for the attention block first; stats
+    is None where surgery removed the block. Returns the number of calibration tokens.
+
+    Each part of a layer runs once per window batch: the attention block up to o_proj (its inputs
+    kept), then the layer again with the attention module standing in with the edited o_proj of
+    those inputs, up to down_proj (its inputs kept), then the layer with both modules standing in
+    with their edited projections, which gives the layer's edited output. Standing in assumes the
+    attention / MLP module returns its o_proj / down_proj output, as LLaMA-family layers do; it is
+    checked on the first window batch of each kind of layer. Memory beyond a walk: the o_proj and down_proj inputs of every
+    window (tokens x (attention width + intermediate)) on the storage device."""
+    adapter = adapter or get_adapter(model)
+    tokens = 0
+    checked: dict[tuple, dict[str, int]] = {}  # per layer class and blocks present: the modules' output arity
+    for i, mods, dev, inps, outs, inputs in _walk(model, calib_ids, adapter.num_layers, adapter=adapter,
+                                                  batch_size=batch_size, storage_device=storage_device,
+                                                  desc="sequential refit (block by block)" if progress else None):
+        kwargs = [kw[i] for kw in inputs.kwargs]
+        kind = (type(mods.layer), mods.o_proj is None, mods.down_proj is None)
+        if kind not in checked:
+            checked[kind] = _check_stand_ins(mods, inps[inputs.batches[0]].to(dev), _to(kwargs[0], dev))
+        arity = checked[kind]
+        stand_ins: dict[str, Callable[[slice], torch.Tensor]] = {}  # block -> output of a window batch
+        current: list[slice] = []  # the window batch being run
+        held: dict[str, torch.Tensor] = {}
+        for block, proj in (("attn", mods.o_proj), ("mlp", mods.down_proj)):
+            if proj is None:
+                on_block(i, block, None)
+                continue
+            fs = FeatureStats.empty(proj.in_features, dev, covariance=True)
+            held[block] = torch.empty(*inps.shape[:-1], proj.in_features, dtype=inps.dtype, device=inps.device)
+            with _standing_in(mods, arity, stand_ins, current):
+                for b, kw in zip(inputs.batches, kwargs):
+                    current[:] = [b]
+                    x = _input_of(proj, mods.layer, inps[b].to(dev), _to(kw, dev))
+                    fs.update(x)
+                    held[block][b] = x.to(held[block].device)
+            tokens = fs.count
+            edit = on_block(i, block, fs) or LayerEdit()
+            project = _edited_projections(mods, adapter, edit).get(block, proj)
+            stand_ins[block] = lambda b, x=held[block], project=project: project(x[b].to(dev))
+        with _standing_in(mods, arity, stand_ins, current):
+            for b, kw in zip(inputs.batches, kwargs):
+                current[:] = [b]
+                outs[b] = _first(mods.layer(inps[b].to(dev), **_to(kw, dev))).to(outs.device)
+    return tokens
+
+
+def _input_of(proj: nn.Module, layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """What `proj` receives when `layer` runs on x (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def stop(_m, args):
+        seen.append(args[0])
+        raise _StopForward
+
+    handle = proj.register_forward_pre_hook(stop)
+    try:
+        layer(x, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ConfigError("a projection was not called exactly once in its layer's forward pass")
+    return seen[0]
+
+
+def _check_stand_ins(mods, x: torch.Tensor, kwargs: dict) -> dict[str, int]:
+    """{"attn"|"mlp": the length of the module's output tuple (0: a tensor)}, after checking on x that
+    the attention / MLP module returns its o_proj / down_proj output as is (what standing in needs)."""
+    seen: dict[str, Any] = {}
+    pairs = [(b, m, p) for b, m, p in (("attn", mods.attn, mods.o_proj), ("mlp", mods.mlp, mods.down_proj))
+             if p is not None]
+    handles = []
+    for block, module, proj in pairs:
+        handles.append(module.register_forward_hook(lambda _m, _a, out, b=block: seen.__setitem__(b, out)))
+        handles.append(proj.register_forward_hook(lambda _m, _a, out, b=block: seen.__setitem__(b + "_proj", out)))
+    try:
+        mods.layer(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    arity = {}
+    for block, _module, _proj in pairs:
+        out = seen.get(block)
+        if out is None or _first(out) is not seen.get(block + "_proj"):
+            raise ConfigError(f"this family's {block} module does not return its "
+                              f"{'o_proj' if block == 'attn' else 'down_proj'} output as is; the block-by-block "
+                              "sequential refit cannot stand in for it: use --reconstruct-inputs dense")
+        arity[block] = len(out) if isinstance(out, (tuple, list)) else 0
+    return arity
+
+
+@contextlib.contextmanager
+def _standing_in(mods, arity: dict[str, int], stand_ins: dict[str, Callable[[slice], torch.Tensor]],
+                 current: list[slice]):
+    """Within the context, the attention / MLP module of `mods` named in `stand_ins` does not compute:
+    it returns `stand_ins[block](current[0])` (shaped as its own output, `arity`), for the window
+    batch `current[0]` being run; the rest of the layer (norms, residual additions) runs as written."""
+    modules = {"attn": mods.attn, "mlp": mods.mlp}
+    saved = {}
+    try:
+        for block, output_of in stand_ins.items():
+            module = modules[block]
+            saved[block] = module.__dict__.get("forward")
+
+            def forward(*_args, _output_of=output_of, _n=arity[block], **_kwargs):
+                out = _output_of(current[0])
+                return (out,) + (None,) * (_n - 1) if _n else out
+
+            module.forward = forward
+        yield
+    finally:
+        for block, fwd in saved.items():
+            if fwd is None:
+                modules[block].__dict__.pop("forward", None)
+            else:
+                modules[block].forward = fwd
+
+
 def _walk(model: nn.Module, calib_ids: torch.Tensor, n_layers: int, *, adapter: ModelAdapter | None,
           batch_size: int, storage_device, desc: str | None) -> Iterator[tuple]:
     """The layer walk: captures what enters layer 0, then yields (i, mods, device, inps, outs, inputs)
@@ -440,32 +593,66 @@ def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: La
                       cos_attn=cos["attn"], cos_mlp=cos["mlp"], cos_layer=cos["layer"])
 
 
+class EditedProjection:
+    """One projection (o_proj or down_proj) under an edit: only its `keep` inputs read (None: all; none
+    kept: the block is removed and outputs zeros), an output `bias` added, and optionally refit kept
+    columns `weight` [out, in_features] computing instead of its own. Serves as a pair of hooks
+    (`mask_input` before the module, `finish` after it: `apply_layer_edit`) or, called, as the edited
+    projection of an input (one linear map, not the module's and then the refit's)."""
+
+    def __init__(self, proj: nn.Module, keep: torch.Tensor | None, bias: torch.Tensor | None,
+                 weight: torch.Tensor | None):
+        dev = execution_device(proj)  # not proj.weight.device: "meta" while a device_map offloads it
+        self.proj = proj
+        self.feat = None if keep is None else keep.to(dev)
+        self.empty = self.feat is not None and not bool(self.feat.any())
+        self.add = None if bias is None else bias.to(dev, proj.weight.dtype)
+        self.refit = None if weight is None or self.empty else weight.to(dev, proj.weight.dtype)
+        self.refit_bias = None if self.refit is None or proj.bias is None else read_weight(proj, "bias")
+
+    def mask_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.feat is None or self.empty else x * self.feat.to(x.dtype)
+
+    def finish(self, x_masked: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The edited output from the module's output on the masked input."""
+        if self.empty:  # the block is removed as a whole: only a compensation constant remains
+            output = torch.zeros_like(output)
+        elif self.refit is not None:
+            output = torch.nn.functional.linear(x_masked, self.refit, self.refit_bias)
+        return output if self.add is None else output + self.add
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mask_input(x)
+        if self.empty:
+            out = x.new_zeros(*x.shape[:-1], self.proj.out_features)
+        elif self.refit is not None:
+            out = torch.nn.functional.linear(x, self.refit, self.refit_bias)
+        else:
+            out = self.proj(x)
+        return out if self.add is None else out + self.add
+
+
+def _edited_projections(mods, adapter: ModelAdapter, edit: LayerEdit) -> dict[str, EditedProjection]:
+    """{"attn"|"mlp": the edited o_proj / down_proj} for the blocks `edit` touches."""
+    head_features = None if edit.head_keep is None else adapter.expand_head_mask(edit.head_keep, "o")
+    out = {}
+    for block, proj, keep, bias, weight in (
+        ("attn", mods.o_proj, head_features, edit.attn_bias, edit.attn_weight),
+        ("mlp", mods.down_proj, edit.channel_keep, edit.mlp_bias, edit.mlp_weight),
+    ):
+        if proj is not None and not (keep is None and bias is None and weight is None):
+            out[block] = EditedProjection(proj, keep, bias, weight)
+    return out
+
+
 def apply_layer_edit(mods, adapter: ModelAdapter, edit: LayerEdit) -> list:
     """Temporary hooks that make layer `mods` behave as if `edit` had been applied by surgery:
     removed units contribute nothing, compensation biases are added, empty blocks vanish."""
     handles = []
-    head_features = None if edit.head_keep is None else adapter.expand_head_mask(edit.head_keep, "o")
-    for proj, keep, bias, weight in (
-        (mods.o_proj, head_features, edit.attn_bias, edit.attn_weight),
-        (mods.down_proj, edit.channel_keep, edit.mlp_bias, edit.mlp_weight),
-    ):
-        if proj is None or (keep is None and bias is None and weight is None):
-            continue
-        dev = execution_device(proj)  # not proj.weight.device: "meta" while a device_map offloads it
-        feat = None if keep is None else keep.to(dev)
-        empty = feat is not None and not bool(feat.any())
-        add = None if bias is None else bias.to(dev, proj.weight.dtype)
-        refit = None if weight is None or empty else weight.to(dev, proj.weight.dtype)
-        if feat is not None and not empty:
-            handles.append(proj.register_forward_pre_hook(
-                lambda _m, args, feat=feat: (args[0] * feat.to(args[0].dtype),) + tuple(args[1:])))
-
-        def hook(module, args, output, empty=empty, add=add, refit=refit):
-            if empty:  # the block is removed as a whole: only a compensation constant remains
-                output = torch.zeros_like(output)
-            elif refit is not None:  # args: the input after the masking pre-hook
-                output = torch.nn.functional.linear(args[0], refit, module.bias)
-            return output if add is None else output + add
-
-        handles.append(proj.register_forward_hook(hook))
+    for ep in _edited_projections(mods, adapter, edit).values():
+        if ep.feat is not None and not ep.empty:
+            handles.append(ep.proj.register_forward_pre_hook(
+                lambda _m, args, ep=ep: (ep.mask_input(args[0]),) + tuple(args[1:])))
+        # args: the input after the masking pre-hook
+        handles.append(ep.proj.register_forward_hook(lambda _m, args, output, ep=ep: ep.finish(args[0], output)))
     return handles
