@@ -323,3 +323,18 @@ def test_a_removed_layer_is_regressed_on_the_previous_mlp_inputs():
     seq = reconstruct(model, ids, masks, "lsq", inputs="sequential", progress=False, costs=costs)
     assert seq.info["removed_runs_regressed"] == {1: 2}
     torch.testing.assert_close(seq.input_weights["mlp"][1], refit.input_weights["mlp"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_refit_refuses_a_block_it_cannot_stand_in_for():
+    # the block-by-block walk replaces the attention module by its refit o_proj output: a family whose
+    # attention output is not o_proj's output as is (here: rescaled after it) gets one clear error
+    model = make_model("llama")
+    masks = structured_mask(costs_of(model))
+    attn = get_adapter(model).layer(0).attn
+    handle = attn.register_forward_hook(lambda _m, _a, out: (out[0] * 2,) + tuple(out[1:]))
+    try:
+        with pytest.raises(ConfigError, match="--reconstruct-inputs dense"):
+            reconstruct(model, random_ids(4, 16, seed=1), masks, "lsq", inputs="sequential", progress=False)
+        reconstruct(model, random_ids(4, 16, seed=1), masks, "lsq", inputs="dense", progress=False)
+    finally:
+        handle.remove()
