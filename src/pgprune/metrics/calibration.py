@@ -421,8 +421,8 @@ def collect_block_stats_sequentially(
     those inputs, up to down_proj (its inputs kept), then the layer with both modules standing in
     with their edited projections, which gives the layer's edited output. Standing in assumes the
     attention / MLP module returns its o_proj / down_proj output, as LLaMA-family layers do; it is
-    checked on the first window batch of each kind of layer. Memory beyond a walk: the o_proj and down_proj inputs of every
-    window (tokens x (attention width + intermediate)) on the storage device."""
+    checked on the first window batch of each kind of layer. Memory beyond a walk: the o_proj and
+    down_proj inputs of every window (tokens x (attention width + intermediate)) on the storage device."""
     adapter = adapter or get_adapter(model)
     tokens = 0
     checked: dict[tuple, dict[str, int]] = {}  # per layer class and blocks present: the modules' output arity
