@@ -246,7 +246,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                             width_multiple=settings.width_multiple)
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
-    dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric)
+    dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric,
+                                    covariance=pg_run and settings.pg.reconstruct == "lsq")
 
     fill = refit_fn = cov_stats = None  # how PG scores a mask: mean fill (bias) or its own refit (lsq)
     scored = {"bias": " (compensated)", "lsq": " (least-squares refit)"}.get(settings.pg.reconstruct, "") \
@@ -257,10 +258,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         if settings.pg.reconstruct == "bias":
             fill = feature_means(dense_stats())
         elif settings.pg.reconstruct == "lsq":  # every layer's dense input covariances, kept for the whole run
-            from pgprune.metrics.calibration import collect_layer_stats
-
-            cov_stats = collect_layer_stats(model, calib[:METRIC_NSAMPLES], batch_size=settings.execution.metric_batch_size,
-                                            covariance=True, progress=progress)
+            cov_stats = dense_stats()
             refit_fn = functools.partial(reconstruct, model, None, mode="lsq", damp=settings.reconstruct_damp,
                                          stats=cov_stats, costs=costs)  # mask -> its Refit
         masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume, progress,
@@ -384,17 +382,19 @@ def _check_gguf_widths(settings: RunSettings, adapter) -> None:
                           f"{adapter.head_dim} or fewer values, or prune without head units")
 
 
-def _dense_stats_once(model, calib, settings: RunSettings, metric=None):
+def _dense_stats_once(model, calib, settings: RunSettings, metric=None, covariance: bool = False):
     """A callable giving the dense model's calibration statistics of the o_proj / down_proj inputs
-    on `calib` (the mean fill; the features of a data-free init metric): the init metric's when it
-    collected dense ones on the same windows (FLAP does), else one pass, run at most once."""
+    on `calib` (the mean fill; the features of a data-free init metric; with `covariance`, PG's
+    per-mask least-squares refits too): the init metric's when it collected dense ones on the same
+    windows (FLAP does, without covariances), else one pass, run at most once."""
     from pgprune.metrics.calibration import collect_layer_stats
 
     @functools.cache
     def stats():
-        if metric is not None and metric.dense_stats is not None:
+        if metric is not None and metric.dense_stats is not None and not covariance:
             return metric.dense_stats
-        return collect_layer_stats(model, calib, batch_size=settings.execution.metric_batch_size, propagate="dense")
+        return collect_layer_stats(model, calib, batch_size=settings.execution.metric_batch_size, propagate="dense",
+                                   covariance=covariance)
 
     return stats
 
