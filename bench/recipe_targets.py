@@ -10,8 +10,10 @@ held-out calibration text for PG's tracking, nothing from the evaluation sets) i
 --work/CALIB_sSEED_SPARSITY_LABEL, and its exported model is then scored once under DESIGN.md's protocol
 (seqlen 128): WikiText-2 test (first --wikitext-tokens; 0 = all) and the natural-text measure, the
 geometric mean of the perplexities of the shared C4 sample's validation documents and the Wikipedia
-sample's test split (first --natural-tokens each). A finished cell (run.json + scores.json) is reused,
-so an interrupted sweep continues where it stopped; add seeds or sparsities to the same --work.
+sample's test split (first --natural-tokens each). A finished cell (run.json + scores.json) is reused
+and a PG cell that was stopped resumes from its checkpoint (`prune(..., resume=True)`; one started
+with other settings starts again), so an interrupted sweep continues where it stopped; add seeds or
+sparsities to the same --work.
 
 Summary per (calibration source, sparsity): for every run kind the median over seeds (and min / max),
 the best metric method at its best reconstruction (lowest median), and each PG variant's ratio to it
@@ -83,7 +85,9 @@ def score(model_path: str, args) -> dict:
 
 def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> dict:
     """prune() into `folder` (unless finished) and its scores (cached in scores.json)."""
+    from pgprune import run_folder
     from pgprune.config import RunSettings
+    from pgprune.errors import CheckpointError
     from pgprune.pruning import prune
 
     scores_file = folder / "scores.json"
@@ -94,9 +98,15 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         "eval.max_tokens": args.progress_tokens, "execution.dtype": args.dtype, "execution.device": args.device,
         **overrides})
     t0 = time.perf_counter()
-    record = prune(settings, folder, overwrite=True, progress=not args.quiet)
+    resumed = (folder / run_folder.CHECKPOINT_FILE).is_file()  # an interrupted PG run continues from its checkpoint
+    try:
+        record = prune(settings, folder, resume=resumed, overwrite=True, progress=not args.quiet)
+    except CheckpointError as e:  # started with other settings (or unreadable): start it afresh
+        print(f"{label}: {e}; starting it again", flush=True)
+        resumed = False
+        record = prune(settings, folder, overwrite=True, progress=not args.quiet)
     cell = {"label": label, "settings": record["settings"], "seconds": time.perf_counter() - t0,
-            "sparsity": record["masks"].get("sparsity"), "scores": score(str(folder / "model"), args)}
+            "resumed": resumed, "sparsity": record["masks"].get("sparsity"), "scores": score(str(folder / "model"), args)}
     if "pg" in record:
         cell["pg_seconds"] = record["pg"].get("seconds")
     atomic.write_json(scores_file, cell)

@@ -1,0 +1,59 @@
+"""bench/recipe_targets.py's cells: a stopped PG run continues from its checkpoint."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import recipe_targets  # noqa: E402
+from pgprune import run_folder  # noqa: E402
+from pgprune.errors import CheckpointError  # noqa: E402
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """prune() and the scoring replaced: records how prune was asked to run; refuses a resume when told."""
+    calls, refuse = [], []
+
+    def prune(settings, folder, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("resume") and refuse:
+            raise CheckpointError("the run was started with different settings")
+        Path(folder).mkdir(exist_ok=True)
+        (Path(folder) / run_folder.RUN_FILE).write_text("{}")
+        return {"settings": settings.to_dict(), "masks": {"sparsity": 0.3}, "pg": {"seconds": 1.0}}
+
+    monkeypatch.setattr("pgprune.pruning.prune", prune)
+    monkeypatch.setattr(recipe_targets, "score", lambda path, args: {"wikitext2": 1.0})
+    return calls, refuse
+
+
+ARGS = argparse.Namespace(model="smollm2-135m", data_dir=None, progress_tokens=4096, dtype="auto", device=None,
+                          quiet=True)
+
+
+def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
+    calls, _ = fake_runs
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / run_folder.CHECKPOINT_FILE).write_bytes(b"checkpoint")
+    assert recipe_targets.run_cell("stopped", {}, "features", stopped, ARGS)["resumed"] is True
+    assert calls[-1]["resume"] is True
+    fresh = tmp_path / "fresh"
+    assert recipe_targets.run_cell("fresh", {}, "features", fresh, ARGS)["resumed"] is False
+    assert not calls[-1].get("resume") and calls[-1]["overwrite"] is True
+    # a finished cell is read back, not run again
+    assert recipe_targets.run_cell("fresh", {}, "features", fresh, ARGS)["scores"] == {"wikitext2": 1.0}
+    assert len(calls) == 2
+
+
+def test_a_checkpoint_of_other_settings_starts_the_cell_again(tmp_path, fake_runs):
+    calls, refuse = fake_runs
+    refuse.append(True)
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    (folder / run_folder.CHECKPOINT_FILE).write_bytes(b"checkpoint")
+    cell = recipe_targets.run_cell("changed", {}, "features", folder, ARGS)
+    assert [bool(c.get("resume")) for c in calls] == [True, False] and cell["resumed"] is False
