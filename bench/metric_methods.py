@@ -3,7 +3,8 @@
 For each cell: scores on the calibration windows, allocation to the budget, then for every
 reconstruction of `--reconstruct` (none, bias = FLAP's compensation, lsq = least squares from dense
 inputs, lsq:sequential) the refit, surgery and WikiText-2 test perplexity (DESIGN.md protocol, the
-seqlen is printed), wall time and peak memory. Dense calibration statistics do not depend on the
+seqlen is printed; `--natural-tokens N` adds the natural-text measure of bench/recipe_targets.py), wall
+time and peak memory. Dense calibration statistics do not depend on the
 method or the budget, so they are collected once and reused; the wanda-sp uniform cells redo the
 layer walk because they propagate the pruned layers' outputs (Wanda's recipe). The table gives
 perplexity as a ratio to the dense model.
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-seqlen", type=int, default=128)
     p.add_argument("--ppl-batch", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N test tokens")
+    p.add_argument("--natural-tokens", type=int, default=0,
+                   help="also score the natural-text measure (C4 validation, Wikipedia-sample test; first N "
+                        "tokens each; 0: off)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads are slower)")
     p.add_argument("--reconstruct", default="reference",
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from pgprune.data import get_calibration_windows, get_eval_tokens
-    from pgprune.evaluate.perplexity import perplexity_of_tokens
+    from pgprune.evaluate.perplexity import NATURAL_TEXT, natural_text_ppl, perplexity_of_tokens
     from pgprune.masks import parse_unit_kinds
     from pgprune.metrics import run_metric
     from pgprune.metrics.calibration import collect_layer_stats
@@ -136,11 +140,25 @@ def main(argv=None) -> int:
                                  max_tokens=args.max_tokens, dataset="wikitext2", split="test")
         return r
 
+    natural_tokens = {n: get_eval_tokens(tok, n, "test", data_dir=args.data_dir) for n in NATURAL_TEXT} \
+        if args.natural_tokens else {}
+
+    def natural(m) -> dict | None:
+        """{c4, wiki-sample, natural: perplexity} under --natural-tokens (None when off)."""
+        if not natural_tokens:
+            return None
+        out = {n: perplexity_of_tokens(m, t, seqlen=args.ppl_seqlen, batch_size=args.ppl_batch,
+                                       max_tokens=args.natural_tokens, dataset=n, split="test").ppl
+               for n, t in natural_tokens.items()}
+        out["natural"] = natural_text_ppl(out)
+        return out
+
     report = {"benchmark": "metric_methods", "machine": machine(), "model": args.model,
               "model_info": adapter.describe(), "dtype": args.dtype, "config": vars(args), "cells": []}
     t = time.perf_counter()
     dense = ppl(model)
-    report["dense"] = {"ppl": dense.ppl, "seconds": time.perf_counter() - t, **dense.to_dict()}
+    report["dense"] = {"ppl": dense.ppl, "seconds": time.perf_counter() - t, **dense.to_dict(),
+                       "natural": natural(model)}
     print(f"dense: ppl {dense.ppl:.3f} (wikitext2 test, seqlen {dense.seqlen}, {dense.tokens} predicted tokens"
           f"{', limited' if dense.limited else ''})", flush=True)
 
@@ -177,6 +195,7 @@ def main(argv=None) -> int:
             pruned = remove_units(model, r.masks, output_bias=refit.output_bias, input_weights=refit.input_weights,
                                   copy=True)
             res = ppl(pruned)
+            res_natural = natural(pruned)
             del pruned
         except Exception as e:  # a failing cell is a result too; keep going
             cell.update(error=f"{type(e).__name__}: {e}")
@@ -191,6 +210,7 @@ def main(argv=None) -> int:
         cell.update(
             sparsity=r.info["sparsity"], total_sparsity=summary["total_sparsity"],
             ppl=res.ppl, ppl_ratio=res.ppl / dense.ppl, ppl_seqlen=res.seqlen, ppl_tokens=res.tokens,
+            natural=res_natural,
             propagate=r.info["propagate"], reconstruction=refit.info,
             method_seconds=method_s, shared_calibration=shared, refit_seconds=refit_s,
             refit_peak_rss_mb=refit_mem.peak / 2**20,
@@ -203,7 +223,8 @@ def main(argv=None) -> int:
         report["cells"].append(cell)
         atomic.write_json(args.out, report)
         print(f"{method:16s} {cell['units']:13s} {alloc:7s} s={s:.2f} {recon:14s} -> {cell['sparsity']:.4f}  "
-              f"ppl {res.ppl:10.2f} (x{cell['ppl_ratio']:.2f})  refit {refit_s:.0f} s", flush=True)
+              f"ppl {res.ppl:10.2f} (x{cell['ppl_ratio']:.2f})  refit {refit_s:.0f} s"
+              + (f"  natural {res_natural['natural']:.2f}" if res_natural else ""), flush=True)
 
     for spec in filter(None, (x.strip() for x in args.masks.split(","))):
         label, _, path = spec.partition("=")
