@@ -190,6 +190,24 @@ class LayerEdit:
 
 
 # --- inputs of the first layer ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _forwards_replaced(replacements: dict[nn.Module, Callable]):
+    """Within the context, each module's `forward` is the given function (an instance attribute, so
+    an accelerate hook's own replacement is put back afterwards too)."""
+    saved = {}
+    try:
+        for module, forward in replacements.items():
+            saved[module] = module.__dict__.get("forward")
+            module.forward = forward
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+
+
 class _StopForward(Exception):
     pass
 
@@ -261,32 +279,25 @@ def capture_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, *, batch_siz
         raise _StopForward
 
     current_hidden: list[torch.Tensor] = []
-    saved = [layer.__dict__.get("forward") for layer in layers]
     handle = adapter.final_norm().register_forward_pre_hook(stop)
     try:
-        for i, layer in enumerate(layers):
-            layer.forward = passthrough(i)
-        for b in batches:
-            current, current_hidden = [], []
-            try:
-                model(input_ids=calib_ids[b].to(device), use_cache=False)
-            except _StopForward:
-                pass
-            if len(current) != n_layers or len(current_hidden) != 1:
-                raise ConfigError(f"expected each of the {n_layers} decoder layers to be called once "
-                                  f"per forward pass, saw {len(current)} calls")
-            h = current_hidden[0]
-            if hidden is None:
-                hidden = torch.empty(calib_ids.shape[0], *h.shape[1:], dtype=h.dtype, device=storage)
-            hidden[b] = h.to(storage)
-            all_kwargs.append(current)
+        with _forwards_replaced({layer: passthrough(i) for i, layer in enumerate(layers)}):
+            for b in batches:
+                current, current_hidden = [], []
+                try:
+                    model(input_ids=calib_ids[b].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                if len(current) != n_layers or len(current_hidden) != 1:
+                    raise ConfigError(f"expected each of the {n_layers} decoder layers to be called once "
+                                      f"per forward pass, saw {len(current)} calls")
+                h = current_hidden[0]
+                if hidden is None:
+                    hidden = torch.empty(calib_ids.shape[0], *h.shape[1:], dtype=h.dtype, device=storage)
+                hidden[b] = h.to(storage)
+                all_kwargs.append(current)
     finally:
         handle.remove()
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = fwd
     assert hidden is not None
     return LayerInputs(hidden=hidden, batches=batches, kwargs=all_kwargs)
 
@@ -513,24 +524,15 @@ def _standing_in(mods, arity: dict[str, int], stand_ins: dict[str, Callable[[sli
     it returns `stand_ins[block](current[0])` (shaped as its own output, `arity`), for the window
     batch `current[0]` being run; the rest of the layer (norms, residual additions) runs as written."""
     modules = {"attn": mods.attn, "mlp": mods.mlp}
-    saved = {}
-    try:
-        for block, output_of in stand_ins.items():
-            module = modules[block]
-            saved[block] = module.__dict__.get("forward")
 
-            def forward(*_args, _output_of=output_of, _n=arity[block], **_kwargs):
-                out = _output_of(current[0])
-                return (out,) + (None,) * (_n - 1) if _n else out
+    def stand_in(output_of: Callable[[slice], torch.Tensor], n: int) -> Callable:
+        def forward(*_args, **_kwargs):
+            out = output_of(current[0])
+            return (out,) + (None,) * (n - 1) if n else out
+        return forward
 
-            module.forward = forward
+    with _forwards_replaced({modules[b]: stand_in(f, arity[b]) for b, f in stand_ins.items()}):
         yield
-    finally:
-        for block, fwd in saved.items():
-            if fwd is None:
-                modules[block].__dict__.pop("forward", None)
-            else:
-                modules[block].forward = fwd
 
 
 def _walk(model: nn.Module, calib_ids: torch.Tensor, n_layers: int, *, adapter: ModelAdapter | None,
@@ -613,23 +615,23 @@ class EditedProjection:
     def mask_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.feat is None or self.empty else x * self.feat.to(x.dtype)
 
-    def finish(self, x_masked: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The edited output from the module's output on the masked input."""
+    @property
+    def replaces_module(self) -> bool:
+        """Whether the module's own output is discarded (a removed block, or refit columns)."""
+        return self.empty or self.refit is not None
+
+    def finish(self, x_masked: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
+        """The edited output from the module's output on the masked input (None where it is not
+        needed: `replaces_module`)."""
         if self.empty:  # the block is removed as a whole: only a compensation constant remains
-            output = torch.zeros_like(output)
+            output = x_masked.new_zeros(*x_masked.shape[:-1], self.proj.out_features)
         elif self.refit is not None:
             output = torch.nn.functional.linear(x_masked, self.refit, self.refit_bias)
         return output if self.add is None else output + self.add
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mask_input(x)
-        if self.empty:
-            out = x.new_zeros(*x.shape[:-1], self.proj.out_features)
-        elif self.refit is not None:
-            out = torch.nn.functional.linear(x, self.refit, self.refit_bias)
-        else:
-            out = self.proj(x)
-        return out if self.add is None else out + self.add
+        return self.finish(x, None if self.replaces_module else self.proj(x))
 
 
 def _edited_projections(mods, adapter: ModelAdapter, edit: LayerEdit) -> dict[str, EditedProjection]:
