@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from pgprune.data import get_calibration_windows, get_eval_tokens
-    from pgprune.evaluate.perplexity import NATURAL_TEXT, natural_text_ppl, perplexity_of_tokens
+    from pgprune.evaluate.perplexity import natural_text_perplexities, natural_text_tokens, perplexity_of_tokens
     from pgprune.masks import parse_unit_kinds
     from pgprune.metrics import run_metric
     from pgprune.metrics.calibration import collect_layer_stats
@@ -140,18 +140,12 @@ def main(argv=None) -> int:
                                  max_tokens=args.max_tokens, dataset="wikitext2", split="test")
         return r
 
-    natural_tokens = {n: get_eval_tokens(tok, n, "test", data_dir=args.data_dir) for n in NATURAL_TEXT} \
-        if args.natural_tokens else {}
+    natural_tokens = natural_text_tokens(tok, args.data_dir) if args.natural_tokens else {}
 
     def natural(m) -> dict | None:
         """{c4, wiki-sample, natural: perplexity} under --natural-tokens (None when off)."""
-        if not natural_tokens:
-            return None
-        out = {n: perplexity_of_tokens(m, t, seqlen=args.ppl_seqlen, batch_size=args.ppl_batch,
-                                       max_tokens=args.natural_tokens, dataset=n, split="test").ppl
-               for n, t in natural_tokens.items()}
-        out["natural"] = natural_text_ppl(out)
-        return out
+        return natural_text_perplexities(m, natural_tokens, max_tokens=args.natural_tokens, seqlen=args.ppl_seqlen,
+                                         batch_size=args.ppl_batch) if natural_tokens else None
 
     report = {"benchmark": "metric_methods", "machine": machine(), "model": args.model,
               "model_info": adapter.describe(), "dtype": args.dtype, "config": vars(args), "cells": []}

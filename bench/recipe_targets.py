@@ -70,16 +70,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def score(model_path: str, args) -> dict:
     """{dataset: perplexity} of a saved model under the protocol (+ 'natural')."""
-    from pgprune.evaluate.perplexity import NATURAL_TEXT, evaluate_perplexity, natural_text_ppl
+    from pgprune.evaluate.perplexity import evaluate_perplexity, natural_text_perplexities, natural_text_tokens
     from pgprune.models.load import load_model
 
     model, tok = load_model(model_path, dtype=args.dtype, device=args.device)
-    out = {}
-    for name, limit in (("wikitext2", args.wikitext_tokens or None),
-                        *((n, args.natural_tokens or None) for n in NATURAL_TEXT)):
-        out[name] = evaluate_perplexity(model, tok, name, "test", seqlen=128, max_tokens=limit,
-                                        data_dir=args.data_dir).ppl
-    out["natural"] = natural_text_ppl(out)
+    out = {"wikitext2": evaluate_perplexity(model, tok, "wikitext2", "test", seqlen=128,
+                                            max_tokens=args.wikitext_tokens or None, data_dir=args.data_dir).ppl}
+    out.update(natural_text_perplexities(model, natural_text_tokens(tok, args.data_dir),
+                                         max_tokens=args.natural_tokens or None))
     return out
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pgprune.errors import ConfigError
-from pgprune.evaluate.perplexity import evaluate_perplexity, perplexity_of_tokens
+from pgprune.evaluate.perplexity import evaluate_perplexity, natural_text_perplexities, perplexity_of_tokens
 from pgprune.lm_loss import token_nll
 from pgprune.models.synthetic import synthetic_model
 
@@ -85,3 +85,16 @@ def test_smollm2_wikitext2_matches_reference_loop(smollm2, shared_data):
     assert res.ppl == pytest.approx(ref, rel=1e-4)
     # A pretrained model is far better than chance on real English (vocab 49152).
     assert res.ppl < 200
+
+
+def test_natural_text_is_the_geometric_mean_and_caps_c4_like_the_named_source():
+    model = synthetic_model("llama", seed=2)
+    g = torch.Generator().manual_seed(0)
+    streams = {"c4": torch.randint(0, 128, (1, 16 * 300), generator=g),
+               "wiki-sample": torch.randint(0, 128, (1, 16 * 40), generator=g)}
+    out = natural_text_perplexities(model, streams, max_tokens=None, seqlen=16)
+    c4_ref, _ = reference_ppl(model, streams["c4"][:, :16 * 256], 16)  # C4's evaluation stops at 256 windows
+    wiki_ref, _ = reference_ppl(model, streams["wiki-sample"], 16)
+    assert out["c4"] == pytest.approx(c4_ref, rel=1e-5)
+    assert out["wiki-sample"] == pytest.approx(wiki_ref, rel=1e-5)
+    assert out["natural"] == pytest.approx(math.sqrt(c4_ref * wiki_ref), rel=1e-5)

@@ -123,6 +123,23 @@ def natural_text_ppl(ppl_by_dataset: dict) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def natural_text_perplexities(model, tokens_by_dataset: dict, max_tokens: int | None = 32768, seqlen: int = 128,
+                              batch_size: int = 8) -> dict:
+    """{c4, wiki-sample, natural: perplexity} of `model`; `tokens_by_dataset` holds each NATURAL_TEXT set's
+    test stream (tokenise once with `natural_text_tokens` when scoring several models)."""
+    out = {n: perplexity_of_tokens(model, tokens_by_dataset[n], seqlen=seqlen, batch_size=batch_size,
+                                   max_tokens=max_tokens, max_windows=get_source(n).eval_max_windows,
+                                   dataset=n, split="test").ppl
+           for n in NATURAL_TEXT}
+    out["natural"] = natural_text_ppl(out)
+    return out
+
+
+def natural_text_tokens(tokenizer, data_dir=None) -> dict:
+    """Each NATURAL_TEXT set's test split as a [1, N] token stream."""
+    return {n: get_eval_tokens(tokenizer, n, "test", data_dir) for n in NATURAL_TEXT}
+
+
 def format_ppl_table(model_name: str, results: list[PerplexityResult]) -> str:
     rows = [("dataset", "split", "seqlen", "tokens", "ppl", "tok/s", "note")]
     for r in results:
