@@ -193,3 +193,13 @@ def test_least_squares_covariances_are_planned_as_collected():
     joint = 8 * (cfg.intermediate_size + cfg.hidden_size) ** 2
     with_layers = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, units=("channel", "layer"), reconstruct="lsq")
     assert with_layers["phases"]["final_refit"] >= joint > 0
+    # PG scoring layer masks by least squares holds the residual stream of the refit windows and as many
+    # bytes of cached run statistics (RunRegressions), what collect_residual_stream returns, twice
+    from pgprune.metrics.calibration import collect_residual_stream
+
+    stream, _ = collect_residual_stream(model, torch.randint(0, 100, (128, 32)), progress=False)
+    held_stream = sum(t.numel() * t.element_size() for t in stream)
+    scored = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, units=("channel", "layer"), reconstruct="lsq",
+                                pg_reconstruct="lsq")
+    assert scored["breakdown"]["run_regressions"] == 2 * held_stream
+    assert lsq["breakdown"]["run_regressions"] == 0  # no layer units: no runs

@@ -157,14 +157,16 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
     assert plain["perplexity"]["init"][name] != pytest.approx(ppl["init"][name], rel=1e-3)
 
 
-def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, monkeypatch):
+@pytest.mark.parametrize("units", ["channel,head", "layer"])
+def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, monkeypatch, units):
     # --pg-reconstruct lsq: every sampled mask is scored on its own least-squares refit (gathered
     # views); the start, the tracked masks and the final mask are refit the same way, and the
     # exported model (--reconstruct lsq with dense inputs, from the same covariances: no further pass)
-    # scores the same.
+    # scores the same. With layer units that includes the removed runs' regressions (RunRegressions).
     root, text = workdir
     name = f"text:{text}"
-    out = root / "pg-lsq"
+    out = root / f"pg-lsq-{units}"
+    layers = dict(units="layer", init="block-influence", allocation="global", sparsity=0.3) if units == "layer" else {}
     import pgprune.metrics.calibration as calibration
 
     passes = []
@@ -172,9 +174,11 @@ def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, mo
     monkeypatch.setattr(calibration, "collect_layer_stats",
                         lambda *a, **kw: passes.append(kw.get("covariance", False)) or collect(*a, **kw))
     record = prune(_options(root, text, pg_reconstruct="lsq", reconstruct="lsq", reconstruct_inputs="dense",
-                            forward="auto", steps=2, track_max_tokens=10**6), out, progress=False)
+                            forward="auto", steps=2, track_max_tokens=10**6, **layers), out, progress=False)
     assert passes == [True]  # one covariance pass serves the loop and the final refit
     assert record["execution"]["forward"] == "gathered" and record["reconstruction"]["mode"] == "lsq"
+    if units == "layer":
+        assert record["reconstruction"]["removed_runs_regressed"]
     ppl = record["perplexity"]
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ from pgprune.models.adapter import get_adapter
 from pgprune.reconstruction import (DEFAULT_DAMP, Refit, compensation_biases, feature_means, lsq_columns,
                                     reconstruct, refit_applied)
 from pgprune.surgery import remove_units
+from pgprune.models.synthetic import synthetic_model
 from structure_helpers import CASES, costs_of, make_model, random_ids, structured_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,14 +227,16 @@ def test_sequential_refit_reads_the_model_refit_so_far():
 
 
 def test_least_squares_needs_partly_pruned_projections():
-    # whole blocks / layers keep nothing to refit: PG scoring by least squares is refused; the final
-    # refit of whole attention / MLP blocks is the mean compensation it equals there, while removed
-    # layers are regressed on the previous layer's MLP inputs (so layer units keep lsq)
+    # whole attention / MLP blocks keep nothing to refit: PG scoring by least squares is refused and
+    # their final refit is the mean compensation it equals there, while removed layers are regressed
+    # on the previous layer's MLP inputs (so layer units keep lsq, in the loop too)
     from pgprune.config import RunSettings
 
     layers = {"units": "layer", "pg.init": "block-influence"}
     with pytest.raises(ConfigError, match="--pg-reconstruct bias"):
-        RunSettings.from_recipe("features", {**layers, "pg.reconstruct": "lsq"}).validate()
+        RunSettings.from_recipe("features", {"units": "attn,mlp", "pg.init": "block-influence",
+                                             "pg.reconstruct": "lsq"}).validate()
+    RunSettings.from_recipe("features", {**layers, "pg.reconstruct": "lsq"}).validate()
     s = RunSettings.from_recipe("features", {**layers, "reconstruct": "lsq"})
     s.validate()
     assert s.final_reconstruct == "lsq"
@@ -338,3 +341,36 @@ def test_sequential_refit_refuses_a_block_it_cannot_stand_in_for():
         reconstruct(model, random_ids(4, 16, seed=1), masks, "lsq", inputs="dense", progress=False)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("max_cached", [256, 1])
+def test_run_regressions_for_many_masks_equal_the_walk(max_cached):
+    """PG's per-mask refits with layer units (`RunRegressions`: the held residual stream, a run's
+    cross-covariance on first use, the reused dense covariances' precision) give the refit that a
+    dense-input walk computes for the same mask: a run of two removed layers after a kept layer with
+    pruned channels (the block-inverse solve) and a run of one after a full-width layer (all inputs kept)."""
+    from pgprune.metrics.calibration import collect_layer_stats
+    from pgprune.reconstruction import RunRegressions
+
+    model = synthetic_model("llama", seed=4, num_hidden_layers=6)
+    costs = costs_of(model)
+    ids = random_ids(6, 16, seed=5)
+    g = torch.Generator().manual_seed(1)
+    chans = torch.ones(6, costs.units_per_layer("channel"), dtype=torch.bool)
+    chans[0] = torch.rand(chans.shape[1], generator=g) > 0.2  # fewer dropped than kept: the precision's blocks
+    layer = torch.ones(6, 1, dtype=torch.bool)
+    layer[[1, 2, 4]] = False
+    masks = Masks({"channel": chans, "layer": layer, "head": torch.ones(6, costs.units_per_layer("head"), dtype=torch.bool)})
+
+    walked = reconstruct(model, ids, masks, "lsq", progress=False, costs=costs)
+    stats = collect_layer_stats(model, ids, covariance=True, progress=False)
+    runs = RunRegressions(model, ids, [st.mlp_in for st in stats], max_cached=max_cached, progress=False)
+    for _ in range(2):  # the second time from the cache (or recomputed, with room for one run)
+        reused = reconstruct(model, None, masks, "lsq", stats=stats, costs=costs, runs=runs)
+        assert reused.info["removed_runs_regressed"] == walked.info["removed_runs_regressed"] == {0: 2, 3: 4}
+        for p in (0, 3):
+            torch.testing.assert_close(reused.input_weights["mlp"][p], walked.input_weights["mlp"][p], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reused.output_bias["mlp"], walked.output_bias["mlp"], rtol=1e-4, atol=1e-5)
+    assert len(runs._cross) == min(max_cached, 2)
+    # without the runs, the per-mask refit keeps the mean fold (no regression)
+    assert "removed_runs_regressed" not in reconstruct(model, None, masks, "lsq", stats=stats, costs=costs).info

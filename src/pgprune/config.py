@@ -63,7 +63,8 @@ class PGSettings:
                                group=ADVANCED, choices=("sigmoid", "constant", "per-layer"))
     reconstruct: str = option("bias", "how each sampled mask is scored: on the bias-compensated model (FLAP's: "
                                       "dropped features replaced by their calibration mean), as masked (none), or "
-                                      "least-squares refit (lsq: a solve per mask and layer, gathered forward)",
+                                      "least-squares refit (lsq: a solve per mask and layer, removed layers regressed, gathered "
+                                      "forward)",
                               flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias", "lsq"))
     steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
     lr: float = option(0.02, "learning rate (units: SGD on the probabilities; features: Adam's step size)",
@@ -250,10 +251,10 @@ class RunSettings:
             self._validate_gguf(kinds)
         if self.reconstruct_damp < 0:
             raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
-        if self.method == "pg" and self.pg.reconstruct == "lsq" and not {"channel", "head"} & set(kinds):
-            raise ConfigError(f"--pg-reconstruct lsq refits the kept columns of partly pruned o_proj / down_proj; "
-                              f"--units {self.units} only removes whole blocks or layers, which keep nothing to refit: "
-                              "use --pg-reconstruct bias (the same models at a fraction of the cost)")
+        if self.method == "pg" and self.pg.reconstruct == "lsq" and not {"channel", "head", "layer"} & set(kinds):
+            raise ConfigError(f"--pg-reconstruct lsq refits the kept columns of partly pruned o_proj / down_proj and "
+                              f"regresses removed layers; --units {self.units} only removes whole blocks, which keep "
+                              "nothing to refit: use --pg-reconstruct bias (the same models at a fraction of the cost)")
         if self.data.nsamples is not None and self.data.nsamples < 1:
             raise ConfigError(f"--nsamples must be >= 1, got {self.data.nsamples}")
         for name in [self.data.calib, *self.eval_datasets, *([self.eval.track] if self.eval.track else [])]:

@@ -146,7 +146,9 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     (`reconstruction_covariances`): PG scoring with it holds every layer's, and their damped precision
     matrices, for the whole loop plus one solve's temporaries per step; the final refit holds one
     layer's during its calibration walk over `refit_nsamples` windows (`reconstruct_inputs`
-    sequential: also one layer's o_proj and down_proj inputs of every window).
+    sequential: also one layer's o_proj and down_proj inputs of every window). PG scoring by least
+    squares with layer units also holds the dense residual stream for its removed runs' regressions
+    (`run_regressions`).
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
         raise ConfigError(f"memory plan needs K >= 1, batch size >= 1 and seqlen >= 2 (got {k}, {batch_size}, {seqlen})")
@@ -196,6 +198,12 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if reconstruct_inputs == "sequential" else 0
     final_refit = walk(refit_nsamples) + held_inputs + layer_cov + solve if reconstruct == "lsq" else 0
     kinds = units.split(",") if isinstance(units, str) else list(units)
+    run_regressions = 0
+    if pg_reconstruct == "lsq" and "layer" in kinds:  # PG's per-mask run regressions (RunRegressions): the
+        # dense residual stream after every layer and as many bytes of cached cross-covariances; computing
+        # one holds x_p and delta of every window and a float64 accumulator
+        run_regressions = 2 * (d["layers"] + 1) * refit_nsamples * t * h * e
+        pg_step += refit_nsamples * t * (mlp_in + h) * e + 8 * mlp_in * h
     if reconstruct == "lsq" and "layer" in kinds:  # removed runs regressed: a walk holding x_p of every
         # window, a copy of h_p and the joint [x_p, delta] covariance (collect_removed_run_stats)
         runs = walk(refit_nsamples) + refit_nsamples * t * (mlp_in + h) * e + 8 * (mlp_in + h) ** 2 + solve
@@ -203,8 +211,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     breakdown = {"weights": weights, "pg_step_activations": pg_step, "pg_residual_stream": residual,
                  "pg_layer_peak": layer, "pg_decoder": decoder, "pg_lm_head_loss": head, "probabilities_and_masks": probs,
                  "calibration_pool": pool, "metric_init": metric, "gathered_weights": gathered,
-                 "reconstruction_covariances": held_cov, "final_refit": final_refit}
-    total = weights + pool + probs + held_cov + max(pg_step, metric, final_refit)
+                 "reconstruction_covariances": held_cov, "run_regressions": run_regressions, "final_refit": final_refit}
+    total = weights + pool + probs + held_cov + run_regressions + max(pg_step, metric, final_refit)
     return {"total_bytes": int(total), "breakdown": {k_: int(x) for k_, x in breakdown.items()},
             "phases": {"pg_step": int(pg_step), "metric_init": int(metric), "final_refit": int(final_refit)},
             "inputs": {"parameters": int(params), "dtype_bytes": e, "k": k, "batch_size": batch_size,

@@ -36,7 +36,8 @@ that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input
 and `refit_applied(model, masks, r)` reproduces with hooks on the unchanged model. The policy-gradient
 loop scores its sampled masks with the mean fill (`--pg-reconstruct bias`: `gating.gated(...,
 fill=feature_means(stats))`, the same function as these biases) or with each mask's own least-squares
-refit (`--pg-reconstruct lsq`: `gating.gathered_losses(..., refit=...)`). The metric methods' pruned
+refit (`--pg-reconstruct lsq`: `gating.gathered_losses(..., refit=...)`; with layer units its removed
+runs regressed through `RunRegressions`, from the held dense residual stream). The metric methods' pruned
 propagation walk compensates layer by layer with `layer_compensation_biases`.
 """
 
@@ -245,34 +246,114 @@ def regress_run(joint, n_inputs: int, keep: torch.Tensor, damp: float) -> tuple[
     the joint statistics of [x (n_inputs), delta] (`collect_removed_run_stats`), without the mean of
     delta (the mean fold carries it): b = -A mu_S. The ridge is damp x the mean variance of all x, as
     `lsq_columns`'. None when x is constant."""
+    cov = joint.covariance
+    return ridge_fit(cov[:n_inputs, :n_inputs], cov[:n_inputs, n_inputs:], joint.mean[:n_inputs].to(cov.device),
+                     keep, damp)
+
+
+def ridge_fit(cov_x: torch.Tensor, cross: torch.Tensor, mean_x: torch.Tensor, keep: torch.Tensor, damp: float,
+              precision: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A [out, S], b [out]) float64: the centred ridge regression of a target on the kept inputs x_S,
+    from x's covariance `cov_x` [F, F], the cross-covariance `cross` [F, out] of x with the target and
+    x's mean (b = -A mu_S); ridge damp x the mean variance of all x. `precision`: (C + ridge I)^-1
+    when cached (`FeatureStats.damped_precision`): the same fit through its blocks, a solve of the
+    dropped size. None when x is constant or nothing is kept."""
     from pgprune.metrics.calibration import damped_cholesky
 
-    cov = joint.covariance
-    kept = keep.to(cov.device).nonzero().flatten()
-    scale = float(cov.diagonal()[:n_inputs].mean())
+    keep = keep.to(cov_x.device).bool()
+    kept, dropped = keep.nonzero().flatten(), (~keep).nonzero().flatten()
+    scale = float(cov_x.diagonal().mean())
     if not scale > 0 or len(kept) == 0:
         return None
-    rows = cov[kept]
-    chol = damped_cholesky(rows[:, kept], damp * scale)
-    a = torch.cholesky_solve(rows[:, n_inputs:], chol).T  # [hidden, S]
-    return a, -(a @ joint.mean.to(cov.device)[kept])
+    target = cross.to(cov_x.device, torch.float64)[kept]
+    if precision is not None and len(dropped) < len(kept):
+        # (C_SS + ridge I)^-1 = P_SS - P_SD P_DD^-1 P_DS (the block inverse of P)
+        sol = precision[kept][:, kept] @ target
+        if len(dropped):
+            p_ds = precision[dropped][:, kept]
+            chol = torch.linalg.cholesky(precision[dropped][:, dropped])
+            sol = sol - p_ds.T @ torch.cholesky_solve(p_ds @ target, chol)
+    else:
+        sol = torch.cholesky_solve(target, damped_cholesky(cov_x[kept][:, kept], damp * scale))
+    a = sol.T
+    return a, -(a @ mean_x.to(a.device, torch.float64)[kept])
 
 
-def _regress_removed_runs(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: "_RefitBuilder", damp: float,
-                          batch_size: int, progress: bool) -> dict:
-    """Add each removed run's regression to the down_proj of the kept layer before it (module doc)."""
-    from pgprune.metrics.calibration import collect_removed_run_stats
+class RunRegressions:
+    """The regressions of removed runs for many masks: PG's per-mask refits (`--pg-reconstruct lsq`)
+    with layer units score each sampled mask with its runs regressed, as the export does (module
+    doc). The dense residual stream of the calibration windows is held after every layer
+    (`collect_residual_stream`); a run p+1 .. j's cross-covariance of p's down_proj inputs x_p with
+    delta = h_j - h_p is computed the first time a mask removes it (rerunning layer p alone) and kept,
+    up to `max_cached` runs (least recently used dropped first; default: as many as fit in the bytes of
+    the held stream, so the two together take twice the stream). x_p's covariance comes from the dense
+    statistics `x_stats` (`collect_layer_stats(..., covariance=True)` on the same windows: their
+    `mlp_in`), whose cached precision serves every mask."""
 
-    runs = removed_runs(eff, adapter)
-    joint = collect_removed_run_stats(model, calib_ids, runs, batch_size=batch_size, adapter=adapter,
-                                      progress=progress)
+    def __init__(self, model, calib_ids: torch.Tensor, x_stats: list, damp: float = DEFAULT_DAMP, *,
+                 batch_size: int = 8, max_cached: int | None = None, progress: bool = True):
+        from pgprune.metrics.calibration import collect_residual_stream
+
+        self.adapter = get_adapter(model)
+        self.x_stats, self.damp = x_stats, damp
+        self.stream, self.inputs = collect_residual_stream(model, calib_ids, batch_size=batch_size,
+                                                           adapter=self.adapter, progress=progress)
+        if max_cached is None:
+            stream_bytes = sum(t.numel() * t.element_size() for t in self.stream)
+            entry_bytes = max(self.adapter.intermediate_size(i) for i in range(self.adapter.num_layers)) \
+                * (4 * self.adapter.hidden_size + 8)
+            max_cached = max(1, stream_bytes // entry_bytes)
+        self.max_cached = max_cached
+        self._cross: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # insertion order = use order
+
+    def cross(self, p: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cov(x_p, delta) [I, hidden] float32, mean of x_p [I] float64) of the run p+1 .. j."""
+        from pgprune.metrics.calibration import down_proj_inputs
+
+        key = (p, j)
+        if key in self._cross:
+            self._cross[key] = self._cross.pop(key)  # most recently used last
+            return self._cross[key]
+        xs = down_proj_inputs(self.adapter, p, self.stream[p], self.inputs)
+        delta = self.stream[j + 1] - self.stream[p + 1]
+        n = sum(x.shape[0] * x.shape[1] for x in xs)
+        mean_x = sum(x.flatten(0, -2).double().sum(0) for x in xs) / n
+        mean_d = delta.flatten(0, -2).double().sum(0) / n
+        acc = torch.zeros(len(mean_x), len(mean_d), dtype=torch.float64, device=delta.device)
+        # both sides centred by their exact means, so a large constant part cannot cancel in float32
+        for b, x in zip(self.inputs.batches, xs):
+            xc = x.flatten(0, -2).float() - mean_x.float().to(x.device)
+            dc = delta[b].flatten(0, -2).float() - mean_d.float().to(x.device)
+            acc += (xc.T @ dc).double().to(acc.device)
+        value = ((acc / n).float(), mean_x)
+        if not (bool(torch.isfinite(value[0]).all()) and bool(torch.isfinite(mean_x).all())):
+            raise DataError(f"layers {p + 1}-{j}: the calibration activations are not finite (an fp16/bf16 "
+                            "overflow?); run with --dtype fp32")
+        self._cross[key] = value
+        while len(self._cross) > self.max_cached:
+            self._cross.pop(next(iter(self._cross)))
+        return value
+
+    def fit(self, p: int, j: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`regress_run`'s (A, b) of the run p+1 .. j on p's kept down_proj inputs `keep`."""
+        fs = self.x_stats[p]
+        cross, mean_x = self.cross(p, j)
+        _check_finite(fs, p, "mlp")
+        if fs.ridge(self.damp) is None:
+            return None
+        return ridge_fit(fs.covariance, cross, mean_x, keep, self.damp, precision=fs.damped_precision(self.damp))
+
+
+def _add_run_fits(adapter: ModelAdapter, eff: dict, builder: "_RefitBuilder", fit) -> dict:
+    """Add each removed run's regression to the down_proj of the kept layer before it (module doc);
+    fit(p, j, keep) -> (A, b) or None. Returns {p: j} of the runs regressed."""
     done = {}
-    for p, j in runs.items():
+    for p, j in removed_runs(eff, adapter).items():
         keep = eff["channel"][p][: adapter.intermediate_size(p)]
-        fit = regress_run(joint[p], int(keep.numel()), keep, damp)
-        if fit is None:
+        fitted = fit(p, j, keep)
+        if fitted is None:
             continue
-        a, shift = fit
+        a, shift = fitted
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(shift).all())):
             raise DataError(f"layers {p + 1}-{j}: the regression of their update is not finite; raise the damping")
         down = read_weight(adapter.layer(p).down_proj).detach()
@@ -284,16 +365,28 @@ def _regress_removed_runs(model, adapter: ModelAdapter, calib_ids, eff: dict, bu
     return done
 
 
+def _regress_removed_runs(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: "_RefitBuilder", damp: float,
+                          batch_size: int, progress: bool) -> dict:
+    """The removed runs' regressions from one more walk of the dense model (module doc)."""
+    from pgprune.metrics.calibration import collect_removed_run_stats
+
+    joint = collect_removed_run_stats(model, calib_ids, removed_runs(eff, adapter), batch_size=batch_size,
+                                      adapter=adapter, progress=progress)
+    return _add_run_fits(adapter, eff, builder, lambda p, j, keep: regress_run(joint[p], int(keep.numel()), keep, damp))
+
+
 def _holds_covariance(stats) -> bool:
     return any(fs is not None and fs.comoment is not None for st in stats for fs in (st.attn_in, st.mlp_in))
 
 
 def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str = "lsq", *, inputs: str = "dense",
                 damp: float = DEFAULT_DAMP, stats=None, batch_size: int = 8, progress: bool = True,
-                costs: UnitCosts | None = None) -> Refit:
+                costs: UnitCosts | None = None, runs: RunRegressions | None = None) -> Refit:
     """The `Refit` of `masks` (one mask) under `mode` (none | bias | lsq) from the calibration windows
     `calib_ids`; `stats`: dense `collect_layer_stats` results to reuse with inputs dense (for lsq they
-    must hold covariances: `collect_layer_stats(..., covariance=True)`; then no pass runs).
+    must hold covariances: `collect_layer_stats(..., covariance=True)`; then no pass runs). `runs`:
+    the removed runs' regressions to reuse (`RunRegressions` on the same windows) where `calib_ids` is
+    None; without either, removed runs keep the mean fold.
     Memory: lsq holds one layer's input covariances at a time (in_features^2 float64 per projection);
     sequential inputs also one layer's o_proj and down_proj inputs of every window."""
     if mode not in MODES:
@@ -323,11 +416,14 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
         raise ConfigError(f"--reconstruct {mode} needs calibration windows")
     else:
         info.update(_refit_by_walk(model, adapter, calib_ids, eff, builder, mode, inputs, damp, batch_size, progress))
-    # removed runs: from the dense model whatever the inputs (module doc); without windows (PG's per-mask
-    # refits) the mean fold stays
-    if mode == "lsq" and calib_ids is not None and removed_runs(eff, adapter):
-        info["removed_runs_regressed"] = _regress_removed_runs(model, adapter, calib_ids, eff, builder, damp,
-                                                               batch_size, progress)
+    # removed runs: from the dense model whatever the inputs (module doc); without windows or `runs`
+    # the mean fold stays
+    if mode == "lsq" and removed_runs(eff, adapter):
+        if calib_ids is not None:
+            info["removed_runs_regressed"] = _regress_removed_runs(model, adapter, calib_ids, eff, builder, damp,
+                                                                   batch_size, progress)
+        elif runs is not None:
+            info["removed_runs_regressed"] = _add_run_fits(adapter, eff, builder, runs.fit)
     builder.refit.info = info
     return builder.refit
 

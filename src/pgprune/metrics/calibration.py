@@ -410,6 +410,43 @@ def collect_removed_run_stats(model: nn.Module, calib_ids: torch.Tensor, runs: d
 
 
 @torch.no_grad()
+def collect_residual_stream(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: int = 8,
+                            storage_device: torch.device | str | None = None, adapter: ModelAdapter | None = None,
+                            progress: bool = True) -> tuple[list[torch.Tensor], LayerInputs]:
+    """(stream, inputs): the dense model's residual stream on the calibration windows, stream[i] what
+    enters layer i and stream[L] what leaves the last one ([N, T, H] each, on the storage device), and
+    the walk's `LayerInputs` (their keyword arguments rerun a single layer: `down_proj_inputs`).
+    Memory beyond a walk: (L + 1) x N x T x H in the model dtype."""
+    adapter = adapter or get_adapter(model)
+    stream: list[torch.Tensor] = []
+    for i, mods, dev, inps, outs, inputs in _walk(model, calib_ids, adapter.num_layers, adapter=adapter,
+                                                  batch_size=batch_size, storage_device=storage_device,
+                                                  desc="residual stream" if progress else None):
+        stream.append(inps.clone())
+        _layer_pass(mods, i, inps, outs, inputs, dev, collect=False)
+        last = outs
+    stream.append(last.clone())
+    return stream, inputs
+
+
+@torch.no_grad()
+def down_proj_inputs(adapter: ModelAdapter, i: int, layer_input: torch.Tensor, inputs: LayerInputs) -> list[torch.Tensor]:
+    """Layer i's down_proj inputs, one [B, T, I] tensor per window batch of `inputs`, from what enters
+    the layer (`collect_residual_stream`), on the storage device."""
+    mods = adapter.layer(i)
+    if mods.down_proj is None:
+        raise ConfigError(f"layer {i} has no MLP: it has no down_proj inputs")
+    xs: list[torch.Tensor] = []
+    hook = mods.down_proj.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach().to(layer_input.device)))
+    try:
+        _layer_pass(mods, i, layer_input, torch.empty_like(layer_input), inputs,
+                    _layer_device(mods.layer, layer_input.device), collect=False)
+    finally:
+        hook.remove()
+    return xs
+
+
+@torch.no_grad()
 def collect_block_stats_sequentially(
     model: nn.Module,
     calib_ids: torch.Tensor,
