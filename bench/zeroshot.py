@@ -7,6 +7,9 @@ Each task runs on its own so its time is recorded; `--limit N` takes the first N
 task (the full sets take hours on two shared CPU cores). Prints a table and writes
 bench/results/zeroshot.json in the pgprune.eval/1 schema (docs/evaluation.md), with the limit,
 the per-task seconds and the machine (including its load average: CPU timings here are shared).
+With several models the file is written after each one, and a model it already holds under the same
+tasks, limit, batch size and dtype is reused, not evaluated again (an interrupted comparison goes on
+where it stopped).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save, table  # noqa: E402
+from _common import RESULTS_DIR, save, table  # noqa: E402
 
 from pgprune.errors import DataError  # noqa: E402
 from pgprune.evaluate.record import evaluation_record  # noqa: E402
@@ -42,11 +45,35 @@ def main() -> None:
     args = ap.parse_args()
     limit = args.limit or None
     models = args.model or ["smollm2-135m"]
-    records = {name: evaluate_one(name, args, limit) for name in models}
-    if len(models) > 1:
-        print(comparison_table(records))
-    save(args.name, {"command": "python " + " ".join(sys.argv), "models": records} if len(models) > 1
-         else records[models[0]])
+    command = "python " + " ".join(sys.argv)
+    if len(models) == 1:
+        save(args.name, evaluate_one(models[0], args, limit))
+        return
+    done = finished_records(RESULTS_DIR / f"{args.name}.json", args, limit)
+    records = {}
+    for name in models:
+        if name in done:
+            print(f"{name}: reused from {args.name}.json (same tasks, limit, batch size and dtype)", flush=True)
+            records[name] = done[name]
+        else:
+            records[name] = evaluate_one(name, args, limit)
+        save(args.name, {"command": command, "models": records, "complete": len(records) == len(models)})
+    print(comparison_table(records))
+
+
+def finished_records(path: Path, args, limit) -> dict:
+    """{model: record} of an earlier comparison's file whose records match these settings."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        models = json.loads(path.read_text()).get("models") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    wanted = {"requested": parse_tasks(args.tasks), "limit": limit, "batch_size": args.batch_size}
+    return {name: r for name, r in models.items() if r.get("extra", {}).get("dtype") == args.dtype
+            and all((r.get("zeroshot") or {}).get(k) == v for k, v in wanted.items())}
 
 
 def evaluate_one(model_name: str, args, limit) -> dict:
