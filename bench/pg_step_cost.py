@@ -14,8 +14,9 @@ higher than either forward), so peak = resident model + the work's own peak. Tar
     python bench/pg_step_cost.py --dtype fp32 --policy features --forward gathered --scoring lsq   # issue 18
 
 `--scoring` is how each sampled mask is scored (`--pg-reconstruct`): none (plain masks), bias (mean
-fill) or lsq (each mask's own least-squares refit, on a gathered view); the statistics they read
-are collected once before timing (16 windows) and held during the memory measurement.
+fill) or lsq (each mask's own least-squares refit, on a gathered view; with layer units its removed
+runs regressed too); the statistics they read are collected once before timing (16 windows) and held
+during the memory measurement.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _loss_fn(model, costs, calib, args):
 
     from pgprune.gating import FORWARDS, gathered_losses
     from pgprune.metrics.calibration import collect_layer_stats
-    from pgprune.reconstruction import feature_means, reconstruct
+    from pgprune.reconstruction import feature_means, per_mask_refit
 
     if args.scoring == "none":
         return FORWARDS[args.forward]
@@ -67,8 +68,8 @@ def _loss_fn(model, costs, calib, args):
         return functools.partial(FORWARDS[args.forward], fill=feature_means(stats))
     if args.forward != "gathered":
         raise SystemExit("--scoring lsq needs --forward gathered")
-    return functools.partial(gathered_losses, refit=functools.partial(reconstruct, model, None, mode="lsq",
-                                                                      stats=stats, costs=costs))
+    return functools.partial(gathered_losses, refit=per_mask_refit(model, stats, calib, costs=costs, progress=False,
+                                                                   regress_layers="layer" in args.units.split(",")))
 
 
 def _pg(model, costs, layout, pool, args, steps, seed):

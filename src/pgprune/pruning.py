@@ -258,16 +258,13 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         if settings.pg.reconstruct == "bias":
             fill = feature_means(dense_stats())
         elif settings.pg.reconstruct == "lsq":  # every layer's dense input covariances, kept for the whole run
-            cov_stats = dense_stats()
-            runs = None
-            if "layer" in settings.kinds:  # a sampled mask's removed runs are regressed, as the export does
-                from pgprune.reconstruction import RunRegressions
+            from pgprune.reconstruction import per_mask_refit
 
-                runs = RunRegressions(model, calib[:METRIC_NSAMPLES], [st.mlp_in for st in cov_stats],
-                                      settings.reconstruct_damp, batch_size=settings.execution.metric_batch_size,
-                                      progress=progress)
-            refit_fn = functools.partial(reconstruct, model, None, mode="lsq", damp=settings.reconstruct_damp,
-                                         stats=cov_stats, costs=costs, runs=runs)  # mask -> its Refit
+            cov_stats = dense_stats()
+            # with layer units a sampled mask's removed runs are regressed, as the export does
+            refit_fn = per_mask_refit(model, cov_stats, calib[:METRIC_NSAMPLES], damp=settings.reconstruct_damp,
+                                      costs=costs, regress_layers="layer" in settings.kinds,
+                                      batch_size=settings.execution.metric_batch_size, progress=progress)
         masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume, progress,
                                              dense_stats, world, fill, refit_fn)
         if not world.is_main:

@@ -44,6 +44,7 @@ propagation walk compensates layer by layer with `layer_compensation_biases`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -342,6 +343,16 @@ class RunRegressions:
         if fs.ridge(self.damp) is None:
             return None
         return ridge_fit(fs.covariance, cross, mean_x, keep, self.damp, precision=fs.damped_precision(self.damp))
+
+
+def per_mask_refit(model, stats, calib_ids: torch.Tensor, *, damp: float = DEFAULT_DAMP, costs: UnitCosts | None = None,
+                   regress_layers: bool = False, batch_size: int = 8, progress: bool = True):
+    """mask -> its least-squares `Refit` from the dense statistics `stats` (with covariances, on the
+    windows `calib_ids`): how PG scores a sampled mask under `--pg-reconstruct lsq`. regress_layers
+    (layer units): removed runs regressed too, through a `RunRegressions` on the same windows."""
+    runs = RunRegressions(model, calib_ids, [st.mlp_in for st in stats], damp, batch_size=batch_size,
+                          progress=progress) if regress_layers else None
+    return functools.partial(reconstruct, model, None, mode="lsq", damp=damp, stats=stats, costs=costs, runs=runs)
 
 
 def _add_run_fits(adapter: ModelAdapter, eff: dict, builder: "_RefitBuilder", fit) -> dict:
