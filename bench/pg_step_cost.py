@@ -181,7 +181,8 @@ def main() -> None:
           f"policy {args.policy}, estimator {args.estimator}, {args.forward} forward, scoring {args.scoring}; "
           f"memory above the loaded model: ratio {memory['ratio_above_load']:.3f})")
     tag = f"pg_step_cost_{args.dtype}" + ("" if args.policy == "units" else f"_{args.policy}") + \
-        ("" if (args.forward, args.scoring) == ("gated", "none") else f"_{args.forward}_{args.scoring}")
+        ("" if (args.forward, args.scoring) == ("gated", "none") else f"_{args.forward}_{args.scoring}") + \
+        ("" if args.units == "channel,head" else "_" + args.units.replace(",", "-"))
     save(tag, {"command": " ".join(sys.argv),
                "args": {k: v for k, v in vars(args).items() if k not in ("feature_policy", "loss_fn")},
                "timing": timing, "memory": memory, "rows": rows})
