@@ -21,8 +21,8 @@ def fake_eval(monkeypatch, tmp_path):
         if name == "boom":
             raise RuntimeError("interrupted")
         return {"model": name, "extra": {"dtype": args.dtype},
-                "zeroshot": {"requested": zeroshot.parse_tasks(args.tasks), "limit": limit, "batch_size": args.batch_size,
-                             "average": {"value": 0.5, "tasks": ["piqa"]}, "tasks": {}}}
+                "zeroshot": {"requested": zeroshot.parse_tasks(args.tasks), "limit": limit,
+                             "batch_size": args.batch_size, "average": {"value": 0.5, "tasks": ["piqa"]}, "tasks": {}}}
 
     monkeypatch.setattr(zeroshot, "evaluate_one", evaluate_one)
     monkeypatch.setattr(zeroshot, "RESULTS_DIR", tmp_path)

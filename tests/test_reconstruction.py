@@ -360,7 +360,8 @@ def test_run_regressions_for_many_masks_equal_the_walk(max_cached):
     chans[0] = torch.rand(chans.shape[1], generator=g) > 0.2  # fewer dropped than kept: the precision's blocks
     layer = torch.ones(6, 1, dtype=torch.bool)
     layer[[1, 2, 4]] = False
-    masks = Masks({"channel": chans, "layer": layer, "head": torch.ones(6, costs.units_per_layer("head"), dtype=torch.bool)})
+    heads = torch.ones(6, costs.units_per_layer("head"), dtype=torch.bool)
+    masks = Masks({"channel": chans, "layer": layer, "head": heads})
 
     walked = reconstruct(model, ids, masks, "lsq", progress=False, costs=costs)
     stats = collect_layer_stats(model, ids, covariance=True, progress=False)
@@ -369,7 +370,8 @@ def test_run_regressions_for_many_masks_equal_the_walk(max_cached):
         reused = reconstruct(model, None, masks, "lsq", stats=stats, costs=costs, runs=runs)
         assert reused.info["removed_runs_regressed"] == walked.info["removed_runs_regressed"] == {0: 2, 3: 4}
         for p in (0, 3):
-            torch.testing.assert_close(reused.input_weights["mlp"][p], walked.input_weights["mlp"][p], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(reused.input_weights["mlp"][p], walked.input_weights["mlp"][p],
+                                       rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(reused.output_bias["mlp"], walked.output_bias["mlp"], rtol=1e-4, atol=1e-5)
     assert len(runs._cross) == min(max_cached, 2)
     # without the runs, the per-mask refit keeps the mean fold (no regression)

@@ -63,8 +63,8 @@ class PGSettings:
                                group=ADVANCED, choices=("sigmoid", "constant", "per-layer"))
     reconstruct: str = option("bias", "how each sampled mask is scored: on the bias-compensated model (FLAP's: "
                                       "dropped features replaced by their calibration mean), as masked (none), or "
-                                      "least-squares refit (lsq: a solve per mask and layer, removed layers regressed, gathered "
-                                      "forward)",
+                                      "least-squares refit (lsq: a solve per mask and layer, removed layers "
+                                      "regressed, gathered forward)",
                               flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias", "lsq"))
     steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
     lr: float = option(0.02, "learning rate (units: SGD on the probabilities; features: Adam's step size)",

@@ -430,7 +430,8 @@ def collect_residual_stream(model: nn.Module, calib_ids: torch.Tensor, *, batch_
 
 
 @torch.no_grad()
-def down_proj_inputs(adapter: ModelAdapter, i: int, layer_input: torch.Tensor, inputs: LayerInputs) -> list[torch.Tensor]:
+def down_proj_inputs(adapter: ModelAdapter, i: int, layer_input: torch.Tensor,
+                     inputs: LayerInputs) -> list[torch.Tensor]:
     """Layer i's down_proj inputs, one [B, T, I] tensor per window batch of `inputs`, from what enters
     the layer (`collect_residual_stream`), on the storage device."""
     mods = adapter.layer(i)
