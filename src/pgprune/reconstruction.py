@@ -302,13 +302,14 @@ class RunRegressions:
         if max_cached is None:
             stream_bytes = sum(t.numel() * t.element_size() for t in self.stream)
             entry_bytes = max(self.adapter.intermediate_size(i) for i in range(self.adapter.num_layers)) \
-                * (4 * self.adapter.hidden_size + 8)
+                * 4 * self.adapter.hidden_size
             max_cached = max(1, stream_bytes // entry_bytes)
         self.max_cached = max_cached
-        self._cross: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # insertion order = use order
+        self._cross: dict[tuple[int, int], torch.Tensor] = {}  # insertion order = use order
 
-    def cross(self, p: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cov(x_p, delta) [I, hidden] float32, mean of x_p [I] float64) of the run p+1 .. j."""
+    def cross(self, p: int, j: int) -> torch.Tensor:
+        """cov(x_p, delta) [I, hidden] float32 of the run p+1 .. j (x_p centred by `x_stats[p]`'s mean:
+        the same windows)."""
         from pgprune.metrics.calibration import down_proj_inputs
 
         key = (p, j)
@@ -318,16 +319,16 @@ class RunRegressions:
         xs = down_proj_inputs(self.adapter, p, self.stream[p], self.inputs)
         delta = self.stream[j + 1] - self.stream[p + 1]
         n = sum(x.shape[0] * x.shape[1] for x in xs)
-        mean_x = sum(x.flatten(0, -2).double().sum(0) for x in xs) / n
-        mean_d = delta.flatten(0, -2).double().sum(0) / n
+        mean_x = self.x_stats[p].mean.float()
+        mean_d = (delta.flatten(0, -2).double().sum(0) / n).float()
         acc = torch.zeros(len(mean_x), len(mean_d), dtype=torch.float64, device=delta.device)
         # both sides centred by their exact means, so a large constant part cannot cancel in float32
         for b, x in zip(self.inputs.batches, xs):
-            xc = x.flatten(0, -2).float() - mean_x.float().to(x.device)
-            dc = delta[b].flatten(0, -2).float() - mean_d.float().to(x.device)
+            xc = x.flatten(0, -2).float() - mean_x.to(x.device)
+            dc = delta[b].flatten(0, -2).float() - mean_d.to(x.device)
             acc += (xc.T @ dc).double().to(acc.device)
-        value = ((acc / n).float(), mean_x)
-        if not (bool(torch.isfinite(value[0]).all()) and bool(torch.isfinite(mean_x).all())):
+        value = (acc / n).float()
+        if not bool(torch.isfinite(value).all()):
             raise DataError(f"layers {p + 1}-{j}: the calibration activations are not finite (an fp16/bf16 "
                             "overflow?); run with --dtype fp32")
         self._cross[key] = value
@@ -338,11 +339,11 @@ class RunRegressions:
     def fit(self, p: int, j: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`regress_run`'s (A, b) of the run p+1 .. j on p's kept down_proj inputs `keep`."""
         fs = self.x_stats[p]
-        cross, mean_x = self.cross(p, j)
         _check_finite(fs, p, "mlp")
         if fs.ridge(self.damp) is None:
             return None
-        return ridge_fit(fs.covariance, cross, mean_x, keep, self.damp, precision=fs.damped_precision(self.damp))
+        return ridge_fit(fs.covariance, self.cross(p, j), fs.mean, keep, self.damp,
+                         precision=fs.damped_precision(self.damp))
 
 
 def per_mask_refit(model, stats, calib_ids: torch.Tensor, *, damp: float = DEFAULT_DAMP, costs: UnitCosts | None = None,
