@@ -47,11 +47,29 @@ METRIC_ALLOCATION = {"wanda-sp": "uniform", "flap": "global"}
 
 
 def parse_calibs(text: str) -> list[tuple[str, int]]:
-    """'wiki-sample:3,c4:2' -> [(wiki-sample, 0), (wiki-sample, 1), (wiki-sample, 2), (c4, 0), (c4, 1)]."""
+    """'wiki-sample:3,c4:2' -> [(wiki-sample, 0), (wiki-sample, 1), (wiki-sample, 2), (c4, 0), (c4, 1)];
+    'wiki-sample@1' -> [(wiki-sample, 1)] (one seed alone, e.g. to add to cells of an earlier run)."""
     cells = []
     for part in filter(None, (p.strip() for p in text.split(","))):
+        if "@" in part:
+            name, _, seed = part.partition("@")
+            cells.append((name, int(seed)))
+            continue
         name, _, seeds = part.partition(":")
         cells += [(name, s) for s in range(int(seeds or 1))]
+    return cells
+
+
+def merged_cells(paths: list[str], record: dict) -> list[dict]:
+    """The cells of earlier results files measured under the same model and protocol (refused otherwise)."""
+    cells = []
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        for key in ("model", "protocol"):
+            if earlier.get(key) != record[key]:
+                raise SystemExit(f"--merge {path}: its {key} differs from this run's "
+                                 f"({earlier.get(key)} != {record[key]})")
+        cells += [dict(c, merged_from=Path(path).name) for c in earlier["cells"]]
     return cells
 
 
@@ -141,7 +159,8 @@ def summarize(cells: list[dict], variants: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calibs", default="wiki-sample:3,c4:2", help="SOURCE:SEEDS, comma-separated")
+    p.add_argument("--calibs", default="wiki-sample:3,c4:2",
+                   help="SOURCE:SEEDS (seeds 0 .. SEEDS-1) or SOURCE@SEED, comma-separated")
     p.add_argument("--sparsities", default="0.3,0.5")
     p.add_argument("--units", default="channel,head", help="unit kinds of every run (layer: block influence)")
     p.add_argument("--variants", default="features", help="PG runs: RECIPE[+setting=value...], comma-separated")
@@ -157,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--work", default=str(REPO / "runs" / "recipe_targets"))
     p.add_argument("--tag", default="recipe_targets")
+    p.add_argument("--merge", default="",
+                   help="comma list of earlier results files whose cells join the summary (same model and protocol; "
+                        "a cell measured here again replaces theirs)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -185,6 +207,7 @@ def main(argv=None) -> int:
         record["dense"] = score(args.model, args)
         atomic.write_json(dense_file, record["dense"])
     print(f"dense: {record['dense']}", flush=True)
+    earlier = merged_cells([m for m in args.merge.split(",") if m], record)
     for calib, seed in parse_calibs(args.calibs):
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for label, recipe, overrides in kinds:
@@ -194,9 +217,12 @@ def main(argv=None) -> int:
                                         **overrides}, recipe, folder, args)
                 cell.update(calib=calib, seed=seed, sparsity_target=sparsity, folder=str(folder))
                 record["cells"].append(cell)
+                key = (calib, seed, sparsity, label)
+                earlier = [c for c in earlier if (c["calib"], c["seed"], c["sparsity_target"], c["label"]) != key]
                 print(f"{calib} seed {seed} {sparsity:g} {label}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in cell["scores"].items()), flush=True)
-                record["summary"] = summarize(record["cells"], variants)
+                record["summary"] = summarize(earlier + record["cells"], variants)
+                record["merged_cells"] = earlier
                 atomic.write_json(out, record)
     print(table(record["summary"], ["calib", "sparsity", "run", "seeds", "wikitext2", "wt2_min", "wt2_max", "natural",
                                     "nat_max", "wt2_vs_best", "wt2_worst_seed_vs_best", "nat_vs_best",

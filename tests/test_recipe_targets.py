@@ -1,6 +1,7 @@
 """bench/recipe_targets.py's cells: a stopped PG run continues from its checkpoint."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,3 +58,19 @@ def test_a_checkpoint_of_other_settings_starts_the_cell_again(tmp_path, fake_run
     (folder / run_folder.CHECKPOINT_FILE).write_bytes(b"checkpoint")
     cell = recipe_targets.run_cell("changed", {}, "features", folder, ARGS)
     assert [bool(c.get("resume")) for c in calls] == [True, False] and cell["resumed"] is False
+
+
+def test_one_seed_alone_and_earlier_cells_join_the_summary(tmp_path):
+    assert recipe_targets.parse_calibs("wiki-sample:2,c4@1") == [("wiki-sample", 0), ("wiki-sample", 1), ("c4", 1)]
+    record = {"model": "m", "protocol": {"seqlen": 128}}
+    cell = {"label": "features", "calib": "wiki-sample", "seed": 0, "sparsity_target": 0.3,
+            "scores": {"wikitext2": 10.0, "natural": 5.0}}
+    earlier = tmp_path / "seed0.json"
+    earlier.write_text(json.dumps(dict(record, cells=[cell])))
+    merged = recipe_targets.merged_cells([str(earlier)], record)
+    assert merged == [dict(cell, merged_from="seed0.json")]
+    new = dict(cell, seed=1, scores={"wikitext2": 20.0, "natural": 7.0})
+    (row,) = recipe_targets.summarize(merged + [new], ["features"])
+    assert row["seeds"] == 2 and row["wikitext2"] == 15.0 and row["wt2_max"] == 20.0
+    with pytest.raises(SystemExit, match="protocol differs"):
+        recipe_targets.merged_cells([str(earlier)], dict(record, protocol={"seqlen": 256}))

@@ -328,6 +328,47 @@ def test_a_removed_layer_is_regressed_on_the_previous_mlp_inputs():
     torch.testing.assert_close(seq.input_weights["mlp"][1], refit.input_weights["mlp"][1], rtol=1e-5, atol=1e-6)
 
 
+def test_sequential_refit_after_a_removed_layer_reads_its_regression():
+    """Sequential inputs with layer 1 removed: its regression is added to layer 0's MLP during the walk,
+    so layer 2's down_proj is refit on the inputs that the exported model feeds it (layer 0 refit and
+    regressed, layer 1's mean fold), recorded here with hooks and solved as a plain refit."""
+    model = make_model("llama")
+    a = get_adapter(model)
+    costs = costs_of(model)
+    g = torch.Generator().manual_seed(7)
+    channels = torch.ones(costs.num_layers, costs.units_per_layer("channel"), dtype=torch.bool)
+    channels[[0, 2]] = torch.rand(2, channels.shape[1], generator=g) > 0.4
+    layer = torch.ones(costs.num_layers, 1, dtype=torch.bool)
+    layer[1] = False
+    masks = Masks({"channel": channels, "layer": layer,
+                   "head": torch.ones(costs.num_layers, costs.units_per_layer("head"), dtype=torch.bool)})
+    calib = random_ids(8, 16, seed=8)
+    seq = reconstruct(model, calib, masks, "lsq", inputs="sequential", progress=False, costs=costs)
+    assert seq.info["removed_runs_regressed"] == {0: 1}
+    before = Masks({k: v.clone() for k, v in masks.tensors.items()})
+    before["channel"][2:] = True
+    rows = torch.arange(costs.num_layers)[:, None]
+    partial = Refit(output_bias={"attn": seq.output_bias["attn"],
+                                 "mlp": torch.where(rows < 2, seq.output_bias["mlp"], 0)},
+                    input_weights={"attn": {}, "mlp": {0: seq.input_weights["mlp"][0]}})
+    seen = []
+    down = a.layer(2).down_proj
+    hook = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        with refit_applied(model, before, partial, costs), torch.no_grad():
+            model(input_ids=calib, use_cache=False)
+    finally:
+        hook.remove()
+    x = torch.cat(seen).reshape(-1, down.in_features)
+    ref_w, _ = lsq_columns(down.weight, stats_of(x, 1), channels[2], DEFAULT_DAMP)
+    torch.testing.assert_close(seq.input_weights["mlp"][2].double(), ref_w, rtol=1e-3, atol=1e-4)
+    # and the exported model computes what the hooks do
+    with refit_applied(model, masks, seq, costs):
+        hooked = _lm_logits(model, calib)
+    pruned = remove_units(model, masks, output_bias=seq.output_bias, input_weights=seq.input_weights, copy=True)
+    torch.testing.assert_close(_lm_logits(pruned, calib), hooked, rtol=1e-4, atol=1e-4)
+
+
 def test_sequential_refit_refuses_a_block_it_cannot_stand_in_for():
     # the block-by-block walk replaces the attention module by its refit o_proj output: a family whose
     # attention output is not o_proj's output as is (here: rescaled after it) gets one clear error

@@ -29,7 +29,9 @@ MLP stays is regressed instead: delta = h_j - h_p, what the run adds to the resi
 by least squares on p's kept down_proj inputs x_S (the same ridge), and the fit is added to p's
 down_proj, `W'_S += A`, `b' += mu_delta - A mu_S` (the mean fold is the A = 0 limit). Both come from
 one more walk of the dense model over the calibration windows (`collect_removed_run_stats`), also
-under sequential inputs, whose later layers' statistics then see the mean fold.
+under sequential inputs, whose walk adds the fit to layer p as it passes it: the layers after the run
+are refit on the stream the pruned model computes (measured in bench/RESULTS.md: with the mean fold
+in its place instead, sequential refits of layer masks ended worse than dense ones).
 
 `reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
 that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input_weights)` applies
@@ -356,35 +358,41 @@ def per_mask_refit(model, stats, calib_ids: torch.Tensor, *, damp: float = DEFAU
     return functools.partial(reconstruct, model, None, mode="lsq", damp=damp, stats=stats, costs=costs, runs=runs)
 
 
-def _add_run_fits(adapter: ModelAdapter, eff: dict, builder: "_RefitBuilder", fit) -> dict:
-    """Add each removed run's regression to the down_proj of the kept layer before it (module doc);
-    fit(p, j, keep) -> (A, b) or None. Returns {p: j} of the runs regressed."""
-    done = {}
+def _run_fits(adapter: ModelAdapter, eff: dict, fit) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
+    """{p: (j, A, b)}: each removed run's regression (module doc) from fit(p, j, keep) -> (A, b) or None
+    (a run whose fit is None keeps the mean fold)."""
+    fits = {}
     for p, j in removed_runs(eff, adapter).items():
-        keep = eff["channel"][p][: adapter.intermediate_size(p)]
-        fitted = fit(p, j, keep)
+        fitted = fit(p, j, eff["channel"][p][: adapter.intermediate_size(p)])
         if fitted is None:
             continue
         a, shift = fitted
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(shift).all())):
             raise DataError(f"layers {p + 1}-{j}: the regression of their update is not finite; raise the damping")
-        down = read_weight(adapter.layer(p).down_proj).detach()
-        base = builder.refit.input_weights["mlp"].get(p)
-        base = down[:, keep.to(down.device)].float().cpu() if base is None else base
-        builder.refit.input_weights["mlp"][p] = base + a.float().cpu()
-        builder.refit.output_bias["mlp"][p] += shift.float().cpu()
-        done[p] = j
-    return done
+        fits[p] = (j, a, shift)
+    return fits
 
 
-def _regress_removed_runs(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: "_RefitBuilder", damp: float,
-                          batch_size: int, progress: bool) -> dict:
-    """The removed runs' regressions from one more walk of the dense model (module doc)."""
+def _add_run_fit(adapter: ModelAdapter, eff: dict, builder: "_RefitBuilder", p: int, a: torch.Tensor,
+                 shift: torch.Tensor) -> None:
+    """Add a run's regression (A, b) to the down_proj of the kept layer p before it (on top of p's own
+    refit, or of its kept columns where p's channels are all kept)."""
+    keep = eff["channel"][p][: adapter.intermediate_size(p)]
+    down = read_weight(adapter.layer(p).down_proj).detach()
+    base = builder.refit.input_weights["mlp"].get(p)
+    base = down[:, keep.to(down.device)].float().cpu() if base is None else base
+    builder.refit.input_weights["mlp"][p] = base + a.float().cpu()
+    builder.refit.output_bias["mlp"][p] += shift.float().cpu()
+
+
+def _dense_run_fits(model, adapter: ModelAdapter, calib_ids, eff: dict, damp: float, batch_size: int,
+                    progress: bool) -> dict:
+    """`_run_fits` from one more walk of the dense model (module doc)."""
     from pgprune.metrics.calibration import collect_removed_run_stats
 
     joint = collect_removed_run_stats(model, calib_ids, removed_runs(eff, adapter), batch_size=batch_size,
                                       adapter=adapter, progress=progress)
-    return _add_run_fits(adapter, eff, builder, lambda p, j, keep: regress_run(joint[p], int(keep.numel()), keep, damp))
+    return _run_fits(adapter, eff, lambda p, j, keep: regress_run(joint[p], int(keep.numel()), keep, damp))
 
 
 def _holds_covariance(stats) -> bool:
@@ -417,6 +425,14 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     eff = masks.to("cpu").effective(costs)
     builder = _RefitBuilder(costs.num_layers, adapter.hidden_size)
     info = {"mode": mode, "inputs": inputs, "damp": damp if mode == "lsq" else None}
+    # removed runs: regressed from the dense model whatever the inputs (module doc); without windows or
+    # `runs` the mean fold stays
+    run_fits = {}
+    if mode == "lsq" and removed_runs(eff, adapter):
+        if calib_ids is not None:
+            run_fits = _dense_run_fits(model, adapter, calib_ids, eff, damp, batch_size, progress)
+        elif runs is not None:
+            run_fits = _run_fits(adapter, eff, runs.fit)
     if inputs == "dense" and stats is not None and (mode == "bias" or _holds_covariance(stats)):
         for i in range(costs.num_layers):
             inputs_i = {"attn": stats[i].attn_in, "mlp": stats[i].mlp_in}
@@ -427,24 +443,24 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     elif calib_ids is None:
         raise ConfigError(f"--reconstruct {mode} needs calibration windows")
     else:
-        info.update(_refit_by_walk(model, adapter, calib_ids, eff, builder, mode, inputs, damp, batch_size, progress))
-    # removed runs: from the dense model whatever the inputs (module doc); without windows or `runs`
-    # the mean fold stays
-    if mode == "lsq" and removed_runs(eff, adapter):
-        if calib_ids is not None:
-            info["removed_runs_regressed"] = _regress_removed_runs(model, adapter, calib_ids, eff, builder, damp,
-                                                                   batch_size, progress)
-        elif runs is not None:
-            info["removed_runs_regressed"] = _add_run_fits(adapter, eff, builder, runs.fit)
+        info.update(_refit_by_walk(model, adapter, calib_ids, eff, builder, mode, inputs, damp, batch_size, progress,
+                                   run_fits))
+    if inputs == "dense":  # the sequential walk added them as it went
+        for p, (_j, a, shift) in run_fits.items():
+            _add_run_fit(adapter, eff, builder, p, a, shift)
+    if run_fits:
+        info["removed_runs_regressed"] = {p: j for p, (j, _a, _b) in run_fits.items()}
     builder.refit.info = info
     return builder.refit
 
 
 def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: _RefitBuilder, mode: str, inputs: str,
-                   damp: float, batch_size: int, progress: bool) -> dict:
+                   damp: float, batch_size: int, progress: bool, run_fits: dict) -> dict:
     """Fill `builder` from a calibration walk: the dense model's statistics layer by layer, or
-    (sequential) each block's statistics read from the model pruned and refit up to that block;
-    returns what the walk adds to the refit's info."""
+    (sequential) each block's statistics read from the model pruned and refit up to that block, with
+    the removed runs' regressions `run_fits` ({p: (j, A, b)}) added to layer p's MLP as the walk passes
+    it, so that the layers after a run are refit on the stream the pruned model computes; returns what
+    the walk adds to the refit's info."""
     from pgprune.metrics.calibration import collect_block_stats_sequentially, collect_layer_stats
 
     narrow = []
@@ -473,6 +489,9 @@ def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: 
         def on_block(i: int, block: str, fs):
             folded = bool(eff["layer"][i]) or builder.last_kept is not None  # else dropped (module doc)
             bias, weight = refit_blocks(i, {block: fs})[block]
+            if block == "mlp" and i in run_fits:
+                _add_run_fit(adapter, eff, builder, i, *run_fits[i][1:])
+                bias, weight = builder.refit.output_bias["mlp"][i], builder.refit.input_weights["mlp"][i]
             return _layer_edit(adapter, i, eff["head"][i], eff["channel"][i],
                                {block: bias if folded else None}, {block: weight})
 
