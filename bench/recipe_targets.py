@@ -107,12 +107,15 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
     from pgprune.pruning import prune
 
     scores_file = folder / "scores.json"
-    if scores_file.is_file() and (folder / "run.json").is_file():
-        return json.loads(scores_file.read_text())
     settings = RunSettings.from_recipe(recipe, {
         "model": args.model, "data.data_dir": args.data_dir, "eval.datasets": "wikitext2",
         "eval.max_tokens": args.progress_tokens, "execution.dtype": args.dtype, "execution.device": args.device,
         **overrides})
+    if scores_file.is_file() and (folder / "run.json").is_file():
+        cell = json.loads(scores_file.read_text())
+        if cell.get("settings") == settings.to_dict():
+            return cell
+        print(f"{label}: {folder} was run with other settings; running it again", flush=True)
     t0 = time.perf_counter()
     resumed = (folder / run_folder.CHECKPOINT_FILE).is_file()  # an interrupted PG run continues from its checkpoint
     try:
@@ -121,7 +124,8 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         print(f"{label}: {e}; starting it again", flush=True)
         resumed = False
         record = prune(settings, folder, overwrite=True, progress=not args.quiet)
-    cell = {"label": label, "settings": record["settings"], "seconds": time.perf_counter() - t0,
+    cell = {"label": label, "settings": record["settings"], "execution": record.get("execution"),
+            "seconds": time.perf_counter() - t0,
             "resumed": resumed, "sparsity": record["masks"].get("sparsity"), "scores": score(str(folder / "model"), args)}
     if "pg" in record:
         cell["pg_seconds"] = record["pg"].get("seconds")
@@ -170,7 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--natural-tokens", type=int, default=32768, help="first N tokens of each natural-text set")
     p.add_argument("--progress-tokens", type=int, default=4096,
                    help="the runs' own printed perplexities (not the scores) use this many tokens")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32 by default: 'auto' is bf16 on CPUs with AVX512-BF16 and fp32 elsewhere, and seeds "
+                        "run on different machines must be comparable")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data-dir", default=None)
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
                   "natural": {"sets": {"c4": "validation documents", "wiki-sample": "test"},
                               "max_tokens": args.natural_tokens or None, "mean": "geometric"}},
               "dense": None, "cells": []}
-    dense_file = work / f"dense_{args.model.replace('/', '_')}.json"
+    dense_file = work / f"dense_{args.model.replace('/', '_')}_{args.dtype}.json"
     if dense_file.is_file():
         record["dense"] = json.loads(dense_file.read_text())
     else:

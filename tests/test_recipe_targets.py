@@ -48,6 +48,10 @@ def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
     # a finished cell is read back, not run again
     assert recipe_targets.run_cell("fresh", {}, "features", fresh, ARGS)["scores"] == {"wikitext2": 1.0}
     assert len(calls) == 2
+    # unless it was run with other settings (here another dtype): then it runs again
+    other = argparse.Namespace(**{**vars(ARGS), "dtype": "fp32"})
+    assert recipe_targets.run_cell("fresh", {}, "features", fresh, other)["settings"]["execution"]["dtype"] == "fp32"
+    assert len(calls) == 3
 
 
 def test_a_checkpoint_of_other_settings_starts_the_cell_again(tmp_path, fake_runs):
