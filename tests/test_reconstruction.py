@@ -326,6 +326,8 @@ def test_a_removed_layer_is_regressed_on_the_previous_mlp_inputs():
     seq = reconstruct(model, ids, masks, "lsq", inputs="sequential", progress=False, costs=costs)
     assert seq.info["removed_runs_regressed"] == {1: 2}
     torch.testing.assert_close(seq.input_weights["mlp"][1], refit.input_weights["mlp"][1], rtol=1e-5, atol=1e-6)
+    # and the removed layer's mean fold is the mean of the whole dense layer's update, as with dense inputs
+    torch.testing.assert_close(seq.output_bias["mlp"][1], refit.output_bias["mlp"][1], rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_refit_after_a_removed_layer_reads_its_regression():

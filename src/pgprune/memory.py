@@ -196,8 +196,10 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
         pg_step += solve
     # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially)
     held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if reconstruct_inputs == "sequential" else 0
-    final_refit = walk(refit_nsamples) + held_inputs + layer_cov + solve if reconstruct == "lsq" else 0
     kinds = units.split(",") if isinstance(units, str) else list(units)
+    if reconstruct_inputs == "sequential" and "layer" in kinds:  # a run's regression output, held until its end
+        held_inputs += refit_nsamples * t * h * e
+    final_refit = walk(refit_nsamples) + held_inputs + layer_cov + solve if reconstruct == "lsq" else 0
     run_regressions = 0
     if pg_reconstruct == "lsq" and "layer" in kinds:  # PG's per-mask run regressions (RunRegressions): the
         # dense residual stream after every layer and as many bytes of cached cross-covariances; computing

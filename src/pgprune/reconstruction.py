@@ -29,9 +29,10 @@ MLP stays is regressed instead: delta = h_j - h_p, what the run adds to the resi
 by least squares on p's kept down_proj inputs x_S (the same ridge), and the fit is added to p's
 down_proj, `W'_S += A`, `b' += mu_delta - A mu_S` (the mean fold is the A = 0 limit). Both come from
 one more walk of the dense model over the calibration windows (`collect_removed_run_stats`), also
-under sequential inputs, whose walk adds the fit to layer p as it passes it: the layers after the run
-are refit on the stream the pruned model computes (measured in bench/RESULTS.md: with the mean fold
-in its place instead, sequential refits of layer masks ended worse than dense ones).
+under sequential inputs. There the walk reads a removed layer's mean update as the dense walk does, from
+the whole unedited layer on the stream that enters it, and adds the run's fit to the stream after the
+run: the layers after it are refit on the stream the pruned model computes (bench/RESULTS.md
+"Sequential refits of layer masks": each of these was worth several points of perplexity).
 
 `reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
 that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input_weights)` applies
@@ -445,9 +446,8 @@ def reconstruct(model, calib_ids: torch.Tensor | None, masks: Masks, mode: str =
     else:
         info.update(_refit_by_walk(model, adapter, calib_ids, eff, builder, mode, inputs, damp, batch_size, progress,
                                    run_fits))
-    if inputs == "dense":  # the sequential walk added them as it went
-        for p, (_j, a, shift) in run_fits.items():
-            _add_run_fit(adapter, eff, builder, p, a, shift)
+    for p, (_j, a, shift) in run_fits.items():
+        _add_run_fit(adapter, eff, builder, p, a, shift)
     if run_fits:
         info["removed_runs_regressed"] = {p: j for p, (j, _a, _b) in run_fits.items()}
     builder.refit.info = info
@@ -458,9 +458,9 @@ def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: 
                    damp: float, batch_size: int, progress: bool, run_fits: dict) -> dict:
     """Fill `builder` from a calibration walk: the dense model's statistics layer by layer, or
     (sequential) each block's statistics read from the model pruned and refit up to that block, with
-    the removed runs' regressions `run_fits` ({p: (j, A, b)}) added to layer p's MLP as the walk passes
-    it, so that the layers after a run are refit on the stream the pruned model computes; returns what
-    the walk adds to the refit's info."""
+    the removed runs' regressions `run_fits` ({p: (j, A, b)}) in the walk's stream after their runs,
+    so that the layers after a run are refit on the stream the pruned model computes (the caller adds
+    them to the refit); returns what the walk adds to the refit's info."""
     from pgprune.metrics.calibration import collect_block_stats_sequentially, collect_layer_stats
 
     narrow = []
@@ -489,14 +489,23 @@ def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: 
         def on_block(i: int, block: str, fs):
             folded = bool(eff["layer"][i]) or builder.last_kept is not None  # else dropped (module doc)
             bias, weight = refit_blocks(i, {block: fs})[block]
-            if block == "mlp" and i in run_fits:
-                _add_run_fit(adapter, eff, builder, i, *run_fits[i][1:])
-                bias, weight = builder.refit.output_bias["mlp"][i], builder.refit.input_weights["mlp"][i]
             return _layer_edit(adapter, i, eff["head"][i], eff["channel"][i],
                                {block: bias if folded else None}, {block: weight})
 
+        def regression(keep: torch.Tensor, a: torch.Tensor, shift: torch.Tensor):
+            """A x_S + b of a run's regression on p's down_proj inputs x (one window batch)."""
+            kept = keep.nonzero().flatten()
+            return lambda x: x[..., kept.to(x.device)].float() @ a.T.float().to(x.device) + shift.float().to(x.device)
+
+        # a removed layer's mean fold is the mean of what the unedited layer adds to the stream entering it
+        # (as with dense inputs); a run's regression joins the stream after the run, where the exported
+        # model has it, not before its removed layers' means are read
+        runs_out = {p: (j, regression(eff["channel"][p][: adapter.intermediate_size(p)], a, shift))
+                    for p, (j, a, shift) in run_fits.items()}
         tokens = collect_block_stats_sequentially(model, calib_ids, on_block, batch_size=batch_size,
-                                                  adapter=adapter, progress=progress)
+                                                  adapter=adapter, progress=progress,
+                                                  own_attention=lambda i: not bool(eff["layer"][i]),
+                                                  run_outputs=runs_out)
     extra = {"tokens": tokens}
     if narrow:  # damping keeps the solve defined, but the refit of these is poorly determined
         extra["fewer_tokens_than_kept_inputs"] = narrow

@@ -457,13 +457,21 @@ def collect_block_stats_sequentially(
     storage_device: torch.device | str | None = None,
     progress: bool = True,
     adapter: ModelAdapter | None = None,
+    own_attention: Callable[[int], bool] = lambda i: False,
+    run_outputs: dict[int, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
 ) -> int:
     """Sequential statistics block by block, with covariance: the statistics of layer i's o_proj
     inputs are read from the model whose layers before i are edited, those of its down_proj inputs
     from the model whose attention block of layer i is edited too (SparseGPT's "true sequential"
-    order). on_block(i, "attn" | "mlp", stats) returns the `LayerEdit` of that block (its fields for
-    the other block are ignored; None: unedited) and is called for the attention block first; stats
-    is None where surgery removed the block. Returns the number of calibration tokens.
+    order), except where own_attention(i): then with layer i's attention block as it is (a removed
+    layer's MLP mean is the mean of what the whole unedited layer adds to the stream that enters it;
+    its edit still applies to the layer's output). run_outputs {p: (j, f)}: f of layer p's down_proj
+    inputs (one window batch) is added to layer j's output (a removed run's regression: the removed
+    layers p+1 .. j read the stream without it, the layers after j with it; memory: one stream copy
+    per open run). on_block(i, "attn" | "mlp", stats) returns the
+    `LayerEdit` of that block (its fields for the other block are ignored; None: unedited) and is
+    called for the attention block first; stats is None where surgery removed the block. Returns the
+    number of calibration tokens.
 
     Each part of a layer runs once per window batch: the attention block up to o_proj (its inputs
     kept), then the layer again with the attention module standing in with the edited o_proj of
@@ -474,6 +482,8 @@ def collect_block_stats_sequentially(
     down_proj inputs of every window (tokens x (attention width + intermediate)) on the storage device."""
     adapter = adapter or get_adapter(model)
     tokens = 0
+    run_outputs = run_outputs or {}
+    pending: dict[int, list[torch.Tensor]] = {}  # layer j -> what is added to its output (run_outputs)
     checked: dict[tuple, dict[str, int]] = {}  # per layer class and blocks present: the modules' output arity
     for i, mods, dev, inps, outs, inputs in _walk(model, calib_ids, adapter.num_layers, adapter=adapter,
                                                   batch_size=batch_size, storage_device=storage_device,
@@ -484,6 +494,7 @@ def collect_block_stats_sequentially(
             checked[kind] = _check_stand_ins(mods, inps[inputs.batches[0]].to(dev), _to(kwargs[0], dev))
         arity = checked[kind]
         stand_ins: dict[str, Callable[[slice], torch.Tensor]] = {}  # block -> output of a window batch
+        unedited: dict[str, Callable[[slice], torch.Tensor]] = {}  # the same, through the block's own projection
         current: list[slice] = []  # the window batch being run
         held: dict[str, torch.Tensor] = {}
         for block, proj in (("attn", mods.o_proj), ("mlp", mods.down_proj)):
@@ -492,7 +503,8 @@ def collect_block_stats_sequentially(
                 continue
             fs = FeatureStats.empty(proj.in_features, dev, covariance=True)
             held[block] = torch.empty(*inps.shape[:-1], proj.in_features, dtype=inps.dtype, device=inps.device)
-            with _standing_in(mods, arity, stand_ins, current):
+            reading = {**stand_ins, **unedited} if block == "mlp" and own_attention(i) else stand_ins
+            with _standing_in(mods, arity, reading, current):
                 for b, kw in zip(inputs.batches, kwargs):
                     current[:] = [b]
                     x = _input_of(proj, mods.layer, inps[b].to(dev), _to(kw, dev))
@@ -502,10 +514,21 @@ def collect_block_stats_sequentially(
             edit = on_block(i, block, fs) or LayerEdit()
             project = _edited_projections(mods, adapter, edit).get(block, proj)
             stand_ins[block] = lambda b, x=held[block], project=project: project(x[b].to(dev))
+            unedited[block] = lambda b, x=held[block], proj=proj: proj(x[b].to(dev))
+        if i in run_outputs and "mlp" in held:
+            j, f = run_outputs[i]
+            added = torch.empty_like(inps)
+            for b in inputs.batches:
+                added[b] = f(held["mlp"][b].to(dev)).to(added.device, added.dtype)
+            pending.setdefault(j, []).append(added)
         with _standing_in(mods, arity, stand_ins, current):
             for b, kw in zip(inputs.batches, kwargs):
                 current[:] = [b]
-                outs[b] = _first(mods.layer(inps[b].to(dev), **_to(kw, dev))).to(outs.device)
+                y = _first(mods.layer(inps[b].to(dev), **_to(kw, dev)))
+                for added in pending.get(i, ()):
+                    y = y + added[b].to(dev)
+                outs[b] = y.to(outs.device)
+        pending.pop(i, None)
     return tokens
 
 
