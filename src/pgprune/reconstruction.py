@@ -31,8 +31,8 @@ down_proj, `W'_S += A`, `b' += mu_delta - A mu_S` (the mean fold is the A = 0 li
 one more walk of the dense model over the calibration windows (`collect_removed_run_stats`), also
 under sequential inputs. There the walk reads a removed layer's mean update as the dense walk does, from
 the whole unedited layer on the stream that enters it, and adds the run's fit to the stream after the
-run: the layers after it are refit on the stream the pruned model computes (bench/RESULTS.md
-"Sequential refits of layer masks": each of these was worth several points of perplexity).
+run: the removed layers' means are read without it, the layers after it refit on the stream the pruned
+model computes (bench/RESULTS.md "Sequential refits of layer masks").
 
 `reconstruct(model, calib_ids, masks, mode)` returns a `Refit` (output biases and refit columns)
 that `surgery.remove_units(..., output_bias=r.output_bias, input_weights=r.input_weights)` applies
