@@ -331,9 +331,9 @@ def test_a_removed_layer_is_regressed_on_the_previous_mlp_inputs():
 
 
 def test_sequential_refit_after_a_removed_layer_reads_its_regression():
-    """Sequential inputs with layer 1 removed: its regression is added to layer 0's MLP during the walk,
-    so layer 2's down_proj is refit on the inputs that the exported model feeds it (layer 0 refit and
-    regressed, layer 1's mean fold), recorded here with hooks and solved as a plain refit."""
+    """Sequential inputs with layer 1 removed: its regression (on layer 0's MLP inputs) joins the walk's
+    stream after layer 1, so layer 2's down_proj is refit on the inputs that the exported model feeds it
+    (layer 0 refit and regressed, layer 1's mean fold), recorded here with hooks and solved as a plain refit."""
     model = make_model("llama")
     a = get_adapter(model)
     costs = costs_of(model)
