@@ -15,6 +15,7 @@ says nothing about which units to keep.
 
     python bench/estimator_variance.py --units layer --init block-influence --init-scale 2
     python bench/estimator_variance.py --units channel,head --init wanda-sp --sparsity 0.3
+    python bench/estimator_variance.py ... --estimators paper --baselines previous,others
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pgprune.data import get_calibration_windows  # noqa: E402
 from pgprune.gating import FORWARDS  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats
 from pgprune.reconstruction import feature_means  # noqa: E402
+from pgprune.policy.features import FeaturePolicy  # noqa: E402
 from pgprune.policy.initial_probabilities import init_probabilities  # noqa: E402
 from pgprune.metrics.pipeline import run_metric  # noqa: E402
 from pgprune.budget import project  # noqa: E402
@@ -53,6 +55,9 @@ def main() -> None:
     ap.add_argument("--init", default="block-influence")
     ap.add_argument("--allocation", default="global")
     ap.add_argument("--init-scale", type=float, default=2.0)
+    ap.add_argument("--policy", default="units", choices=("units", "features"),
+                    help="features: start at the feature policy's probabilities and also report the noise of the "
+                         "gradient of its parameters (what its Adam steps on)")
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--k", type=int, default=2)
@@ -60,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--forward", default="gathered", choices=list(FORWARDS))
     ap.add_argument("--compensate", action="store_true", help="losses of the mean-filled (compensated) models")
+    ap.add_argument("--baselines", default="previous",
+                    help="the paper estimator's baseline modes to compare (previous, ema, others), same samples")
     ap.add_argument("--control-variate", action="store_true",
                     help="also each estimator with the kept-fraction control variate (NAME+cv), same samples")
     ap.add_argument("--tag", default="estimator_variance")
@@ -76,6 +83,13 @@ def main() -> None:
                         stats=stats, propagate="dense")
     init = init_probabilities(metric.allocation, costs, "sigmoid", scale=args.init_scale)
     s = project(layout.merge({k: init.probs[k] for k in kinds}).float(), layout, costs, 1.0 - init.sparsity)
+    policy = None
+    if args.policy == "features":
+        policy = FeaturePolicy.from_metric(metric, adapter, layout, costs, scale=args.init_scale, stats=stats)
+        s = policy.probs().float()
+        # a change common to every score is what the budget shift cancels: the offsets' common direction
+        uniform = torch.cat([torch.zeros(policy.weights.numel()), torch.ones(policy.offsets.numel())]).double()
+        uniform = uniform / uniform.norm()
 
     estimators = args.estimators.split(",")
     t0 = time.perf_counter()
@@ -91,22 +105,32 @@ def main() -> None:
     direction = layout.cost.double() * s.double() * (1 - s.double())  # the budget shift, in logit space
     direction = direction / direction.norm().clamp_min(1e-30)
     rows = []
-    variants = [(name, False) for name in estimators] + [(name, True) for name in estimators if args.control_variate]
-    for name, controlled in variants:
-        estimator = get_estimator(name, args.k, layout.cost if controlled else None)  # as in the loop
-        baseline, grads = BaselineState(), []
-        for m, losses in samples[ESTIMATORS[name].antithetic]:
-            g, _ = estimator(m, s, losses, baseline)
-            g = g.double() * s.double() * (1 - s.double())
-            grads.append(g - (g @ direction) * direction)
+    modes = args.baselines.split(",")
+    plain = [(name, mode) for name in estimators for mode in (modes if name == "paper" else ["previous"])]
+    variants = [(n, mode, False) for n, mode in plain] + [(n, mode, True) for n, mode in plain if args.control_variate]
+    def noise_stats(grads: list[torch.Tensor], prefix: str = "") -> dict:
         g = torch.stack(grads)
         mean = g.mean(0)
         noise = ((g - mean) ** 2).sum(1).mean()
         half = len(grads) // 2
         cos = torch.nn.functional.cosine_similarity(g[:half].mean(0), g[half:].mean(0), dim=0)
         snr = float(mean.norm() ** 2 / noise)  # |mean g|^2 carries noise / steps of its own: snr >= ~1/steps
-        rows.append({"estimator": name + ("+cv" if controlled else ""), "snr": snr, "snr_debiased": snr - 1.0 / len(grads),
-                     "split_half_cos": float(cos)})
+        return {prefix + "snr": snr, prefix + "snr_debiased": snr - 1.0 / len(grads),
+                prefix + "split_half_cos": float(cos)}
+
+    for name, mode, controlled in variants:
+        estimator = get_estimator(name, args.k, layout.cost if controlled else None)  # as in the loop
+        baseline, grads, param_grads = BaselineState(mode=mode), [], []
+        for m, losses in samples[ESTIMATORS[name].antithetic]:
+            g, _ = estimator(m, s, losses, baseline)
+            if policy is not None:
+                p = policy.param_gradient(g)
+                param_grads.append(p - (p @ uniform) * uniform)
+            g = g.double() * s.double() * (1 - s.double())
+            grads.append(g - (g @ direction) * direction)
+        label = name + (f"[{mode}]" if name == "paper" and len(modes) > 1 else "") + ("+cv" if controlled else "")
+        rows.append({"estimator": label, **noise_stats(grads),
+                     **(noise_stats(param_grads, "params_") if param_grads else {})})
 
     def kept_fractions(m):  # [K, kinds]: the fraction of each kind's parameters the mask keeps
         parts, unit_costs = layout.split(m.double()), layout.split(layout.cost)
@@ -117,7 +141,8 @@ def main() -> None:
     dl = torch.cat([losses.double() - losses.double().mean() for _, losses in independent])
     fit = torch.linalg.lstsq(kept, dl[:, None]).solution
     r2 = 1.0 - float(((dl[:, None] - kept @ fit) ** 2).sum() / (dl ** 2).sum())
-    print(table(rows, ["estimator", "snr", "snr_debiased", "split_half_cos"]))
+    columns = ["estimator", "snr", "snr_debiased", "split_half_cos"]
+    print(table(rows, columns + (["params_snr_debiased", "params_split_half_cos"] if policy is not None else [])))
     print(f"{args.steps} steps x K={args.k} ({seconds:.0f} s); within-step loss differences explained by the kept "
           f"amount per kind: R^2 = {r2:.3f}")
     save(args.tag, {"command": command_line("estimator_variance.py", sys.argv[1:]), "args": vars(args),

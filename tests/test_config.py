@@ -103,6 +103,8 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
     ({"execution.forward": "sliced"}, "forward must be one of"),
     ({"pg.init_scale": 0.0}, "init-scale"),
     ({"data.nsamples": 4}, "smaller than one batch"),
+    ({"pg.baseline": "others", "pg.k": 1}, "needs --k >= 2"),
+    ({"pg.baseline": "others", "pg.estimator": "loo"}, "the paper estimator"),
 ])
 def test_validation_names_what_to_fix(overrides, match):
     with pytest.raises(Exception, match=match):

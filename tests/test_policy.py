@@ -133,7 +133,7 @@ def _exact_mean(name, s, loss, baseline_history=(), **kw):
             continue
         m = torch.tensor(per_unit, dtype=torch.float64).T  # [2, 3]
         baseline = BaselineState(history=deque(baseline_history), **kw)
-        control = torch.tensor([3.0, 1.0, 2.0]) if kw else None  # a given slope: with the control variate
+        control = torch.tensor([3.0, 1.0, 2.0]) if "kept_cov" in kw else None  # a given slope: the control variate
         g, _ = get_estimator(name, 2, control)(m, s, loss(m), baseline)
         total += p * g.double()
     return total
@@ -180,6 +180,38 @@ def test_paper_estimator_direction():
     g = _mc_gradient(paper_estimator, s, w, k=2)
     expected = w.double() * torch.sqrt(s.double() * (1 - s.double())) * 2
     assert torch.allclose(g, expected, atol=0.15)
+
+
+def test_paper_estimator_with_the_others_baseline_keeps_its_expectation():
+    # exact expectations by enumeration: the same-step baseline of each mask depends only on the other
+    # (independent) mask, so the mean estimate equals the one with a baseline fixed before the step
+    s = torch.tensor([0.15, 0.5, 0.7], dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def loss(m):
+        return (m @ w) ** 2 + 3.0 * m[..., 0] * m[..., 2]
+
+    fixed = _exact_mean("paper", s, loss, (1.3, 1.1))
+    others = _exact_mean("paper", s, loss, mode="others")
+    assert fixed.abs().max() > 0.1
+    assert torch.allclose(fixed, others, atol=1e-9), (fixed, others)
+
+
+def test_the_others_baseline_ignores_what_the_batch_adds_to_every_mask():
+    # a batch that is harder for every mask (the same offset on the K losses) moves the "previous"
+    # baseline's estimate and leaves the same-step one unchanged
+    s = torch.tensor([0.2, 0.5, 0.9])
+    m = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    losses = torch.tensor([2.0, 2.5])
+    estimates = {}
+    for mode in ("previous", "others"):
+        estimates[mode] = [paper_estimator(m, s, losses + offset, BaselineState(history=deque([2.0]), mode=mode))[0]
+                           for offset in (0.0, 0.7)]
+    assert torch.allclose(*estimates["others"], atol=1e-6)
+    assert not torch.allclose(*estimates["previous"], atol=1e-3)
+    # K=2: the estimate is (L1 - L2) (m1 - m2) / sqrt(s (1 - s))
+    expected = (losses[0] - losses[1]) * (m[0] - m[1]) / torch.sqrt(s * (1 - s))
+    assert torch.allclose(estimates["others"][0], expected, atol=1e-5)
 
 
 def test_estimator_needs_enough_samples():

@@ -281,6 +281,31 @@ def _only_layer_removed(costs, layer: int) -> Masks:
     return Masks({"layer": keep})
 
 
+def _same_refit(a: Refit, b: Refit) -> bool:
+    same_bias = all(torch.equal(a.output_bias[k], b.output_bias[k]) for k in a.output_bias)
+    same_cols = all(a.input_weights[k].keys() == b.input_weights[k].keys()
+                    and all(torch.equal(w, b.input_weights[k][i]) for i, w in a.input_weights[k].items())
+                    for k in a.input_weights)
+    return same_bias and same_cols
+
+
+def test_auto_inputs_are_dense_for_whole_layers_and_sequential_otherwise():
+    model = make_model("llama")
+    costs = costs_of(model)
+    calib = random_ids(6, 16, seed=4)
+    layers = Masks({"layer": torch.tensor([[True], [False], [True], [False]] + [[True]] * (costs.num_layers - 4))})
+    mixed = Masks({**layers.tensors, "channel": torch.ones(costs.num_layers, costs.units_per_layer("channel"),
+                                                           dtype=torch.bool)})
+    mixed["channel"][0, ::2] = False  # one kept layer loses channels: columns to refit
+    for masks, want in ((layers, "dense"), (mixed, "sequential"), (structured_mask(costs), "sequential")):
+        runs = {inputs: reconstruct(model, calib, masks, "lsq", inputs=inputs, progress=False)
+                for inputs in ("auto", "dense", "sequential")}
+        assert runs["auto"].info["inputs"] == want
+        assert _same_refit(runs["auto"], runs[want])
+        other = "sequential" if want == "dense" else "dense"
+        assert not _same_refit(runs["auto"], runs[other])  # the choice matters on these masks
+
+
 def test_a_removed_layer_is_regressed_on_the_previous_mlp_inputs():
     """Layer 2 removed: least squares fits its update delta = h_2 - h_1 on layer 1's down_proj inputs
     (hook-recorded on the dense model, solved here as a plain ridge) and adds it to layer 1's

@@ -83,9 +83,10 @@ class PGSettings:
                                       "step t takes the pool's next windows, each used once (the reference code's; "
                                       "the pool is then steps x batch windows)", group=ADVANCED,
                           choices=("resample", "stream"))
-    baseline: str = option("previous", "paper estimator's baseline: previous (mean of the last window's mean losses) "
-                                       "or ema (the reference code's moving average, the current step included)",
-                           group=ADVANCED, choices=("previous", "ema"))
+    baseline: str = option("previous", "paper estimator's baseline: previous (mean of the last window's mean losses), "
+                                       "ema (the reference code's moving average, the current step included) or "
+                                       "others (each mask: the mean loss of the step's other masks, same batch)",
+                           group=ADVANCED, choices=("previous", "ema", "others"))
     # measured not to help (bench/RESULTS.md): kept for experiments
     control_variate: bool = option(False, "subtract from each loss what its mask's kept fraction explains "
                                           "(measured: 1 of 4 paired wins)", group=EXPERIMENTAL, action="boolean")
@@ -145,9 +146,11 @@ class RunSettings:
                                       "exported model: none, bias (FLAP's mean compensation), lsq (least squares "
                                       "of the kept columns and the bias on calibration activations)",
                               choices=("none", "bias", "lsq"))
-    reconstruct_inputs: str = option("sequential", "inputs of the least-squares refit: sequential (from the "
-                                                   "model pruned and refit so far) or dense (each layer from the "
-                                                   "dense model)", group=ADVANCED, choices=("dense", "sequential"))
+    reconstruct_inputs: str = option("auto", "inputs of the least-squares refit: sequential (from the model pruned "
+                                             "and refit so far), dense (each layer from the dense model), or auto "
+                                             "(dense when the mask removes only whole layers, else sequential: the "
+                                             "better of the two where measured)", group=ADVANCED,
+                                     choices=("auto", "dense", "sequential"))
     reconstruct_damp: float = option(0.01, "least-squares ridge, relative to the mean variance of the "
                                            "projection's inputs", group=ADVANCED, type=float)
     width_multiple: int = option(1, "every layer's kept MLP width a multiple of N (32: llama.cpp's q8_0 / q4_0, "
@@ -285,6 +288,9 @@ class RunSettings:
         if pg.steps < 0 or pg.batch_size < 1 or pg.lr < 0 or pg.eval_every < 1 or pg.baseline_window < 1:
             raise ConfigError("--steps must be >= 0, --batch-size >= 1, --lr >= 0, --eval-every >= 1 and the "
                               "baseline window >= 1")
+        if pg.baseline == "others" and (pg.k < 2 or pg.estimator != "paper"):
+            raise ConfigError("--baseline others compares each mask with the step's other masks: it needs --k >= 2 "
+                              "and the paper estimator (loo and disarm bring their own)")
         if pg.reconstruct == "lsq" and self.execution.forward == "gated":
             raise ConfigError("--pg-reconstruct lsq scores each sampled mask on its own refit pruned view: use "
                               "--forward gathered (or auto), not gated")
@@ -405,7 +411,8 @@ RECIPES: dict[str, dict] = {
             "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
             "pg.reconstruct": "bias",  # FLAP's bias compensation is worth more than most mask choices
             "reconstruct": "lsq",      # then refit by least squares: 30 % PG mask 168.7 -> 146.8, Wanda-sp 255.6 -> 170.8
-            "reconstruct_inputs": "sequential",  # on the model pruned so far: 146.8 -> 138.4, 170.8 -> 152.8
+            "reconstruct_inputs": "auto",  # sequential for channels / heads: 146.8 -> 138.4, 170.8 -> 152.8;
+                                           # dense for whole layers (better on natural text, 4 of 4 masks)
             "pg.estimator": "paper",   # steadiest direction at the start (split-half cosine 0.65)
             "pg.steps": 300,
             "pg.lr": 0.02,             # Adam's step size on the shared parameters

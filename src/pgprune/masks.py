@@ -92,6 +92,13 @@ class UnitCosts:
             return int(self.intermediate.max())
         return 1
 
+    def present(self, kind: str) -> torch.Tensor:
+        """[L, units] True where unit j of `kind` exists in layer i (head / channel widths differ by layer)."""
+        widths = {"head": self.num_kv_heads, "channel": self.intermediate}.get(kind)
+        if widths is None:
+            return torch.ones(self.num_layers, 1, dtype=torch.bool)
+        return _present(widths, self.units_per_layer(kind))
+
     def unit_cost(self, kind: str) -> torch.Tensor:
         """[L, units] parameters removed by each unit of `kind` alone (block kinds: the whole block)."""
         L = self.num_layers
@@ -189,8 +196,8 @@ class Masks:
             return torch.ones(*lead, L, costs.units_per_layer(kind), dtype=torch.bool, device=device)
 
         layer = get("layer")[..., 0]
-        heads = get("head") & _present(costs.num_kv_heads, costs.units_per_layer("head")).to(device)
-        chans = get("channel") & _present(costs.intermediate, costs.units_per_layer("channel")).to(device)
+        heads = get("head") & costs.present("head").to(device)
+        chans = get("channel") & costs.present("channel").to(device)
         attn = get("attn")[..., 0] & layer & heads.any(-1)
         mlp = get("mlp")[..., 0] & layer & chans.any(-1)
         heads = heads & attn[..., None]

@@ -195,7 +195,7 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     if pg_reconstruct == "lsq":
         pg_step += solve
     # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially)
-    held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if reconstruct_inputs == "sequential" else 0
+    held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if reconstruct_inputs != "dense" else 0
     kinds = units.split(",") if isinstance(units, str) else list(units)
     if reconstruct_inputs == "sequential" and "layer" in kinds:  # a run's regression output, held until its end
         held_inputs += refit_nsamples * t * h * e

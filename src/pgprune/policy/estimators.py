@@ -4,7 +4,9 @@ Each takes the K sampled masks m [K, N] (0/1), the probabilities s [N], the K lo
 baseline state, and returns the gradient estimate g [N] (the loop steps s <- s - lr * g).
 
 - `paper`: the reference code's estimator. Moving-average baseline b over the last `window` mean
-  losses; per-unit term (m - s) / sqrt(s (1 - s)); sum over samples divided by (K - 1).
+  losses; per-unit term (m - s) / sqrt(s (1 - s)); sum over samples divided by (K - 1). Its
+  baseline mode "others" instead gives sample k the mean loss of the other K - 1 masks of the same
+  step (same batch): a batch's difficulty is then no longer part of any advantage.
 - `loo`: the exact Bernoulli score (m - s) / (s (1 - s)) with the leave-one-out baseline
   b_k = mean of the other K - 1 losses (unbiased, needs K >= 2); mean over samples.
 - `disarm`: DisARM (Dong, Mnih & Tucker, 2020), unbiased, for antithetic pairs: masks 2j and 2j+1
@@ -43,7 +45,8 @@ _KEPT_DECAY = 0.95  # the control variate's moving average (~20 steps)
 class BaselineState:
     """The `paper` estimator's baseline. mode "previous": the mean of the last `window` mean losses,
     the current one excluded; "ema": the reference code's, b_t = (1 - 1/window) b_(t-1) + mean loss_t / window,
-    the current step included (b_0 = the first mean loss)."""
+    the current step included (b_0 = the first mean loss); "others": per sample, the mean loss of the
+    step's other K - 1 masks (`paper_estimator` computes it; no state)."""
     window: int = 5
     history: deque = field(default_factory=deque)
     mode: str = "previous"
@@ -87,8 +90,12 @@ class BaselineState:
 def paper_estimator(m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor,
                     baseline: BaselineState) -> tuple[torch.Tensor, float]:
     k = m.shape[0]
-    b = baseline.value(float(losses.mean()))
-    adv = (losses.double() - b)[:, None]
+    if baseline.mode == "others":  # leave-one-out: the same batch's other masks (K >= 2, checked in config)
+        b_k = (losses.double().sum() - losses.double()) / (k - 1)
+        b = float(b_k.mean())
+    else:
+        b = b_k = baseline.value(float(losses.mean()))
+    adv = (losses.double() - b_k)[:, None]
     score = (m.double() - s.double()) / torch.sqrt((s.double() * (1 - s.double())).clamp_min(_EPS))
     g = (adv * score).sum(0) / max(k - 1, 1)
     baseline.push(float(losses.mean()))

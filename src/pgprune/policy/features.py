@@ -143,13 +143,17 @@ class FeaturePolicy(Policy):
     def _solve_shift(self) -> None:
         self.shift = solve_shift(self.layout.split(self.scale * self.scores()), self.costs, self.keep)
 
-    def update(self, grad_s: torch.Tensor, lr: float) -> None:
-        """One Adam step on (w, a) from an estimate of dE[L]/ds, then the budget shift."""
+    def param_gradient(self, grad_s: torch.Tensor) -> torch.Tensor:
+        """An estimate of dE[L]/ds turned into the gradient of the policy's parameters (w, then a)."""
         s64 = self.probs().double()
         r = grad_s.double() * s64 * (1 - s64) * self.scale * self.layout.present  # dE[L]/d(score)
         g_w = torch.zeros_like(self.weights).index_add_(0, self.kind_of, self.features * r[:, None])
         g_a = torch.zeros_like(self.offsets).index_add_(0, self.group, r)
-        g = torch.cat([g_w.reshape(-1), g_a])
+        return torch.cat([g_w.reshape(-1), g_a])
+
+    def update(self, grad_s: torch.Tensor, lr: float) -> None:
+        """One Adam step on (w, a) from an estimate of dE[L]/ds, then the budget shift."""
+        g = self.param_gradient(grad_s)
         a = self.adam
         a["t"] += 1
         a["m"].mul_(_ADAM_BETAS[0]).add_(g, alpha=1 - _ADAM_BETAS[0])
