@@ -373,12 +373,17 @@ def per_mask_refit(model, stats, calib_ids: torch.Tensor, *, damp: float = DEFAU
     return functools.partial(reconstruct, model, None, mode="lsq", damp=damp, stats=stats, costs=costs, runs=runs)
 
 
+def _kept_channels(adapter: ModelAdapter, eff: dict, p: int) -> torch.Tensor:
+    """[intermediate_size(p)] bool: layer p's kept MLP channels (its down_proj's kept input columns)."""
+    return eff["channel"][p][: adapter.intermediate_size(p)]
+
+
 def _run_fits(adapter: ModelAdapter, eff: dict, fit) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
     """{p: (j, A, b)}: each removed run's regression (module doc) from fit(p, j, keep) -> (A, b) or None
     (a run whose fit is None keeps the mean fold)."""
     fits = {}
     for p, j in removed_runs(eff, adapter).items():
-        fitted = fit(p, j, eff["channel"][p][: adapter.intermediate_size(p)])
+        fitted = fit(p, j, _kept_channels(adapter, eff, p))
         if fitted is None:
             continue
         a, shift = fitted
@@ -392,7 +397,7 @@ def _add_run_fit(adapter: ModelAdapter, eff: dict, builder: "_RefitBuilder", p: 
                  shift: torch.Tensor) -> None:
     """Add a run's regression (A, b) to the down_proj of the kept layer p before it (on top of p's own
     refit, or of its kept columns where p's channels are all kept)."""
-    keep = eff["channel"][p][: adapter.intermediate_size(p)]
+    keep = _kept_channels(adapter, eff, p)
     down = read_weight(adapter.layer(p).down_proj).detach()
     base = builder.refit.input_weights["mlp"].get(p)
     base = down[:, keep.to(down.device)].float().cpu() if base is None else base
@@ -514,7 +519,7 @@ def _refit_by_walk(model, adapter: ModelAdapter, calib_ids, eff: dict, builder: 
         # a removed layer's mean fold is the mean of what the unedited layer adds to the stream entering it
         # (as with dense inputs); a run's regression joins the stream after the run, where the exported
         # model has it, not before its removed layers' means are read
-        runs_out = {p: (j, regression(eff["channel"][p][: adapter.intermediate_size(p)], a, shift))
+        runs_out = {p: (j, regression(_kept_channels(adapter, eff, p), a, shift))
                     for p, (j, a, shift) in run_fits.items()}
         tokens = collect_block_stats_sequentially(model, calib_ids, on_block, batch_size=batch_size,
                                                   adapter=adapter, progress=progress,
