@@ -85,7 +85,8 @@ class PGSettings:
                           choices=("resample", "stream"))
     baseline: str = option("previous", "paper estimator's baseline: previous (mean of the last window's mean losses), "
                                        "ema (the reference code's moving average, the current step included) or "
-                                       "others (each mask: the mean loss of the step's other masks, same batch)",
+                                       "others (each mask: the mean loss of the step's other masks, same batch; "
+                                       "measured noisier)",
                            group=ADVANCED, choices=("previous", "ema", "others"))
     # measured not to help (bench/RESULTS.md): kept for experiments
     control_variate: bool = option(False, "subtract from each loss what its mask's kept fraction explains "
