@@ -182,13 +182,18 @@ def test_least_squares_covariances_are_planned_as_collected():
     assert lsq["total_bytes"] >= plain["total_bytes"] + collected
     final_only = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, reconstruct="lsq")
     assert final_only["phases"]["final_refit"] > collected // len(stats)
-    # sequential inputs (the default) hold one layer's o_proj and down_proj inputs of every window
+    # sequential inputs (auto's for channel/head masks) hold one layer's o_proj and down_proj inputs of every window
     cfg = model.config
     held = 128 * 128 * (cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
                         + cfg.intermediate_size) * 4
     dense_inputs = estimate_pg_memory(model, k=2, batch_size=4, seqlen=128, reconstruct="lsq", reconstruct_inputs="dense")
     sequential = estimate_pg_memory(model, k=2, batch_size=4, seqlen=128, reconstruct="lsq")
     assert sequential["phases"]["final_refit"] - dense_inputs["phases"]["final_refit"] == held
+    # auto (the default) refits whole-layer masks from dense inputs: nothing held
+    layers = {inputs: estimate_pg_memory(model, k=2, batch_size=4, seqlen=128, reconstruct="lsq", units="layer",
+                                         reconstruct_inputs=inputs)["phases"]["final_refit"]
+              for inputs in ("auto", "dense", "sequential")}
+    assert layers["auto"] == layers["dense"] < layers["sequential"]
     # removed layers regressed on the previous MLP's inputs: their joint covariance is planned too
     joint = 8 * (cfg.intermediate_size + cfg.hidden_size) ** 2
     with_layers = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, units=("channel", "layer"), reconstruct="lsq")

@@ -133,7 +133,7 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
                        units=("channel", "head"), *, nsamples: int = 1024, metric_nsamples: int = 128,
                        metric_batch_size: int = 8, world_size: int = 1, chunk_tokens: int = 4096,
                        forward: str = "gated", reconstruct: str = "bias", pg_reconstruct: str = "bias",
-                       refit_nsamples: int = 128, reconstruct_inputs: str = "sequential") -> dict:
+                       refit_nsamples: int = 128, reconstruct_inputs: str = "auto") -> dict:
     """Bytes a policy-gradient run needs on one device (one rank), with a breakdown.
 
     `model_or_config`: a model (its exact parameter count and dtype are used) or a HF config.
@@ -146,7 +146,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     (`reconstruction_covariances`): PG scoring with it holds every layer's, and their damped precision
     matrices, for the whole loop plus one solve's temporaries per step; the final refit holds one
     layer's during its calibration walk over `refit_nsamples` windows (`reconstruct_inputs`
-    sequential: also one layer's o_proj and down_proj inputs of every window). PG scoring by least
+    sequential, and auto unless only whole layers can go: also one layer's o_proj and down_proj inputs of
+    every window). PG scoring by least
     squares with layer units also holds the dense residual stream for its removed runs' regressions
     (`run_regressions`).
     """
@@ -194,10 +195,12 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     held_cov = 2 * d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
     if pg_reconstruct == "lsq":
         pg_step += solve
-    # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially)
-    held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if reconstruct_inputs != "dense" else 0
+    # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially);
+    # auto takes them unless the masks can only remove whole layers
     kinds = units.split(",") if isinstance(units, str) else list(units)
-    if reconstruct_inputs == "sequential" and "layer" in kinds:  # a run's regression output, held until its end
+    sequential = reconstruct_inputs == "sequential" or (reconstruct_inputs == "auto" and set(kinds) != {"layer"})
+    held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if sequential else 0
+    if sequential and "layer" in kinds:  # a run's regression output, held until its end
         held_inputs += refit_nsamples * t * h * e
     final_refit = walk(refit_nsamples) + held_inputs + layer_cov + solve if reconstruct == "lsq" else 0
     run_regressions = 0
