@@ -108,6 +108,7 @@ def main() -> None:
     modes = args.baselines.split(",")
     plain = [(name, mode) for name in estimators for mode in (modes if name == "paper" else ["previous"])]
     variants = [(n, mode, False) for n, mode in plain] + [(n, mode, True) for n, mode in plain if args.control_variate]
+
     def noise_stats(grads: list[torch.Tensor], prefix: str = "") -> dict:
         g = torch.stack(grads)
         mean = g.mean(0)
