@@ -298,8 +298,9 @@ def test_select_best_returns_the_evaluated_mask_with_the_lowest_perplexity(tmp_p
     resumed = run_policy_gradient(model, calib, fresh(), config, eval_fn=lambda m: next(scores),
                                   progress=False, out_dir=tmp_path, resume=True)
     assert resumed.selected_step == 4 and _same(resumed.masks, seen[2])
-    with pytest.raises(ConfigError, match="eval_fn"):
-        run_policy_gradient(model, calib, fresh(), config, progress=False)
+    # nothing evaluated (no eval_fn, e.g. a library call): "best" has only the final mask to give
+    unevaluated = run_policy_gradient(model, calib, fresh(), config, progress=False)
+    assert unevaluated.selected_step == 8 and _same(unevaluated.masks, seen[-1])
     with pytest.raises(ConfigError, match="select"):
         RunSettings.from_recipe("features", {"pg.select": "last"}).validate()
 

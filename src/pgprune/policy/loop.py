@@ -88,7 +88,8 @@ def run_policy_gradient(
     """Optimise `policy` (a UnitPolicy or FeaturePolicy, at its start) with the settings `pg`.
 
     `calib_windows` [P, T]: the pool each step draws `pg.batch_size` windows from.
-    `eval_fn(masks) -> perplexity` evaluates a hard mask (None: no periodic evaluation).
+    `eval_fn(masks) -> perplexity` evaluates a hard mask (None: no periodic evaluation, and then
+    select="best" has nothing to choose among: the final mask, `selected_step` says so).
     `fingerprint`: what else a resumed run must share with the checkpoint (model, data, ...).
     `stop_after`: stop (with a checkpoint) after this many steps of this call: for tests of resume.
     `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss); `batch`
@@ -98,9 +99,6 @@ def run_policy_gradient(
     """
     world = world or World()
     layout, costs = policy.layout, policy.costs
-    if pg.select == "best" and eval_fn is None:
-        raise ConfigError("select='best' picks the hard mask with the lowest held-out perplexity, so it needs "
-                          "the periodic evaluation (eval_fn)")
     if calib_windows.shape[0] < pg.batch_size:
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {pg.batch_size}; raise --nsamples or lower --batch-size")
