@@ -46,9 +46,9 @@ def pg_run(workdir):
     root, text = workdir
     out = root / "run_pg"
     prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="magnitude", steps=6, eval_every=2,
-                       select="final", units="channel,head", sparsity=0.2, calib=f"text:{text}", eval=f"text:{text}", nsamples=16,
-                       seqlen=32, eval_seqlen=32, eval_max_tokens=None, track_max_tokens=256, batch_size=4,
-                       dtype="fp32", device="cpu"), out, progress=False)
+                       select="final", units="channel,head", sparsity=0.2, calib=f"text:{text}", eval=f"text:{text}",
+                       nsamples=16, seqlen=32, eval_seqlen=32, eval_max_tokens=None, track_max_tokens=256,
+                       batch_size=4, dtype="fp32", device="cpu"), out, progress=False)
     return out, write_report(out)
 
 
