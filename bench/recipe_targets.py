@@ -11,9 +11,9 @@ held-out calibration text for PG's tracking, nothing from the evaluation sets) i
 (seqlen 128): WikiText-2 test (first --wikitext-tokens; 0 = all) and the natural-text measure, the
 geometric mean of the perplexities of the shared C4 sample's validation documents and the Wikipedia
 sample's test split (first --natural-tokens each). A finished cell (run.json + scores.json) is reused
-and a PG cell that was stopped resumes from its checkpoint (`prune(..., resume=True)`; one started
-with other settings starts again), so an interrupted sweep continues where it stopped; add seeds or
-sparsities to the same --work.
+(re-scored, not re-run, when it was scored under another protocol) and a PG cell that was stopped resumes
+from its checkpoint (`prune(..., resume=True)`; one started with other settings starts again), so an
+interrupted sweep continues where it stopped; add seeds, sparsities or a protocol to the same --work.
 
 Summary per (calibration source, sparsity): for every run kind the median over seeds (and min / max),
 the best metric method at its best reconstruction (lowest median), and each PG variant's ratio to it
@@ -86,6 +86,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return recipe, values
 
 
+def protocol(args) -> dict:
+    """How a model is scored (DESIGN.md's protocol, seqlen 128); stored with every score so that cached
+    scores are reused only under the same protocol."""
+    return {"seqlen": 128, "wikitext2": {"split": "test", "max_tokens": args.wikitext_tokens or None},
+            "natural": {"sets": {"c4": "validation documents", "wiki-sample": "test"},
+                        "max_tokens": args.natural_tokens or None, "mean": "geometric"}}
+
+
 def score(model_path: str, args) -> dict:
     """{dataset: perplexity} of a saved model under the protocol (+ 'natural')."""
     from pgprune.evaluate.perplexity import evaluate_perplexity, natural_text_perplexities, natural_text_tokens
@@ -111,9 +119,13 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         "model": args.model, "data.data_dir": args.data_dir, "eval.datasets": "wikitext2",
         "eval.max_tokens": args.progress_tokens, "execution.dtype": args.dtype, "execution.device": args.device,
         **overrides})
-    if scores_file.is_file() and (folder / "run.json").is_file():
+    if scores_file.is_file() and (folder / run_folder.RUN_FILE).is_file():
         cell = json.loads(scores_file.read_text())
         if cell.get("settings") == settings.to_dict():
+            if cell.get("protocol") != protocol(args):  # the same run, scored another way: score it again
+                print(f"{label}: {folder} was scored under another protocol; scoring it again", flush=True)
+                cell.update(protocol=protocol(args), scores=score(str(folder / "model"), args))
+                atomic.write_json(scores_file, cell)
             return cell
         print(f"{label}: {folder} was run with other settings; running it again", flush=True)
     t0 = time.perf_counter()
@@ -126,14 +138,17 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         record = prune(settings, folder, overwrite=True, progress=not args.quiet)
     cell = {"label": label, "settings": record["settings"], "execution": record.get("execution"),
             "seconds": time.perf_counter() - t0,
-            "resumed": resumed, "sparsity": record["masks"].get("sparsity"), "scores": score(str(folder / "model"), args)}
+            "resumed": resumed, "sparsity": record["masks"].get("sparsity"), "protocol": protocol(args),
+            "scores": score(str(folder / "model"), args)}
     if "pg" in record:
         cell["pg_seconds"] = record["pg"].get("seconds")
     atomic.write_json(scores_file, cell)
     return cell
 
 
-def summarize(cells: list[dict], variants: list[str]) -> list[dict]:
+def summarize(cells: list[dict]) -> list[dict]:
+    """Rows per (calib, sparsity, run); a PG run (by its settings, so merged variants count too) is compared
+    with the best metric method, never with another PG run."""
     rows = []
     groups = sorted({(c["calib"], c["sparsity_target"]) for c in cells})
     for calib, sparsity in groups:
@@ -143,6 +158,7 @@ def summarize(cells: list[dict], variants: list[str]) -> list[dict]:
             by_label.setdefault(c["label"], []).append(c)
         med = {lab: {k: statistics.median(c["scores"][k] for c in cs) for k in ("wikitext2", "natural")}
                for lab, cs in by_label.items()}
+        variants = {lab for lab, cs in by_label.items() if cs[0]["settings"]["method"] == "pg"}
         metrics = [lab for lab in by_label if lab not in variants]
         for lab, cs in by_label.items():
             row = {"calib": calib, "sparsity": sparsity, "run": lab, "seeds": len(cs),
@@ -201,12 +217,9 @@ def main(argv=None) -> int:
                                         "reconstruct": r}) for m in metrics for r in modes]
     out = RESULTS_DIR / f"{args.tag}.json"
     record = {"command": command_line("recipe_targets.py", sys.argv[1:] if argv is None else argv),
-              "machine": machine(), "model": args.model, "protocol": {
-                  "seqlen": 128, "wikitext2": {"split": "test", "max_tokens": args.wikitext_tokens or None},
-                  "natural": {"sets": {"c4": "validation documents", "wiki-sample": "test"},
-                              "max_tokens": args.natural_tokens or None, "mean": "geometric"}},
-              "dense": None, "cells": []}
-    dense_file = work / f"dense_{args.model.replace('/', '_')}_{args.dtype}.json"
+              "machine": machine(), "model": args.model, "protocol": protocol(args), "dense": None, "cells": []}
+    dense_file = work / (f"dense_{args.model.replace('/', '_')}_{args.dtype}"
+                         f"_wt{args.wikitext_tokens or 'all'}_nat{args.natural_tokens or 'all'}.json")
     if dense_file.is_file():
         record["dense"] = json.loads(dense_file.read_text())
     else:
@@ -227,7 +240,7 @@ def main(argv=None) -> int:
                 earlier = [c for c in earlier if (c["calib"], c["seed"], c["sparsity_target"], c["label"]) != key]
                 print(f"{calib} seed {seed} {sparsity:g} {label}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in cell["scores"].items()), flush=True)
-                record["summary"] = summarize(earlier + record["cells"], variants)
+                record["summary"] = summarize(earlier + record["cells"])
                 record["merged_cells"] = earlier
                 atomic.write_json(out, record)
     print(table(record["summary"], ["calib", "sparsity", "run", "seeds", "wikitext2", "wt2_min", "wt2_max", "natural",

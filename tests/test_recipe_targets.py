@@ -27,12 +27,12 @@ def fake_runs(monkeypatch):
         return {"settings": settings.to_dict(), "masks": {"sparsity": 0.3}, "pg": {"seconds": 1.0}}
 
     monkeypatch.setattr("pgprune.pruning.prune", prune)
-    monkeypatch.setattr(recipe_targets, "score", lambda path, args: {"wikitext2": 1.0})
+    monkeypatch.setattr(recipe_targets, "score", lambda path, args: {"wikitext2": float(args.wikitext_tokens)})
     return calls, refuse
 
 
 ARGS = argparse.Namespace(model="smollm2-135m", data_dir=None, progress_tokens=4096, dtype="auto", device=None,
-                          quiet=True)
+                          quiet=True, wikitext_tokens=1, natural_tokens=1)
 
 
 def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
@@ -47,6 +47,12 @@ def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
     assert not calls[-1].get("resume") and calls[-1]["overwrite"] is True
     # a finished cell is read back, not run again
     assert recipe_targets.run_cell("fresh", {}, "features", fresh, ARGS)["scores"] == {"wikitext2": 1.0}
+    assert len(calls) == 2
+    # scored under another protocol (more WikiText-2 tokens): scored again, not pruned again, and kept so
+    longer = argparse.Namespace(**{**vars(ARGS), "wikitext_tokens": 2})
+    assert recipe_targets.run_cell("fresh", {}, "features", fresh, longer)["scores"] == {"wikitext2": 2.0}
+    assert recipe_targets.run_cell("fresh", {}, "features", fresh, longer)["protocol"] == recipe_targets.protocol(longer)
+    assert json.loads((fresh / "scores.json").read_text())["scores"] == {"wikitext2": 2.0}
     assert len(calls) == 2
     # unless it was run with other settings (here another dtype): then it runs again
     other = argparse.Namespace(**{**vars(ARGS), "dtype": "fp32"})
@@ -68,13 +74,19 @@ def test_one_seed_alone_and_earlier_cells_join_the_summary(tmp_path):
     assert recipe_targets.parse_calibs("wiki-sample:2,c4@1") == [("wiki-sample", 0), ("wiki-sample", 1), ("c4", 1)]
     record = {"model": "m", "protocol": {"seqlen": 128}}
     cell = {"label": "features", "calib": "wiki-sample", "seed": 0, "sparsity_target": 0.3,
-            "scores": {"wikitext2": 10.0, "natural": 5.0}}
+            "settings": {"method": "pg"}, "scores": {"wikitext2": 10.0, "natural": 5.0}}
     earlier = tmp_path / "seed0.json"
     earlier.write_text(json.dumps(dict(record, cells=[cell])))
     merged = recipe_targets.merged_cells([str(earlier)], record)
     assert merged == [dict(cell, merged_from="seed0.json")]
     new = dict(cell, seed=1, scores={"wikitext2": 20.0, "natural": 7.0})
-    (row,) = recipe_targets.summarize(merged + [new], ["features"])
+    (row,) = recipe_targets.summarize(merged + [new])
     assert row["seeds"] == 2 and row["wikitext2"] == 15.0 and row["wt2_max"] == 20.0
+    # a PG variant is compared with the best metric method, not with another PG variant (merged or not)
+    other_pg = dict(cell, label="features+pg.select=final", scores={"wikitext2": 8.0, "natural": 4.0})
+    metric = dict(cell, label="flap+lsq", settings={"method": "flap"}, scores={"wikitext2": 30.0, "natural": 10.0})
+    rows = {r["run"]: r for r in recipe_targets.summarize(merged + [new, other_pg, metric])}
+    assert rows["features"]["wt2_best_metric"] == "flap+lsq" and rows["features"]["wt2_vs_best"] == 0.5
+    assert rows["features+pg.select=final"]["nat_vs_best"] == 0.4 and "wt2_vs_best" not in rows["flap+lsq"]
     with pytest.raises(SystemExit, match="protocol differs"):
         recipe_targets.merged_cells([str(earlier)], dict(record, protocol={"seqlen": 256}))
