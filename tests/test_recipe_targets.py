@@ -51,7 +51,8 @@ def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
     # scored under another protocol (more WikiText-2 tokens): scored again, not pruned again, and kept so
     longer = argparse.Namespace(**{**vars(ARGS), "wikitext_tokens": 2})
     assert recipe_targets.run_cell("fresh", {}, "features", fresh, longer)["scores"] == {"wikitext2": 2.0}
-    assert recipe_targets.run_cell("fresh", {}, "features", fresh, longer)["protocol"] == recipe_targets.protocol(longer)
+    cell = recipe_targets.run_cell("fresh", {}, "features", fresh, longer)
+    assert cell["protocol"] == recipe_targets.protocol(longer)
     assert json.loads((fresh / "scores.json").read_text())["scores"] == {"wikitext2": 2.0}
     assert len(calls) == 2
     # unless it was run with other settings (here another dtype): then it runs again
