@@ -12,7 +12,7 @@ from pgprune.masks import Masks
 from pgprune.metrics.calibration import FeatureStats
 from pgprune.models.adapter import get_adapter
 from pgprune.reconstruction import (DEFAULT_DAMP, Refit, compensation_biases, feature_means, lsq_columns,
-                                    reconstruct, refit_applied)
+                                    may_use_sequential_inputs, reconstruct, refit_applied)
 from pgprune.surgery import remove_units
 from pgprune.models.synthetic import synthetic_model
 from structure_helpers import CASES, costs_of, make_model, random_ids, structured_mask
@@ -301,6 +301,7 @@ def test_auto_inputs_are_dense_for_whole_layers_and_sequential_otherwise():
         runs = {inputs: reconstruct(model, calib, masks, "lsq", inputs=inputs, progress=False)
                 for inputs in ("auto", "dense", "sequential")}
         assert runs["auto"].info["inputs"] == want
+        assert may_use_sequential_inputs("auto", masks.tensors) == (want == "sequential")  # the memory plan's rule
         assert _same_refit(runs["auto"], runs[want])
         other = "sequential" if want == "dense" else "dense"
         assert not _same_refit(runs["auto"], runs[other])  # the choice matters on these masks

@@ -46,6 +46,7 @@ import torch
 
 from pgprune.errors import ConfigError
 from pgprune.gating import FORWARDS
+from pgprune.reconstruction import may_use_sequential_inputs
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -195,10 +196,9 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     held_cov = 2 * d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
     if pg_reconstruct == "lsq":
         pg_step += solve
-    # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially);
-    # auto takes them unless the masks can only remove whole layers
+    # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially)
     kinds = units.split(",") if isinstance(units, str) else list(units)
-    sequential = reconstruct_inputs == "sequential" or (reconstruct_inputs == "auto" and set(kinds) != {"layer"})
+    sequential = may_use_sequential_inputs(reconstruct_inputs, kinds)
     held_inputs = refit_nsamples * t * (attn_in + mlp_in) * e if sequential else 0
     if sequential and "layer" in kinds:  # a run's regression output, held until its end
         held_inputs += refit_nsamples * t * h * e

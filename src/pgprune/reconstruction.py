@@ -62,6 +62,12 @@ DEFAULT_DAMP = 0.01
 BLOCKS = ("attn", "mlp")
 
 
+def may_use_sequential_inputs(inputs: str, unit_kinds) -> bool:
+    """Whether a refit of masks over `unit_kinds` can take sequential inputs (the memory plan's question,
+    asked before any mask exists): `auto` resolves to dense only for masks that remove whole layers alone."""
+    return inputs == "sequential" or (inputs == "auto" and set(unit_kinds) != {"layer"})
+
+
 def resolve_inputs(inputs: str, eff: dict[str, torch.Tensor], costs: UnitCosts) -> str:
     """`auto`: dense inputs when the mask only removes whole layers (every kept layer whole, so nothing is
     refit column-wise; the two walks differ only in the removed layers' mean folds, and the dense one was
