@@ -26,6 +26,7 @@ the best metric method at its best reconstruction (lowest median), and each PG v
         --metrics block-influence --metric-reconstruct bias,lsq --tag layers            # layers: bias vs lsq
 
 Writes bench/results/TAG.json (after every cell) and prints the tables. A GPU: --device cuda.
+`--score NAME=MODEL_DIR,...` only scores saved models under the protocol (e.g. `make demo`'s runs/demo/model).
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--merge", default="",
                    help="comma list of earlier results files whose cells join the summary (same model and protocol; "
                         "a cell measured here again replaces theirs)")
+    p.add_argument("--score", default="", help="NAME=MODEL_DIR,...: only score these saved models (no runs)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -226,6 +228,16 @@ def main(argv=None) -> int:
         record["dense"] = score(args.model, args)
         atomic.write_json(dense_file, record["dense"])
     print(f"dense: {record['dense']}", flush=True)
+    if args.score:
+        record["scored"] = []
+        for item in filter(None, args.score.split(",")):
+            name, _, path = item.partition("=")
+            record["scored"].append({"name": name, "model": path, "scores": score(path, args)})
+            atomic.write_json(out, record)
+        print(table([{"name": r["name"], **r["scores"]} for r in record["scored"]],
+                    ["name", "wikitext2", "c4", "wiki-sample", "natural"]))
+        print(f"wrote {out}")
+        return 0
     earlier = merged_cells([m for m in args.merge.split(",") if m], record)
     for calib, seed in parse_calibs(args.calibs):
         for sparsity in [float(s) for s in args.sparsities.split(",")]:

@@ -91,3 +91,15 @@ def test_one_seed_alone_and_earlier_cells_join_the_summary(tmp_path):
     assert rows["features+pg.select=final"]["nat_vs_best"] == 0.4 and "wt2_vs_best" not in rows["flap+lsq"]
     with pytest.raises(SystemExit, match="protocol differs"):
         recipe_targets.merged_cells([str(earlier)], dict(record, protocol={"seqlen": 256}))
+
+
+def test_score_only_scores_saved_models_under_the_protocol(tmp_path, fake_runs, monkeypatch):
+    calls, _ = fake_runs
+    monkeypatch.setattr(recipe_targets, "RESULTS_DIR", tmp_path)
+    assert recipe_targets.main(["--score", "a=dir_a,b=dir_b", "--wikitext-tokens", "3", "--work", str(tmp_path / "w"),
+                                "--tag", "scored"]) == 0
+    record = json.loads((tmp_path / "scored.json").read_text())
+    assert [r["name"] for r in record["scored"]] == ["a", "b"] and record["scored"][1]["model"] == "dir_b"
+    assert record["scored"][0]["scores"] == {"wikitext2": 3.0} and record["protocol"]["wikitext2"]["max_tokens"] == 3
+    assert calls == [] and not record["cells"]  # nothing pruned
+    assert (tmp_path / "w" / "dense_smollm2-135m_fp32_wt3_nat32768.json").is_file()
