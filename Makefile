@@ -47,8 +47,8 @@ $(VENV)/.installed: pyproject.toml
 # Prune SmolLM2-135M by 30 % (MLP channels + KV-head groups) with the default recipe (`features`, our best
 # measured: the feature policy from the Wanda-sp mask, bias-compensated, 300 steps of K=2 masks on 8 x 128
 # tokens of the Wikipedia sample, the tracked mask lowest on held-out calibration text refit by least
-# squares; its PG took 26 min in bf16 on a 2-core CPU with AVX512-BF16, the whole demo 70 min in fp32 on
-# one without; bench/RESULTS.md),
+# squares; the whole demo took 22 min (PG 17 min) in bf16 on a 2-core CPU with AVX512-BF16 and 70 min in
+# fp32 on one without; bench/RESULTS.md "`make demo`"),
 # print dense / start / final perplexity
 # and write runs/demo/report.md with plots. Perplexity on WikiText-2 test (first 32k tokens) where
 # DATA_DIR has it, else on the Wikipedia sample's test split.
