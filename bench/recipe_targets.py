@@ -108,6 +108,11 @@ def score(model_path: str, args) -> dict:
     return out
 
 
+def scored(folder: Path, args) -> dict:
+    """A cell's scores with the protocol they were taken under (always stored together)."""
+    return {"protocol": protocol(args), "scores": score(str(folder / "model"), args)}
+
+
 def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> dict:
     """prune() into `folder` (unless finished) and its scores (cached in scores.json)."""
     from pgprune import run_folder
@@ -125,7 +130,7 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         if cell.get("settings") == settings.to_dict():
             if cell.get("protocol") != protocol(args):  # the same run, scored another way: score it again
                 print(f"{label}: {folder} was scored under another protocol; scoring it again", flush=True)
-                cell.update(protocol=protocol(args), scores=score(str(folder / "model"), args))
+                cell.update(scored(folder, args))
                 atomic.write_json(scores_file, cell)
             return cell
         print(f"{label}: {folder} was run with other settings; running it again", flush=True)
@@ -139,8 +144,7 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         record = prune(settings, folder, overwrite=True, progress=not args.quiet)
     cell = {"label": label, "settings": record["settings"], "execution": record.get("execution"),
             "seconds": time.perf_counter() - t0,
-            "resumed": resumed, "sparsity": record["masks"].get("sparsity"), "protocol": protocol(args),
-            "scores": score(str(folder / "model"), args)}
+            "resumed": resumed, "sparsity": record["masks"].get("sparsity"), **scored(folder, args)}
     if "pg" in record:
         cell["pg_seconds"] = record["pg"].get("seconds")
     atomic.write_json(scores_file, cell)
