@@ -15,7 +15,8 @@ from pgprune.policy.loop import run_policy_gradient
 from pgprune.policy.probabilities import UnitLayout
 
 CASES = [(("channel", "head"), "wanda-sp", "uniform"), (("channel", "head"), "flap", "global"),
-         (("layer",), "block-influence", "global"), (("channel", "head", "layer"), "wanda-sp", "global")]
+         (("layer",), "block-influence", "global"), (("channel", "head", "layer"), "wanda-sp", "global"),
+         (("channel", "head", "layer"), "wanda-sp", "uniform"), (("channel", "head", "layer"), "flap", "uniform")]
 
 
 def _policy(kinds, method, allocation, sparsity=0.3, scale=4.0, **sizes):

@@ -222,6 +222,22 @@ def test_uniform_allocation_meets_budget_with_equal_fractions(sparsity):
                 assert float(removed.max()) <= float(kept.min())
 
 
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_uniform_allocation_beside_whole_layers_keeps_every_layer(method):
+    """channel,head,layer under `uniform`: the channel / head mask of the same run without layers (the
+    pruned-propagation walk included), every layer kept, so PG starts from it and can trade layers in."""
+    model = make("llama", num_hidden_layers=5)
+    costs = costs_of(model)
+    x = ids(4, 10)
+    fine = run_metric(model, x, method, 0.3, ("channel", "head"), "uniform", progress=False)
+    mixed = run_metric(model, x, method, 0.3, ("channel", "head", "layer"), "uniform", progress=False)
+    assert mixed.info["propagate"] == fine.info["propagate"] == ("pruned" if method == "wanda-sp" else "dense")
+    for kind in ("channel", "head"):
+        assert torch.equal(mixed.masks[kind], fine.masks[kind])
+    assert bool(mixed.masks["layer"].all()) and mixed.masks.sparsity(costs) == fine.masks.sparsity(costs)
+    assert torch.isfinite(mixed.allocation.keys["layer"]).all()  # PG's start ranks the layers by them
+
+
 def test_layer_units_reach_multiples_and_report_the_reachable_ones():
     model = make("llama", num_hidden_layers=10)
     costs = costs_of(model)
@@ -248,9 +264,10 @@ def test_unreachable_budgets():
             allocate(heads, costs, bad, "global")
     with pytest.raises(ConfigError, match="allocation"):
         allocate(heads, costs, 0.1, "greedy")
-    both = compute_scores(model, None, "random", ("channel", "layer"))
-    with pytest.raises(ConfigError, match="cannot mix"):
-        allocate(both, costs, 0.2, "uniform")
+    # mixed with whole layers, only the per-layer kinds can meet a uniform budget: their share is the limit
+    both = compute_scores(model, None, "random", ("head", "layer"))
+    with pytest.raises(ConfigError, match=f"{head_share:.4f}"):
+        allocate(both, costs, head_share + 0.1, "uniform")
     assert allocate(heads, costs, 0.0, "global").sparsity == 0.0
 
 
@@ -360,6 +377,7 @@ def test_pruned_propagation_sees_the_pruned_model():
     ("wanda-sp", ("channel", "head"), "uniform"),
     ("flap", ("channel", "head"), "global"),
     ("magnitude", ("channel", "head", "layer"), "global"),
+    ("wanda-sp", ("channel", "head", "layer"), "uniform"),
     ("block-influence", ("layer",), "global"),
 ])
 @pytest.mark.parametrize("init", ["sigmoid", "constant"])

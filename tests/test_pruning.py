@@ -190,14 +190,15 @@ def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, mo
 
 
 @pytest.mark.parametrize("init,units", [("wanda-sp", "channel,head"), ("magnitude", "channel,head"),
-                                        ("block-influence", "layer")])
+                                        ("block-influence", "layer"), ("wanda-sp", "channel,head,layer")])
 def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     # --policy features: starts at the init metric's mask (step 0 == init), moves, and exports the
     # model it evaluated; a data-free init metric gets its features from a dense calibration pass,
-    # the same one the mean fill uses.
+    # the same one the mean fill uses. One budget over channels, heads and layers starts, under the
+    # uniform allocation, from the channel / head mask with every layer kept.
     root, text = workdir
     name = f"text:{text}"
-    out = root / f"feat-{init}"
+    out = root / f"feat-{init}-{units}"
     import pgprune.metrics.calibration as calibration
 
     passes = []  # calibration passes prune() runs itself (run_metric's own are not counted)
@@ -219,6 +220,9 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     learned = record["pg"]["policy"]
     assert learned["features"][0] == init and record["settings"]["pg"]["policy"] == "features"
     assert record["settings"]["pg"]["control_variate"] is True
+    if units == "channel,head,layer":
+        start = record["metric"]["masks"]
+        assert start["layers_kept"] == len(start["channels_per_layer"]) == 3  # the tiny model's layers
     if units != "layer":
         assert learned["features"] == [init] + [m for m in ("wanda-sp", "flap", "magnitude") if m != init]
         assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters

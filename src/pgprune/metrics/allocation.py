@@ -16,8 +16,9 @@ found by bisection and lands within half a unit of the target whenever the targe
   the channels absorb the rounding, so that a model with 3 KV heads per layer still meets the
   budget instead of rounding every layer's head budget to zero. Counts depend only on the widths
   and costs, so they are known before any score is computed (pruned propagation needs that).
-  Block kinds (`attn`, `mlp`, `layer`) have one unit per layer: there is no per-layer fraction,
-  and `uniform` ranks them like `global`.
+  Block kinds (`attn`, `mlp`, `layer`) have one unit per layer: there is no per-layer fraction;
+  alone, `uniform` ranks them like `global`; beside channel / head units, every block is kept and
+  the per-layer kinds meet the budget.
 """
 
 from __future__ import annotations
@@ -177,12 +178,13 @@ def allocate(scores, costs: UnitCosts, sparsity: float, allocation: str = "unifo
     blocks = [k for k in kinds if k in BLOCK_KINDS]
     what = "+".join(kinds) + " units"
 
-    if allocation == "uniform" and fine and blocks:
-        raise ConfigError(f"a uniform allocation cannot mix per-layer units ({', '.join(fine)}) with whole "
-                          f"blocks ({', '.join(blocks)}); use allocation='global' or fewer unit kinds")
     if allocation == "uniform" and fine:
+        # Mixed with block kinds, the per-layer kinds meet the budget and every block is kept: a start
+        # from which PG can trade whole layers in (a global order of standardised block and channel
+        # scores removes layers the model cannot do without, bench/RESULTS.md).
         plan = uniform_plan(costs, fine, target, tolerance=tolerance)
         masks = uniform_masks(raw, costs, plan)
+        masks = Masks({**masks.tensors, **{k: present_units(costs, k) for k in blocks}})
         keys = std
     else:
         keys = std

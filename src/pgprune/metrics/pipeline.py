@@ -36,10 +36,14 @@ class MetricResult:
     dense_stats: list[LayerStats] | None = None  # the calibration statistics, when dense-propagated (reusable)
 
 
+def _walks_fine_kinds(allocation: str, kinds) -> bool:
+    """Whether a pruned-propagation walk can decide each layer as it goes: a uniform allocation of
+    channel / head units (their per-layer counts known up front; beside them every block is kept)."""
+    return allocation == "uniform" and any(k not in BLOCK_KINDS for k in kinds)
+
+
 def _default_propagate(method, allocation: str, kinds) -> str:
-    if allocation == "uniform" and not any(k in BLOCK_KINDS for k in kinds):
-        return method.uniform_propagate
-    return "dense"
+    return method.uniform_propagate if _walks_fine_kinds(allocation, kinds) else "dense"
 
 
 def run_metric(
@@ -81,9 +85,9 @@ def run_metric(
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     propagate = propagate or _default_propagate(m, allocation, kinds)
-    if propagate == "pruned" and (allocation != "uniform" or any(k in BLOCK_KINDS for k in kinds)):
-        raise ConfigError("propagate='pruned' needs allocation='uniform' with channel/head units only: "
-                          "a global or block allocation is known only after every layer is scored; "
+    if propagate == "pruned" and not _walks_fine_kinds(allocation, kinds):
+        raise ConfigError("propagate='pruned' needs allocation='uniform' with channel/head units: "
+                          "a global or block-only allocation is known only after every layer is scored; "
                           "use propagate='dense'")
     compensate = m.bias_compensation if bias_compensation is None else bool(bias_compensation)
     if calib_ids is not None and nsamples is not None:
@@ -114,7 +118,7 @@ def run_metric(
         on_layer = None
         if propagate == "pruned":
             plan = uniform_plan(costs, kinds, target, tolerance=tolerance)  # fails fast if unreachable
-            on_layer = _pruning_walker(m, adapter, kinds, seed, plan, compensate, walk_masks)
+            on_layer = _pruning_walker(m, adapter, seed, plan, compensate, walk_masks)
         stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, propagate=propagate,
                                     on_layer=on_layer, storage_device=storage_device, progress=progress,
                                     adapter=adapter)
@@ -154,14 +158,16 @@ def run_metric(
                         dense_stats=stats if need_stats and propagate == "dense" else None)
 
 
-def _pruning_walker(m, adapter, kinds, seed, plan, compensate: bool, record: dict):
+def _pruning_walker(m, adapter, seed, plan, compensate: bool, record: dict):
     """on_layer callback of a uniform pruned-propagation walk: prune each layer's lowest-scoring
     units by the plan's counts (and compensate), remembering the masks in `record`."""
 
+    fine = tuple(plan.counts)  # blocks, if any, are all kept
+
     def on_layer(i: int, st: LayerStats) -> LayerEdit:
-        sc = layer_scores(m, adapter, i, st if m.needs_calibration else None, kinds, seed)
+        sc = layer_scores(m, adapter, i, st if m.needs_calibration else None, fine, seed)
         keep = {}
-        for kind in kinds:
+        for kind in fine:
             width = adapter.num_kv_heads(i) if kind == "head" else adapter.intermediate_size(i)
             keep[kind] = lowest_in_layer(sc[kind], int(plan.counts[kind][i]), width)
         record[i] = keep

@@ -211,7 +211,8 @@ def _boundary_offsets(allocation: Allocation, layout: UnitLayout, costs: UnitCos
                       feature: torch.Tensor) -> torch.Tensor:
     """Offsets a[kind, layer] that put every layer's decision boundary at 0: kept units above,
     removed ones below. Channels / heads: the init feature's midpoint between the layer's lowest
-    kept and highest removed unit. Blocks: the standardised key, centred on the kind's boundary."""
+    kept and highest removed unit. Blocks: the standardised key, centred on the kind's boundary
+    (all kept or all removed: the nearest 0.5 from it, as a layer's channels)."""
     L = costs.num_layers
     kept_flat = layout.merge({k: allocation.masks[k] for k in layout.kinds}).bool() & layout.present
     removed_flat = ~kept_flat & layout.present
@@ -243,6 +244,10 @@ def _boundary_offsets(allocation: Allocation, layout: UnitLayout, costs: UnitCos
                 delta = max(0.0, hi_rem - lo_kept)
                 z = z + torch.where(k_mask, delta / 2, -delta / 2).double()
                 centre = 0.5 * (float(z[k_mask].min()) + float(z[r_mask].max()))
+            elif lo_kept is not None:  # every block kept (beside channels / heads): the lowest 0.5 above
+                centre = lo_kept
+            elif hi_rem is not None:
+                centre = hi_rem
             else:
                 centre = 0.0
             offsets[ki * L: (ki + 1) * L] = z - centre
