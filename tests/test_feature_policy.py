@@ -124,6 +124,19 @@ def test_learns_to_rank_by_the_feature_that_lowers_the_loss():
     assert abs(res.masks.sparsity(costs) - r.allocation.sparsity) < 0.02
 
 
+def test_fixed_widths_hold_the_offsets_and_learn_the_ranking():
+    """--widths fixed: the same update moves the feature weights but no per-layer offset."""
+    _, costs, layout, _, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
+    policy.learn_offsets = False
+    g_s = torch.randn(layout.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * layout.present
+    before_w, before_a = policy.weights.clone(), policy.offsets.clone()
+    for _ in range(3):
+        policy.update(g_s, lr=0.05)
+    assert torch.equal(policy.offsets, before_a) and not torch.allclose(policy.weights, before_w)
+    assert policy.describe()["widths"] == "fixed"
+    assert float(expected_keep_ratio(layout.split(policy.probs().double()), costs)) == pytest.approx(policy.keep, abs=1e-6)
+
+
 def test_learns_which_layers_to_remove():
     """Layers have no features: each layer's logit is its own offset (a per-unit policy in logit
     space). With a loss that charges removing layer j the amount j, the removed set gets cheaper."""
@@ -163,3 +176,5 @@ def test_bad_feature_policy_settings_are_refused():
     for extra in ({"pg.per_kind_budget": True}, {"pg.floor": 0.05}):
         with pytest.raises(ConfigError, match="features policy"):
             RunSettings.from_recipe("features", extra).validate()
+    with pytest.raises(ConfigError, match="--policy features"):
+        RunSettings.from_recipe("features", {"pg.policy": "units", "pg.widths": "fixed"}).validate()

@@ -92,6 +92,9 @@ class PGSettings:
     # measured not to help (bench/RESULTS.md): kept for experiments
     control_variate: bool = option(False, "subtract from each loss what its mask's kept fraction explains "
                                           "(measured: 1 of 4 paired wins)", group=EXPERIMENTAL, action="boolean")
+    widths: str = option("learned", "features policy: learned (each layer's offsets move its width) or fixed "
+                                    "(the init mask's widths held, only the ranking inside layers learned)",
+                         group=EXPERIMENTAL, choices=("learned", "fixed"))
     floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
                           type=float)
     projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, equal "
@@ -305,6 +308,8 @@ class RunSettings:
                                                or not set(kinds) <= {"channel", "head"}):
             raise ConfigError("--init-mapping per-layer (the reference code's start) maps a metric's channel / head "
                               "scores for the units policy; use --policy units, --units channel,head and a metric --init")
+        if pg.widths != "learned" and pg.policy != "features":
+            raise ConfigError("--widths fixed holds the feature policy's per-layer offsets; use --policy features")
         if pg.policy == "features":
             if pg.per_kind_budget or pg.floor > 0 or pg.projection != "cost":
                 raise ConfigError("the features policy holds one global budget by a shift in logit space; it has "
