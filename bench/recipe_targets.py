@@ -113,6 +113,29 @@ def scored(folder: Path, args) -> dict:
     return {"protocol": protocol(args), "scores": score(str(folder / "model"), args)}
 
 
+def same_run(stored: dict, wanted) -> bool:
+    """Whether a cell run with the `stored` settings is the run `wanted` (a RunSettings) asks for. Options
+    added since take their defaults, `auto` refit inputs count as what they resolve to for the unit kinds,
+    and a metric method's cell ignores PG's settings: none of these change the model it made."""
+    from pgprune.config import RunSettings
+    from pgprune.errors import ConfigError
+    from pgprune.reconstruction import may_use_sequential_inputs
+
+    try:
+        runs = [RunSettings.from_dict(stored), wanted]
+    except ConfigError:  # settings of another version that cannot be read: not the same run
+        return False
+    dicts = []
+    for settings in runs:
+        d = settings.to_dict()
+        if d["reconstruct_inputs"] == "auto":
+            d["reconstruct_inputs"] = "sequential" if may_use_sequential_inputs("auto", settings.kinds) else "dense"
+        if d["method"] != "pg":
+            d.pop("pg")
+        dicts.append(d)
+    return dicts[0] == dicts[1]
+
+
 def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> dict:
     """prune() into `folder` (unless finished) and its scores (cached in scores.json)."""
     from pgprune import run_folder
@@ -127,7 +150,7 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
         **overrides})
     if scores_file.is_file() and (folder / run_folder.RUN_FILE).is_file():
         cell = json.loads(scores_file.read_text())
-        if cell.get("settings") == settings.to_dict():
+        if same_run(cell.get("settings") or {}, settings):
             if cell.get("protocol") != protocol(args):  # the same run, scored another way: score it again
                 print(f"{label}: {folder} was scored under another protocol; scoring it again", flush=True)
                 cell.update(scored(folder, args))

@@ -61,6 +61,28 @@ def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
     assert len(calls) == 3
 
 
+def test_a_cell_is_the_same_run_whatever_it_did_not_depend_on():
+    from pgprune.config import RunSettings
+
+    wanted = RunSettings.from_recipe("features", {"method": "wanda-sp", "seed": 2})
+    stored = wanted.to_dict()
+    stored["pg"]["select"] = "final"  # a metric method has no PG loop
+    stored["reconstruct_inputs"] = "sequential"  # what `auto` resolves to for channel / head masks
+    del stored["pg"]["widths"]  # an option added after the cell ran: its default
+    assert recipe_targets.same_run(stored, wanted)
+    pg = RunSettings.from_recipe("features", {"seed": 2})
+    stored_pg = pg.to_dict()
+    stored_pg["pg"]["select"] = "final"
+    assert not recipe_targets.same_run(stored_pg, pg)  # but PG's own settings count for a PG cell
+    layers = RunSettings.from_recipe("features", {"method": "block-influence", "units": "layer"})
+    stored_layers = layers.to_dict()
+    stored_layers["reconstruct_inputs"] = "sequential"  # `auto` is dense for layer-only masks
+    assert not recipe_targets.same_run(stored_layers, layers)
+    assert not recipe_targets.same_run({**stored, "no_such_option": 1}, wanted)
+    for changed in ({"seed": 3}, {"execution": {**stored["execution"], "dtype": "bf16"}}):
+        assert not recipe_targets.same_run({**stored, **changed}, wanted)
+
+
 def test_a_checkpoint_of_other_settings_starts_the_cell_again(tmp_path, fake_runs):
     calls, refuse = fake_runs
     refuse.append(True)
