@@ -81,6 +81,13 @@ def test_settings_round_trip_and_unknown_keys():
         RunSettings.from_dict({**s.to_dict(), "pg": {**s.to_dict()["pg"], "momentum": 0.9}})
     with pytest.raises(ConfigError, match="unknown recipe"):
         RunSettings.from_recipe("best-ever")
+    # a run.json written under an earlier name of a setting reads back under the new one
+    old = s.to_dict()
+    old["pg"]["compensate"] = old["pg"].pop("reconstruct") == "bias"
+    old["pg"]["widths"] = "fixed"
+    del old["pg"]["offsets"]
+    back = RunSettings.from_dict(old)
+    assert back.pg.reconstruct == "none" and back.pg.offsets == "fixed"
 
 
 def test_resume_fingerprint_leaves_out_only_what_may_change():

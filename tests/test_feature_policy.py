@@ -125,7 +125,7 @@ def test_learns_to_rank_by_the_feature_that_lowers_the_loss():
 
 
 def test_fixed_widths_hold_the_offsets_and_learn_the_ranking():
-    """--widths fixed: the same update moves the feature weights but no per-layer offset."""
+    """--offsets fixed: the same update moves the feature weights but no per-layer offset."""
     _, costs, layout, _, policy = _policy(("channel", "head"), "wanda-sp", "uniform")
     policy.learn_offsets = False
     g_s = torch.randn(layout.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * layout.present
@@ -133,7 +133,7 @@ def test_fixed_widths_hold_the_offsets_and_learn_the_ranking():
     for _ in range(3):
         policy.update(g_s, lr=0.05)
     assert torch.equal(policy.offsets, before_a) and not torch.allclose(policy.weights, before_w)
-    assert policy.describe()["widths"] == "fixed"
+    assert policy.describe()["offsets"] == "fixed"
     assert float(expected_keep_ratio(layout.split(policy.probs().double()), costs)) == pytest.approx(policy.keep, abs=1e-6)
 
 
@@ -177,4 +177,4 @@ def test_bad_feature_policy_settings_are_refused():
         with pytest.raises(ConfigError, match="features policy"):
             RunSettings.from_recipe("features", extra).validate()
     with pytest.raises(ConfigError, match="--policy features"):
-        RunSettings.from_recipe("features", {"pg.policy": "units", "pg.widths": "fixed"}).validate()
+        RunSettings.from_recipe("features", {"pg.policy": "units", "pg.offsets": "fixed"}).validate()

@@ -68,7 +68,7 @@ def test_a_cell_is_the_same_run_whatever_it_did_not_depend_on():
     stored = wanted.to_dict()
     stored["pg"]["select"] = "final"  # a metric method has no PG loop
     stored["reconstruct_inputs"] = "sequential"  # what `auto` resolves to for channel / head masks
-    del stored["pg"]["widths"]  # an option added after the cell ran: its default
+    del stored["pg"]["offsets"]  # an option added after the cell ran: its default
     assert recipe_targets.same_run(stored, wanted)
     pg = RunSettings.from_recipe("features", {"seed": 2})
     stored_pg = pg.to_dict()

@@ -92,9 +92,9 @@ class PGSettings:
     # measured not to help (bench/RESULTS.md): kept for experiments
     control_variate: bool = option(False, "subtract from each loss what its mask's kept fraction explains "
                                           "(measured: 1 of 4 paired wins)", group=EXPERIMENTAL, action="boolean")
-    widths: str = option("learned", "features policy: learned (each layer's offsets move its width) or fixed "
-                                    "(the init mask's widths held, only the ranking inside layers learned)",
-                         group=EXPERIMENTAL, choices=("learned", "fixed"))
+    offsets: str = option("learned", "features policy: learned (one offset per kind and layer moves that layer's "
+                                     "width) or fixed (held at the start: widths then move only with the shared "
+                                     "feature weights)", group=EXPERIMENTAL, choices=("learned", "fixed"))
     floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
                           type=float)
     projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, equal "
@@ -308,8 +308,8 @@ class RunSettings:
                                                or not set(kinds) <= {"channel", "head"}):
             raise ConfigError("--init-mapping per-layer (the reference code's start) maps a metric's channel / head "
                               "scores for the units policy; use --policy units, --units channel,head and a metric --init")
-        if pg.widths != "learned" and pg.policy != "features":
-            raise ConfigError("--widths fixed holds the feature policy's per-layer offsets; use --policy features")
+        if pg.offsets != "learned" and pg.policy != "features":
+            raise ConfigError("--offsets fixed holds the feature policy's per-layer offsets; use --policy features")
         if pg.policy == "features":
             if pg.per_kind_budget or pg.floor > 0 or pg.projection != "cost":
                 raise ConfigError("the features policy holds one global budget by a shift in logit space; it has "
@@ -367,7 +367,8 @@ class RunSettings:
 
 
 # Settings of earlier versions' run.json files: old path -> (new path, value conversion).
-_RENAMED_SETTINGS = {"pg.compensate": ("pg.reconstruct", lambda on: "bias" if on else "none")}
+_RENAMED_SETTINGS = {"pg.compensate": ("pg.reconstruct", lambda on: "bias" if on else "none"),
+                     "pg.widths": ("pg.offsets", lambda v: v)}  # its first name, 2026-12-02
 
 # Settings a resumed run may change: where it runs and what it reports, not what it learns.
 RESUME_MAY_CHANGE = ("execution.device", "execution.tensorboard", "data.data_dir", "eval.datasets",

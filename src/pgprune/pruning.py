@@ -121,7 +121,7 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
         policy = FeaturePolicy.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
                                            stats=None if metric.scores.stats is not None else dense_stats())
         policy.width_multiple = settings.width_multiple
-        policy.learn_offsets = pg.widths == "learned"
+        policy.learn_offsets = pg.offsets == "learned"
         return policy
     if metric is not None and pg.init_mapping == "per-layer":  # the reference code's start
         probs = per_layer_probabilities(metric.scores.raw, costs, 1.0 - settings.sparsity)

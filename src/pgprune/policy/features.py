@@ -78,7 +78,7 @@ class FeaturePolicy(Policy):
         self.adam = {"m": torch.zeros(self.num_params, dtype=torch.float64),
                      "v": torch.zeros(self.num_params, dtype=torch.float64), "t": 0}
         self.shift = 0.0
-        self.learn_offsets = True  # False (--widths fixed): the offsets, and so each layer's width, stay put
+        self.learn_offsets = True  # False (--offsets fixed): widths move only with the shared weights w
         self._solve_shift()
 
     # --- construction -------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class FeaturePolicy(Policy):
     def describe(self) -> dict:
         """What the run learned, for run.json: the feature weights per kind."""
         return {"policy": "features", "scale": self.scale, "features": list(self.feature_names), "orthonormalised": True,
-                "params": self.num_params, "widths": "learned" if self.learn_offsets else "fixed",
+                "params": self.num_params, "offsets": "learned" if self.learn_offsets else "fixed",
                 "weights": {k: [float(x) for x in self.weights[i]] for i, k in enumerate(self.layout.kinds)}}
 
 
