@@ -179,9 +179,9 @@ def allocate(scores, costs: UnitCosts, sparsity: float, allocation: str = "unifo
     what = "+".join(kinds) + " units"
 
     if allocation == "uniform" and fine:
-        # Mixed with block kinds, the per-layer kinds meet the budget and every block is kept: a start
-        # from which PG can trade whole layers in (a global order of standardised block and channel
-        # scores removes layers the model cannot do without, bench/RESULTS.md).
+        # Mixed with block kinds, the per-layer kinds meet the budget and every block is kept: PG's start
+        # keeps every layer (a global order of standardised block and channel scores removes layers the
+        # model cannot do without; from this start the feature policy removed none, bench/RESULTS.md).
         plan = uniform_plan(costs, fine, target, tolerance=tolerance)
         masks = uniform_masks(raw, costs, plan)
         masks = Masks({**masks.tensors, **{k: present_units(costs, k) for k in blocks}})
