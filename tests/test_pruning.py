@@ -228,6 +228,27 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
         assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
 
 
+def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracking_text(workdir):
+    # --init auto scores each candidate mask as the export would ship it: the same number as that
+    # metric method's own run gives for its pruned model (the single text file is every split here)
+    root, text = workdir
+    name = f"text:{text}"
+    record = prune(_options(root, text, policy="features", init="auto", init_scale=4.0, steps=2,
+                            track_max_tokens=10**6, pg_reconstruct="bias", reconstruct="lsq"),
+                   root / "auto-start", progress=False)
+    choice = record["start_choice"]
+    assert set(choice["candidates"]) == {"wanda-sp (uniform)", "flap (global)"}
+    assert choice["chosen"] == min(choice["candidates"], key=choice["candidates"].get)
+    assert record["metric"]["method"] == choice["chosen"].split(" ")[0]
+    for label, value in choice["candidates"].items():
+        method, allocation = label.rstrip(")").split(" (")
+        alone = prune(_options(root, text, method=method, allocation=allocation, reconstruct="lsq"),
+                      root / f"auto-start-{method}", progress=False)
+        assert value == pytest.approx(alone["perplexity"]["pruned"][name], rel=1e-4)
+    log = [json.loads(line) for line in (root / "auto-start" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["hard_ppl"] == pytest.approx(record["perplexity"]["init"][name], rel=1e-6)
+
+
 def test_feature_policy_needs_a_metric_init(workdir):
     root, text = workdir
     with pytest.raises(ConfigError, match="constant"):

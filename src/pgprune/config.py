@@ -54,7 +54,9 @@ class PGSettings:
                                      "shared logit parameters over metric scores and per-layer widths (docs/method.md)",
                          choices=("units", "features"))
     init: str = option("wanda-sp", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
-                                   "block-influence), or constant (units policy only)")
+                                   "block-influence), auto (of wanda-sp at uniform widths and flap at its global "
+                                   "ones, the mask lower on the --track text once reconstructed as the export "
+                                   "will be; --allocation does not apply), or constant (units policy only)")
     init_scale: float = option(8.0, "scale of the standardised init scores in the logits; larger keeps the "
                                     "samples nearer the start mask", group=ADVANCED, type=float)
     init_mapping: str = option("sigmoid", "how init scores become probabilities: sigmoid (starts at the metric's "
@@ -289,8 +291,8 @@ class RunSettings:
         from pgprune.policy.estimators import get_estimator
 
         pg = self.pg
-        if pg.init != "constant" and pg.init not in METHODS:
-            raise ConfigError(f"unknown --init {pg.init!r}; choose constant or a metric: {', '.join(METHODS)}")
+        if pg.init not in ("constant", "auto") and pg.init not in METHODS:
+            raise ConfigError(f"unknown --init {pg.init!r}; choose auto, constant or a metric: {', '.join(METHODS)}")
         if pg.steps < 0 or pg.batch_size < 1 or pg.lr < 0 or pg.eval_every < 1 or pg.baseline_window < 1:
             raise ConfigError("--steps must be >= 0, --batch-size >= 1, --lr >= 0, --eval-every >= 1 and the "
                               "baseline window >= 1")

@@ -240,11 +240,14 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     done_reading()  # every text is tokenised: let the documents go
     metric_name = settings.pg.init if pg_run else settings.method
     metric = None
-    if metric_name != "constant":
+    if metric_name == "auto":
+        metric, record["start_choice"] = _choose_start(session, calib[:METRIC_NSAMPLES], track_tokens, progress)
+    elif metric_name != "constant":
         metric = run_metric(model, calib[:METRIC_NSAMPLES] if pg_run else calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
                             seed=settings.seed, bias_compensation=False, progress=progress,
                             width_multiple=settings.width_multiple)
+    if metric is not None:
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
     dense_stats = _dense_stats_once(model, calib[:METRIC_NSAMPLES], settings, metric,
@@ -324,6 +327,44 @@ class _OutFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             self.ready = True
         return self.path
+
+
+# --init auto's candidates: the metric methods that were best at their best reconstruction on SmolLM2
+# (bench/RESULTS.md "Which start"), each at its own allocation: FLAP at its global widths (best at 30 %),
+# Wanda-sp at uniform widths (best at 50 %). Neither wins at every budget, and which one does is read
+# off held-out calibration text, not guessed from the sparsity.
+AUTO_STARTS = (("wanda-sp", "uniform"), ("flap", "global"))
+
+
+def _choose_start(session: Session, calib, track_tokens, progress: bool):
+    """--init auto: every AUTO_STARTS mask refit as the export refits (--reconstruct, its inputs and
+    damping) and scored on PG's tracking text (held-out calibration text by default); the lowest
+    perplexity starts PG. Returns (its run_metric result, what run.json records of the choice)."""
+    from pgprune.metrics.pipeline import run_metric
+    from pgprune.reconstruction import reconstruct
+
+    settings = session.settings
+    mode, ex = settings.final_reconstruct, settings.execution
+    chosen, candidates = None, {}
+    for method, allocation in AUTO_STARTS:
+        metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
+                            batch_size=ex.metric_batch_size, seed=settings.seed, bias_compensation=False,
+                            progress=progress, width_multiple=settings.width_multiple)
+        refit = reconstruct(session.model, calib, metric.masks, mode, inputs=settings.reconstruct_inputs,
+                            damp=settings.reconstruct_damp, batch_size=ex.metric_batch_size, progress=progress,
+                            costs=session.costs)
+        value = session.ppl(track_tokens, metric.masks, max_tokens=settings.eval.track_max_tokens,
+                            refit=lambda _masks, r=refit: r)
+        label = f"{method} ({allocation})"
+        candidates[label] = value
+        print(f"[pgprune] start candidate {label}: {settings.track_dataset} {settings.track_split} perplexity "
+              f"{value:.3f} (reconstruction {mode})", flush=True)
+        if chosen is None or value < candidates[chosen[0]]:
+            chosen = (label, metric)  # the other candidate's statistics can go
+    label, metric = chosen
+    return metric, {"candidates": candidates, "chosen": label, "reconstruct": mode,
+                    "track": {"dataset": settings.track_dataset, "split": settings.track_split,
+                              "max_tokens": settings.eval.track_max_tokens}}
 
 
 def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolder, resume, progress, dense_stats,
