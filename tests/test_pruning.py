@@ -249,6 +249,25 @@ def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracki
     assert log[0]["hard_ppl"] == pytest.approx(record["perplexity"]["init"][name], rel=1e-6)
 
 
+def test_tracking_under_the_export_refit_selects_the_mask_it_ships(workdir):
+    # --track-reconstruct export: every tracked mask is scored refit as the export refits it, so the
+    # exported model's perplexity on the tracking text is the lowest tracked value
+    root, text = workdir
+    name = f"text:{text}"
+    out = root / "track-export"
+    record = prune(_options(root, text, policy="features", init_scale=4.0, lr=0.3, steps=6, track_max_tokens=10**6,
+                            pg_reconstruct="bias", reconstruct="lsq", track_reconstruct="export", select="best"),
+                   out, progress=False)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tracked = [r["hard_ppl"] for r in log if "hard_ppl" in r]
+    assert len(tracked) == 4 and record["pg"]["track"]["reconstruct"] == "lsq"
+    assert record["perplexity"]["pruned"][name] == pytest.approx(min(tracked), rel=1e-4)
+    # step 0 is the start, Wanda-sp's mask, as its own run ships it
+    alone = prune(_options(root, text, method="wanda-sp", reconstruct="lsq"), root / "track-export-wanda",
+                  progress=False)
+    assert tracked[0] == pytest.approx(alone["perplexity"]["pruned"][name], rel=1e-4)
+
+
 def test_feature_policy_needs_a_metric_init(workdir):
     root, text = workdir
     with pytest.raises(ConfigError, match="constant"):

@@ -120,6 +120,10 @@ class EvalSettings:
                                      "held-out part of the calibration text, never drawn for calibration)",
                                group=ADVANCED)
     track_max_tokens: int = option(8192, "tokens of the periodic hard-mask perplexity", group=ADVANCED, type=int)
+    track_reconstruct: str = option("pg", "how each tracked hard mask is scored (and so chosen by --select best): "
+                                          "pg, as PG scores its samples (--pg-reconstruct); export, refit as the "
+                                          "exported model will be (--reconstruct: one refit per evaluation)",
+                                    group=EXPERIMENTAL, choices=("pg", "export"))
 
 
 @dataclass

@@ -341,7 +341,6 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
     damping) and scored on PG's tracking text (held-out calibration text by default); the lowest
     perplexity starts PG. Returns (its run_metric result, what run.json records of the choice)."""
     from pgprune.metrics.pipeline import run_metric
-    from pgprune.reconstruction import reconstruct
 
     settings = session.settings
     mode, ex = settings.final_reconstruct, settings.execution
@@ -350,11 +349,7 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
         metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
                             batch_size=ex.metric_batch_size, seed=settings.seed, bias_compensation=False,
                             progress=progress, width_multiple=settings.width_multiple)
-        refit = reconstruct(session.model, calib, metric.masks, mode, inputs=settings.reconstruct_inputs,
-                            damp=settings.reconstruct_damp, batch_size=ex.metric_batch_size, progress=progress,
-                            costs=session.costs)
-        value = session.ppl(track_tokens, metric.masks, max_tokens=settings.eval.track_max_tokens,
-                            refit=lambda _masks, r=refit: r)
+        value = _exported_ppl(session, calib, metric.masks, track_tokens, progress)
         label = f"{method} ({allocation})"
         candidates[label] = value
         print(f"[pgprune] start candidate {label}: {settings.track_dataset} {settings.track_split} perplexity "
@@ -365,6 +360,18 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
     return metric, {"candidates": candidates, "chosen": label, "reconstruct": mode,
                     "track": {"dataset": settings.track_dataset, "split": settings.track_split,
                               "max_tokens": settings.eval.track_max_tokens}}
+
+
+def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False) -> float:
+    """Perplexity on PG's tracking text (first --track-max-tokens) of `masks` refit as the export will
+    refit them (--reconstruct, its inputs and damping, on the metric's calibration windows `calib`)."""
+    from pgprune.reconstruction import reconstruct
+
+    settings = session.settings
+    refit = reconstruct(session.model, calib, masks, settings.final_reconstruct, inputs=settings.reconstruct_inputs,
+                        damp=settings.reconstruct_damp, batch_size=settings.execution.metric_batch_size,
+                        progress=progress, costs=session.costs)
+    return session.ppl(tokens, masks, max_tokens=settings.eval.track_max_tokens, refit=lambda _masks: refit)
 
 
 def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolder, resume, progress, dense_stats,
@@ -379,6 +386,8 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
     track, split = settings.track_dataset, settings.track_split
 
     def eval_fn(masks: Masks) -> float:
+        if settings.eval.track_reconstruct == "export":
+            return _exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens)
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens, refit=refit)
 
     fingerprint = {"settings": settings.resume_fingerprint(), "nsamples": int(calib.shape[0]),
@@ -394,7 +403,9 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
         run_folder.save_probabilities(out, session.layout.split(result.probs))
     info = {"policy": policy.describe(), "start_sparsity": policy.sparsity, "skipped_steps": result.skipped_steps,
             "seconds": result.seconds, "selected_step": result.selected_step,
-            "track": {"dataset": track, "split": split, "max_tokens": settings.eval.track_max_tokens},
+            "track": {"dataset": track, "split": split, "max_tokens": settings.eval.track_max_tokens,
+                      "reconstruct": settings.final_reconstruct if settings.eval.track_reconstruct == "export"
+                      else settings.pg.reconstruct},
             "history_tail": result.history[-3:]}
     return result.masks, info, init_masks
 
