@@ -168,8 +168,12 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
     cell = {"label": label, "settings": record["settings"], "execution": record.get("execution"),
             "seconds": time.perf_counter() - t0,
             "resumed": resumed, "sparsity": record["masks"].get("sparsity"), **scored(folder, args)}
-    if "pg" in record:
-        cell["pg_seconds"] = record["pg"].get("seconds")
+    if "pg" in record:  # what the run tracked and chose, so the JSON stands without the run folder
+        history, _ = run_folder.read_metrics(folder)
+        cell.update(pg_seconds=record["pg"].get("seconds"), selected_step=record["pg"].get("selected_step"),
+                    tracking=[[r["step"], r["hard_ppl"]] for r in history if r.get("hard_ppl") is not None])
+        if "start_choice" in record:
+            cell["start_choice"] = record["start_choice"]
     atomic.write_json(scores_file, cell)
     return cell
 

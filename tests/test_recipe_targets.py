@@ -24,7 +24,10 @@ def fake_runs(monkeypatch):
             raise CheckpointError("the run was started with different settings")
         Path(folder).mkdir(exist_ok=True)
         (Path(folder) / run_folder.RUN_FILE).write_text("{}")
-        return {"settings": settings.to_dict(), "masks": {"sparsity": 0.3}, "pg": {"seconds": 1.0}}
+        run_folder.rewrite_metrics(Path(folder), [{"step": 0, "hard_ppl": 9.0}, {"step": 1, "loss": 2.0},
+                                                  {"step": 2, "loss": 1.9, "hard_ppl": 7.5}])
+        return {"settings": settings.to_dict(), "masks": {"sparsity": 0.3},
+                "pg": {"seconds": 1.0, "selected_step": 2}, "start_choice": {"chosen": "flap (global)"}}
 
     monkeypatch.setattr("pgprune.pruning.prune", prune)
     monkeypatch.setattr(recipe_targets, "score", lambda path, args: {"wikitext2": float(args.wikitext_tokens)})
@@ -59,6 +62,14 @@ def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
     other = argparse.Namespace(**{**vars(ARGS), "dtype": "fp32"})
     assert recipe_targets.run_cell("fresh", {}, "features", fresh, other)["settings"]["execution"]["dtype"] == "fp32"
     assert len(calls) == 3
+
+
+def test_a_pg_cell_keeps_its_tracking_curve_selected_step_and_start_choice(tmp_path, fake_runs):
+    cell = recipe_targets.run_cell("pg", {}, "features", tmp_path / "pg", ARGS)
+    assert cell["tracking"] == [[0, 9.0], [2, 7.5]]
+    assert cell["selected_step"] == 2 and cell["start_choice"] == {"chosen": "flap (global)"}
+    # and so does the cell read back from scores.json
+    assert recipe_targets.run_cell("pg", {}, "features", tmp_path / "pg", ARGS)["tracking"] == [[0, 9.0], [2, 7.5]]
 
 
 def test_a_cell_is_the_same_run_whatever_it_did_not_depend_on():
