@@ -32,11 +32,6 @@ import torch
 
 from pgprune import atomic
 
-# The reference allocation of each method's paper (wanda-sp: uniform per layer, FLAP: its global
-# structure search, ShortGPT: remove the lowest-influence layers); magnitude / random as wanda-sp.
-REFERENCE_ALLOCATION = {"wanda-sp": "uniform", "flap": "global", "magnitude": "uniform", "random": "uniform",
-                        "block-influence": "global"}
-
 
 class PeakRSS:
     """Peak resident memory of this process while the block runs (sampled from /proc)."""
@@ -96,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparsities", default="0.2,0.3,0.5")
     p.add_argument("--units", default="channel,head;layer", help="unit sets separated by ';'")
     p.add_argument("--allocations", default="reference",
-                   help="'reference' (each method's paper) or a comma list of uniform,global")
+                   help="'reference' (each method's paper: allocation auto) or a comma list of uniform,global")
     p.add_argument("--ppl-seqlen", type=int, default=128)
     p.add_argument("--ppl-batch", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N test tokens")
@@ -123,7 +118,7 @@ def main(argv=None) -> int:
     from pgprune.data import get_calibration_windows, get_eval_tokens
     from pgprune.evaluate.perplexity import natural_text_perplexities, natural_text_tokens, perplexity_of_tokens
     from pgprune.masks import parse_unit_kinds
-    from pgprune.metrics import run_metric
+    from pgprune.metrics import resolve_allocation, run_metric
     from pgprune.metrics.calibration import collect_layer_stats
     from pgprune.metrics.scores import METHODS
     from pgprune.models.adapter import get_adapter
@@ -233,7 +228,7 @@ def main(argv=None) -> int:
         for method in methods:
             if any(k not in METHODS[method].kinds for k in kinds):
                 continue
-            allocs = [REFERENCE_ALLOCATION[method]] if args.allocations == "reference" else \
+            allocs = [resolve_allocation(method, "auto", kinds)] if args.allocations == "reference" else \
                 [a.strip() for a in args.allocations.split(",")]
             if all(k in ("attn", "mlp", "layer") for k in kinds):
                 allocs = ["global"]  # one unit per layer: uniform ranks exactly like global

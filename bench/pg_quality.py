@@ -51,10 +51,9 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.3,0.5")
     ap.add_argument("--units", default="channel,head", help="unit kinds; 'layer' compares with block-influence")
     ap.add_argument("--methods", default="wanda-sp,flap,flap:uniform,magnitude,random",
-                    help="metric baselines, each METHOD or METHOD:ALLOCATION (default allocation: global for "
-                         "flap and block-influence, --allocation otherwise)")
+                    help="metric baselines, each METHOD or METHOD:ALLOCATION (default: --allocation)")
     ap.add_argument("--init", default="wanda-sp", help="METHOD or METHOD:ALLOCATION of PG's initial mask")
-    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--allocation", default="auto", help="auto: each method's own (flap, block-influence: global)")
     ap.add_argument("--init-scale", type=float, default=1.0,
                     help="sigmoid scale of the standardised init scores: larger = probabilities nearer 0/1, so "
                          "PG explores only near the metric's decision boundary")
@@ -107,7 +106,6 @@ def main() -> None:
         values["pg.reconstruct"] = values["reconstruct"] = "bias" if args.compensate else "none"
         return RunSettings.from_recipe(args.recipe or "paper", {**values, "execution.device": "cpu", **overrides})
 
-    init_method, init_alloc = _method_allocation(args.init, args.allocation)
     session = load_session(settings_for())
     model, tok, adapter, costs, layout = session.model, session.tokenizer, session.adapter, session.costs, session.layout
     kinds = layout.kinds
@@ -134,9 +132,11 @@ def main() -> None:
     stats = collect_layer_stats(model, calib, batch_size=8, propagate="dense", adapter=adapter, progress=False)
     fill = feature_means(stats) if args.compensate else None  # mean fill = FLAP's compensation, same stats
     loss_fn = session.loss_fn(fill)
+    init_method, init_alloc = _method_allocation(args.init, args.allocation, kinds)
     if set(kinds) <= {"attn", "mlp", "layer"} and init_method == "wanda-sp":  # block units only
-        init_method = "block-influence"
-    baselines = [(init_method, init_alloc)] + [_method_allocation(m, args.allocation) for m in args.methods.split(",") if m]
+        init_method, init_alloc = _method_allocation("block-influence", args.allocation, kinds)
+    baselines = [(init_method, init_alloc)] + [_method_allocation(m, args.allocation, kinds)
+                                              for m in args.methods.split(",") if m]
     for sp in [float(x) for x in args.sparsities.split(",")]:
         metric_results = {}
         for method, alloc in dict.fromkeys(baselines):
@@ -206,9 +206,11 @@ def _logged(value: float) -> float:
     return value
 
 
-def _method_allocation(entry: str, default: str) -> tuple[str, str]:
+def _method_allocation(entry: str, default: str, kinds) -> tuple[str, str]:
+    from pgprune.metrics.pipeline import resolve_allocation
+
     method, _, alloc = entry.partition(":")
-    return method, alloc or ("global" if method in ("flap", "block-influence") else default)
+    return method, resolve_allocation(method, alloc or default, kinds)
 
 
 def _plot(runs, path: Path) -> None:

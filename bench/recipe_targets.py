@@ -44,7 +44,6 @@ from _common import RESULTS_DIR, command_line, machine, table  # noqa: E402
 from pgprune import atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METRIC_ALLOCATION = {"wanda-sp": "uniform", "flap": "global"}
 
 
 def parse_calibs(text: str) -> list[tuple[str, int]]:
@@ -115,10 +114,11 @@ def scored(folder: Path, args) -> dict:
 
 def same_run(stored: dict, wanted) -> bool:
     """Whether a cell run with the `stored` settings is the run `wanted` (a RunSettings) asks for. Options
-    added since take their defaults, `auto` refit inputs count as what they resolve to for the unit kinds,
+    added since take their defaults, `auto` refit inputs and allocations count as what they resolve to,
     and a metric method's cell ignores PG's settings: none of these change the model it made."""
     from pgprune.config import RunSettings
     from pgprune.errors import ConfigError
+    from pgprune.pruning import start_allocation
     from pgprune.reconstruction import may_use_sequential_inputs
 
     try:
@@ -130,6 +130,7 @@ def same_run(stored: dict, wanted) -> bool:
         d = settings.to_dict()
         if d["reconstruct_inputs"] == "auto":
             d["reconstruct_inputs"] = "sequential" if may_use_sequential_inputs("auto", settings.kinds) else "dense"
+        d["allocation"] = start_allocation(settings)
         if d["method"] != "pg":
             d.pop("pg")
         dicts.append(d)
@@ -246,8 +247,7 @@ def main(argv=None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     modes = [m.strip() for m in args.metric_reconstruct.split(",") if m.strip()]
     kinds = [(v, *parse_variant(v)) for v in variants]
-    kinds += [(f"{m}+{r}", "features", {"method": m, "allocation": METRIC_ALLOCATION.get(m, "uniform"),
-                                        "reconstruct": r}) for m in metrics for r in modes]
+    kinds += [(f"{m}+{r}", "features", {"method": m, "reconstruct": r}) for m in metrics for r in modes]
     out = RESULTS_DIR / f"{args.tag}.json"
     record = {"command": command_line("recipe_targets.py", sys.argv[1:] if argv is None else argv),
               "machine": machine(), "model": args.model, "protocol": protocol(args), "dense": None, "cells": []}

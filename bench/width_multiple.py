@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="wanda-sp")
-    p.add_argument("--allocation", default=None, help="default: the method's reference (wanda-sp uniform, flap global)")
+    p.add_argument("--allocation", default="auto", help="auto: the method's reference (wanda-sp uniform, flap global)")
     p.add_argument("--sparsities", default="0.3,0.5")
     p.add_argument("--multiples", default="1,32,128")
     p.add_argument("--units", default="channel,head")
@@ -53,12 +53,12 @@ def main(argv=None) -> int:
     from pgprune.surgery import remove_units
     from pgprune.evaluate.perplexity import perplexity_of_tokens
     from pgprune.metrics.calibration import collect_layer_stats
-    from pgprune.metrics.pipeline import run_metric
+    from pgprune.metrics.pipeline import resolve_allocation, run_metric
     from pgprune.masks import parse_unit_kinds
     from pgprune.reconstruction import feature_means
 
-    allocation = args.allocation or {"wanda-sp": "uniform", "flap": "global"}.get(args.method, "uniform")
     kinds = parse_unit_kinds(args.units)
+    allocation = resolve_allocation(args.method, args.allocation, kinds)
     model, tok, adapter, costs, _ = load_setup(args.model, "fp32", args.units)
     calib = get_calibration_windows(tok, args.calib, args.nsamples, args.calib_seqlen, seed=args.seed,
                                     data_dir=args.data_dir)

@@ -15,7 +15,7 @@ import torch
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import Masks, UnitCosts
 from pgprune.budget import expected_keep_ratio, hard_mask
-from pgprune.metrics import allocate, compute_scores, metric_masks, run_metric
+from pgprune.metrics import allocate, compute_scores, metric_masks, resolve_allocation, run_metric
 from pgprune.policy.initial_probabilities import init_probabilities
 from pgprune.budget import global_positions, masks_from_positions, present_units
 from pgprune.metrics.calibration import FeatureStats, LayerStats, capture_layer_inputs, collect_layer_stats
@@ -466,6 +466,25 @@ def test_every_family_prunes_to_budget(family):
     pruned = surgery.remove_units(copy.deepcopy(model), masks, output_bias=bias)
     kept = int(masks.kept_prunable_params(costs)) + info["bias_params_added"]
     assert get_adapter(pruned).prunable_params() == kept
+
+
+def test_auto_allocation_is_each_methods_own():
+    assert resolve_allocation("flap", "auto", "channel,head") == "global"
+    assert resolve_allocation("block-influence", "auto", ("layer",)) == "global"
+    for method in ("wanda-sp", "magnitude", "random"):
+        assert resolve_allocation(method, "auto", ("channel", "head")) == "uniform"
+    # channels / heads beside whole blocks: uniform widths, every block kept at the start
+    assert resolve_allocation("flap", "auto", ("channel", "head", "layer")) == "uniform"
+    assert resolve_allocation("flap", "uniform", ("channel",)) == "uniform"
+    with pytest.raises(ConfigError, match="auto or one of uniform, global"):
+        resolve_allocation("flap", "greedy", ("channel",))
+    model = make("llama")
+    x = ids(4, 10)
+    for method, own in (("flap", "global"), ("wanda-sp", "uniform")):
+        auto = run_metric(model, x, method, 0.3, ("channel", "head"), progress=False)
+        explicit = run_metric(model, x, method, 0.3, ("channel", "head"), own, progress=False)
+        assert auto.info["allocation"] == auto.allocation.allocation == own
+        assert all(torch.equal(auto.masks[k], explicit.masks[k]) for k in auto.masks.kinds)
 
 
 def test_reused_dense_stats_give_the_same_result():

@@ -98,11 +98,15 @@ def test_metric_method_pipeline(workdir, method, reconstruct, units, tmp_path):
         assert record["reconstruction"]["removed_runs_regressed"]
     name = f"text:{text}"
     assert "init" not in record["perplexity"]
+    # --allocation auto (the default): each method's own, recorded as what it resolved to
+    assert record["metric"]["allocation"] == ("uniform" if method == "magnitude" else "global")
     assert record["reconstruction"]["mode"] == reconstruct
     gated, pruned = record["perplexity"]["gated"][name], record["perplexity"]["pruned"][name]
     if reconstruct == "none":
         assert pruned == pytest.approx(gated, rel=1e-4)
-    else:  # the refit exists only in the pruned model, and it helps on this text
+    elif reconstruct == "bias":  # the biases exist only in the pruned model (whether a mean fill helps a
+        assert pruned != pytest.approx(gated, rel=1e-3)  # random tiny model's perplexity is chance)
+    else:  # the refit exists only in the pruned model, and a fit on this text helps on it
         assert pruned < gated
     if reconstruct == "lsq":  # the refit weights are exported: the reloaded model scores the same
         reloaded, tok = load_pruned(out / "model", dtype="fp32", device="cpu")

@@ -90,6 +90,12 @@ def test_a_cell_is_the_same_run_whatever_it_did_not_depend_on():
     stored_layers["reconstruct_inputs"] = "sequential"  # `auto` is dense for layer-only masks
     assert not recipe_targets.same_run(stored_layers, layers)
     assert not recipe_targets.same_run({**stored, "no_such_option": 1}, wanted)
+    # `auto` allocations count as what they resolve to: FLAP's global widths, none for --init auto
+    flap = RunSettings.from_recipe("features", {"method": "flap"})
+    assert recipe_targets.same_run({**flap.to_dict(), "allocation": "global"}, flap)
+    assert not recipe_targets.same_run({**flap.to_dict(), "allocation": "uniform"}, flap)
+    auto_start = RunSettings.from_recipe("features", {"pg.init": "auto"})
+    assert recipe_targets.same_run({**auto_start.to_dict(), "allocation": "uniform"}, auto_start)
     for changed in ({"seed": 3}, {"execution": {**stored["execution"], "dtype": "bf16"}}):
         assert not recipe_targets.same_run({**stored, **changed}, wanted)
 

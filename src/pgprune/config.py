@@ -150,9 +150,11 @@ class RunSettings:
     sparsity: float = option(0.3, "fraction of the prunable (decoder-layer attention and MLP) parameters to remove",
                              type=float)
     units: str = option("channel,head", "unit kinds: channel, head, attn, mlp, layer (comma-separated)")
-    allocation: str = option("uniform", "metric methods and PG's start: the same fraction per layer (beside "
-                                        "channels / heads, whole blocks kept), or one global threshold",
-                             group=ADVANCED, choices=("uniform", "global"))
+    allocation: str = option("auto", "metric methods and PG's start: uniform (the same fraction per layer; "
+                                     "beside channels / heads, whole blocks kept), global (one threshold), or "
+                                     "auto (the method's own: global for flap and block-influence, else uniform; "
+                                     "uniform when channels / heads mix with blocks)",
+                             group=ADVANCED, choices=("auto", "uniform", "global"))
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
     reconstruct: str = option("lsq", "refit of the layers reading pruned features (o_proj, down_proj) in the "
                                       "exported model: none, bias (FLAP's mean compensation), lsq (least squares "

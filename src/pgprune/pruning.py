@@ -333,19 +333,20 @@ class _OutFolder:
 # (bench/RESULTS.md "Which start"), each at its own allocation: FLAP at its global widths (best at 30 %),
 # Wanda-sp at uniform widths (best at 50 %). Neither wins at every budget, and which one does is read
 # off held-out calibration text, not guessed from the sparsity.
-AUTO_STARTS = (("wanda-sp", "uniform"), ("flap", "global"))
+AUTO_STARTS = ("wanda-sp", "flap")
 
 
 def _choose_start(session: Session, calib, track_tokens, progress: bool):
     """--init auto: every AUTO_STARTS mask refit as the export refits (--reconstruct, its inputs and
     damping) and scored on PG's tracking text (held-out calibration text by default); the lowest
     perplexity starts PG. Returns (its run_metric result, what run.json records of the choice)."""
-    from pgprune.metrics.pipeline import run_metric
+    from pgprune.metrics.pipeline import resolve_allocation, run_metric
 
     settings = session.settings
     mode, ex = settings.final_reconstruct, settings.execution
     chosen, candidates = None, {}
-    for method, allocation in AUTO_STARTS:
+    for method in AUTO_STARTS:
+        allocation = resolve_allocation(method, "auto", session.layout.kinds)
         metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
                             batch_size=ex.metric_batch_size, seed=settings.seed, bias_compensation=False,
                             progress=progress, width_multiple=settings.width_multiple)
@@ -410,6 +411,17 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
     return result.masks, info, init_masks
 
 
+def start_allocation(settings: RunSettings) -> str | None:
+    """The allocation of the run's metric method, or of PG's start: --allocation resolved for it (`auto`:
+    the method's own); None where none applies (--init auto, whose candidates each take their own, and
+    --init constant)."""
+    from pgprune.metrics.pipeline import resolve_allocation
+    from pgprune.metrics.scores import METHODS
+
+    method = settings.pg.init if settings.method == "pg" else settings.method
+    return resolve_allocation(method, settings.allocation, settings.kinds) if method in METHODS else None
+
+
 def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:
     """--width-multiple against the loaded model: it divides every MLP width, and (uniform allocation,
     whose per-layer counts are known now) no layer keeps fewer channels than the multiple."""
@@ -417,8 +429,9 @@ def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:
     from pgprune.metrics.allocation import uniform_plan
 
     n = check_width_multiple(settings.width_multiple, costs)
-    if n > 1 and settings.allocation == "uniform" and "channel" in settings.kinds \
-            and not set(settings.kinds) & {"attn", "mlp", "layer"}:
+    # --init auto's candidates include Wanda-sp's uniform widths
+    uniform = start_allocation(settings) == "uniform" or (settings.method == "pg" and settings.pg.init == "auto")
+    if n > 1 and uniform and "channel" in settings.kinds and not set(settings.kinds) & {"attn", "mlp", "layer"}:
         plan = uniform_plan(costs, settings.kinds, settings.sparsity)
         check_kept_widths(costs.intermediate - plan.counts["channel"], n)
 

@@ -2,7 +2,7 @@
 
     calibration  layer-by-layer statistics on calibration windows (collect_layer_stats)
     scores       METHODS registry: wanda-sp, flap, magnitude, random, block-influence (compute_scores)
-    allocation   uniform / global budgets met exactly (allocate)
+    allocation   uniform / global budgets met exactly (allocate); auto = each method's own
     pipeline     one call: run_metric(model, calib_ids, method, sparsity, kinds, allocation) -> MetricResult,
                  or metric_masks(...) -> (masks, output_bias, info)
 
@@ -11,10 +11,10 @@ pgprune.reconstruction.
 """
 
 from pgprune.metrics.allocation import ALLOCATIONS, Allocation, allocate
-from pgprune.metrics.pipeline import MetricResult, metric_masks, run_metric
+from pgprune.metrics.pipeline import MetricResult, metric_masks, resolve_allocation, run_metric
 from pgprune.metrics.scores import METHODS, Scores, compute_scores
 
 __all__ = [
     "ALLOCATIONS", "Allocation", "allocate", "MetricResult", "metric_masks",
-    "run_metric", "METHODS", "Scores", "compute_scores",
+    "resolve_allocation", "run_metric", "METHODS", "Scores", "compute_scores",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pgprune.errors import ConfigError, DataError
-from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts
+from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts, parse_unit_kinds
 from pgprune.budget import check_kept_widths, check_sparsity, check_width_multiple, round_widths
 from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, _removed_counts, allocate, lowest_in_layer,
                                         uniform_plan)
@@ -36,6 +36,20 @@ class MetricResult:
     dense_stats: list[LayerStats] | None = None  # the calibration statistics, when dense-propagated (reusable)
 
 
+def resolve_allocation(method: str, allocation: str, kinds) -> str:
+    """`auto`: the method's reference allocation (FLAP's global structure search, ShortGPT's global
+    layer ranking, Wanda-sp's uniform widths) -- but uniform when channels / heads share the budget
+    with whole blocks, where a global order removes layers the model cannot do without
+    (bench/RESULTS.md). Any other value is checked and returned."""
+    if allocation == "auto":
+        kinds = parse_unit_kinds(kinds)
+        mixed = any(k in BLOCK_KINDS for k in kinds) and any(k not in BLOCK_KINDS for k in kinds)
+        return "uniform" if mixed else get_method(method).allocation
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    return allocation
+
+
 def _walks_fine_kinds(allocation: str, kinds) -> bool:
     """Whether a pruned-propagation walk can decide each layer as it goes: a uniform allocation of
     channel / head units (their per-layer counts known up front; beside them every block is kept)."""
@@ -52,7 +66,7 @@ def run_metric(
     method: str,
     sparsity: float,
     kinds=("channel", "head"),
-    allocation: str = "uniform",
+    allocation: str = "auto",
     *,
     batch_size: int = 8,
     propagate: str | None = None,
@@ -66,6 +80,8 @@ def run_metric(
     width_multiple: int = 1,
 ) -> MetricResult:
     """Scores, allocation and (for FLAP) compensation biases; the model is not modified.
+
+    allocation: uniform, global, or auto (the method's reference: `resolve_allocation`).
 
     propagate: "dense" (each layer's statistics come from the unpruned model) or "pruned" (each
     layer sees the outputs of the already pruned layers before it, as in Wanda; only with a
@@ -82,8 +98,7 @@ def run_metric(
     m = get_method(method)
     kinds = check_kinds(m, kinds)
     target = check_sparsity(sparsity)
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    allocation = resolve_allocation(method, allocation, kinds)
     propagate = propagate or _default_propagate(m, allocation, kinds)
     if propagate == "pruned" and not _walks_fine_kinds(allocation, kinds):
         raise ConfigError("propagate='pruned' needs allocation='uniform' with channel/head units: "
@@ -180,7 +195,7 @@ def _pruning_walker(m, adapter, seed, plan, compensate: bool, record: dict):
 
 
 def metric_masks(model: nn.Module, calib_ids: torch.Tensor | None, method: str, sparsity: float,
-                      kinds=("channel", "head"), allocation: str = "uniform", **kwargs):
+                      kinds=("channel", "head"), allocation: str = "auto", **kwargs):
     """(masks, output_bias or None, info): see `run_metric` for the options. Feed the first two
     to `pgprune.surgery.remove_units(model, masks, output_bias=output_bias)`."""
     r = run_metric(model, calib_ids, method, sparsity, kinds, allocation, **kwargs)

@@ -45,6 +45,8 @@ class MetricMethod:
     layer_standardized: ScoreFn | None = None
     # The reference recipe's propagation of calibration data under a uniform allocation.
     uniform_propagate: str = "dense"
+    # The reference recipe's allocation of channel / head units: what allocation="auto" picks.
+    allocation: str = "uniform"
     bias_compensation: bool = False
     description: str = ""
 
@@ -214,12 +216,13 @@ METHODS: dict[str, MetricMethod] = {
                              description="structured Wanda: |W| x ||X|| of the output projection's "
                                          "input columns, summed per unit"),
     "flap": MetricMethod("flap", _flap, True, UNIT_KINDS, layer_standardized=_flap_standardized,
-                         bias_compensation=True,
+                         allocation="global", bias_compensation=True,
                          description="FLAP: fluctuation Var(X) x ||W||^2 with bias compensation"),
     "magnitude": MetricMethod("magnitude", _magnitude, False, UNIT_KINDS,
                               description="L2 norm of the unit's weights"),
     "random": MetricMethod("random", _random, False, UNIT_KINDS, description="seeded uniform noise"),
     "block-influence": MetricMethod("block-influence", _block_influence, True, ("attn", "mlp", "layer"),
+                                    allocation="global",
                                     description="ShortGPT: 1 - cos(block input, block output)"),
 }
 
