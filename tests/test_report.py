@@ -256,6 +256,20 @@ def test_report_shows_the_pg_settings_and_the_selected_step(pg_run):
         assert f"| {label} | {value} |" in md
 
 
+def test_report_shows_which_start_init_auto_chose(workdir):
+    root, text = workdir
+    out = root / "run_pg_auto"
+    prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="auto", steps=2, eval_every=2,
+                       units="channel,head", sparsity=0.2, calib=f"text:{text}", eval=f"text:{text}", nsamples=16,
+                       seqlen=32, eval_seqlen=32, eval_max_tokens=256, track_max_tokens=256, batch_size=4,
+                       dtype="fp32", device="cpu"), out, progress=False)
+    rep = write_report(out)
+    choice = json.loads((out / "run.json").read_text())["start_choice"]
+    assert rep["pg"]["start_choice"] == choice
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("- **Start**"))
+    assert choice["chosen"] in line and all(f"{label} " in line for label in choice["candidates"])
+
+
 @pytest.mark.parametrize("reconstruct", ["bias", "lsq"])
 def test_export_check_counts_the_compensation_biases(workdir, reconstruct):
     # a compensated (or refit) run exports a bias vector per refit block: the check must expect them

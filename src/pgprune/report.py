@@ -162,6 +162,7 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "unreadable_log_lines": bad_lines,
             "seconds": pg.get("seconds"),
             "track": pg.get("track"),
+            "start_choice": record.get("start_choice"),
             "hard_ppl_start": tracked[0]["hard_ppl"] if tracked and tracked[0].get("step") == 0 else None,
             "hard_ppl_best": min((r["hard_ppl"] for r in tracked if _finite(r["hard_ppl"])), default=None),
             "hard_ppl_final": tracked[-1]["hard_ppl"] if tracked else None,
@@ -378,6 +379,12 @@ def _markdown(s: dict) -> str:
         mt = s["metric"]
         lines.append(f"- **Metric{' init' if s['pg'] else ''}**: {mt['method']}, {mt['allocation']} allocation, "
                      f"sparsity {_num(mt['sparsity'], '.2%')}, removed units {mt['removed_units']}")
+    choice = (s.get("pg") or {}).get("start_choice")
+    if choice:
+        where = choice.get("track") or {}
+        lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lower once refit ({choice['reconstruct']})"
+                     f" on {where.get('dataset')} {where.get('split')}: "
+                     + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
     ex = s.get("export_check")
     if ex is not None:
         if ex.get("ok") is None:
