@@ -45,10 +45,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Prune SmolLM2-135M by 30 % (MLP channels + KV-head groups) with the default recipe (`features`, our best
-# measured: the feature policy from the Wanda-sp mask, bias-compensated, 300 steps of K=2 masks on 8 x 128
-# tokens of the Wikipedia sample, the tracked mask lowest on held-out calibration text refit by least
-# squares; the whole demo took 22 min (PG 17 min) in bf16 on a 2-core CPU with AVX512-BF16 and 70 min in
-# fp32 on one without; bench/RESULTS.md "`make demo`"),
+# measured: the feature policy from the better of the Wanda-sp and FLAP masks, bias-compensated, 300 steps of
+# K=2 masks on 8 x 128 tokens of the Wikipedia sample, the tracked mask whose refit model is lowest on held-out
+# calibration text, refit by least squares; with the former default (Wanda-sp start, no refit while tracking)
+# the whole demo took 22 min (PG 17 min) in bf16 on a 2-core CPU with AVX512-BF16 and 70 min in fp32 on one
+# without, bench/RESULTS.md "`make demo`"; the start choice and the refits add to that, not yet timed),
 # print dense / start / final perplexity
 # and write runs/demo/report.md with plots. Perplexity on WikiText-2 test (first 32k tokens) where
 # DATA_DIR has it, else on the Wikipedia sample's test split.

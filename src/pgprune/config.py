@@ -53,10 +53,10 @@ class PGSettings:
     policy: str = option("features", "units: one free keep-probability per unit (the paper's); features: a few "
                                      "shared logit parameters over metric scores and per-layer widths (docs/method.md)",
                          choices=("units", "features"))
-    init: str = option("wanda-sp", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
-                                   "block-influence), auto (of wanda-sp at uniform widths and flap at its global "
-                                   "ones, the mask lower on the --track text once reconstructed as the export "
-                                   "will be; --allocation does not apply), or constant (units policy only)")
+    init: str = option("auto", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
+                               "block-influence), auto (of wanda-sp at uniform widths and flap at its global "
+                               "ones, the mask lower on the --track text once reconstructed as the export "
+                               "will be; --allocation does not apply), or constant (units policy only)")
     init_scale: float = option(8.0, "scale of the standardised init scores in the logits; larger keeps the "
                                     "samples nearer the start mask", group=ADVANCED, type=float)
     init_mapping: str = option("sigmoid", "how init scores become probabilities: sigmoid (starts at the metric's "
@@ -120,10 +120,10 @@ class EvalSettings:
                                      "held-out part of the calibration text, never drawn for calibration)",
                                group=ADVANCED)
     track_max_tokens: int = option(8192, "tokens of the periodic hard-mask perplexity", group=ADVANCED, type=int)
-    track_reconstruct: str = option("pg", "how each tracked hard mask is scored (and so chosen by --select best): "
-                                          "pg, as PG scores its samples (--pg-reconstruct); export, refit as the "
-                                          "exported model will be (--reconstruct: one refit per evaluation)",
-                                    group=EXPERIMENTAL, choices=("pg", "export"))
+    track_reconstruct: str = option("export", "how each tracked hard mask is scored (and so chosen by --select "
+                                              "best): export, refit as the exported model will be (--reconstruct: "
+                                              "one refit per evaluation); pg, as PG scores its samples "
+                                              "(--pg-reconstruct)", group=ADVANCED, choices=("export", "pg"))
 
 
 @dataclass
@@ -420,11 +420,12 @@ def flag_of(path: str, f) -> str:
 RECIPES: dict[str, dict] = {
     "features": {
         "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): the feature policy started at the "
-               "Wanda-sp mask, every sampled mask scored bias-compensated, 300 steps, the final mask refit by "
-               "least squares",
+               "better of the Wanda-sp and FLAP masks, every sampled mask scored bias-compensated, 300 steps, the "
+               "tracked mask whose refit model is lowest on held-out calibration text, refit by least squares",
         "values": {
             "pg.policy": "features",   # a few shared logit parameters: re-ranks 46k channels in 300 steps
-            "pg.init": "wanda-sp",     # start where the metric method ends
+            "pg.init": "auto",         # start where the better metric method ends: Wanda-sp's or FLAP's mask,
+                                       # whichever is lower on held-out calibration text once refit
             "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
             "pg.reconstruct": "bias",  # FLAP's bias compensation is worth more than most mask choices
             "reconstruct": "lsq",      # then refit by least squares: 30 % PG mask 168.7 -> 146.8, Wanda-sp 255.6 -> 170.8
@@ -439,6 +440,8 @@ RECIPES: dict[str, dict] = {
             "pg.select": "best",       # the tracked hard mask lowest on held-out calibration text (never the
                                        # test's domain): keeps a run that wanders off at its best (50 %, seed 2:
                                        # 780.1 -> 429.4, its start)
+            "eval.track_reconstruct": "export",  # ... each tracked mask refit as exported: scored compensated,
+                                                 # the selection picked masks the refit ranks worse (C4 30 %)
             "data.calib": "wiki-sample",
         },
     },
