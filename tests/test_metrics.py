@@ -471,6 +471,7 @@ def test_every_family_prunes_to_budget(family):
 def test_auto_allocation_is_each_methods_own():
     assert resolve_allocation("flap", "auto", "channel,head") == "global"
     assert resolve_allocation("block-influence", "auto", ("layer",)) == "global"
+    assert resolve_allocation("wanda-sp", "auto", ("attn", "mlp")) == "global"  # one ranking for whole blocks
     for method in ("wanda-sp", "magnitude", "random"):
         assert resolve_allocation(method, "auto", ("channel", "head")) == "uniform"
     # channels / heads beside whole blocks: uniform widths, every block kept at the start

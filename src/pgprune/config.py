@@ -153,7 +153,7 @@ class RunSettings:
     allocation: str = option("auto", "metric methods and PG's start: uniform (the same fraction per layer; "
                                      "beside channels / heads, whole blocks kept), global (one threshold), or "
                                      "auto (the method's own: global for flap and block-influence, else uniform; "
-                                     "uniform when channels / heads mix with blocks)",
+                                     "uniform when channels / heads mix with blocks, global for blocks alone)",
                              group=ADVANCED, choices=("auto", "uniform", "global"))
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
     reconstruct: str = option("lsq", "refit of the layers reading pruned features (o_proj, down_proj) in the "

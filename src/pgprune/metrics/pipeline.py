@@ -40,11 +40,14 @@ def resolve_allocation(method: str, allocation: str, kinds) -> str:
     """`auto`: the method's reference allocation (FLAP's global structure search, ShortGPT's global
     layer ranking, Wanda-sp's uniform widths) -- but uniform when channels / heads share the budget
     with whole blocks, where a global order removes layers the model cannot do without
-    (bench/RESULTS.md). Any other value is checked and returned."""
+    (bench/RESULTS.md), and global for whole blocks alone (what `allocate` does for them either way).
+    Any other value is checked and returned."""
     if allocation == "auto":
         kinds = parse_unit_kinds(kinds)
-        mixed = any(k in BLOCK_KINDS for k in kinds) and any(k not in BLOCK_KINDS for k in kinds)
-        return "uniform" if mixed else get_method(method).allocation
+        blocks = [k in BLOCK_KINDS for k in kinds]
+        if all(blocks):
+            return "global"
+        return "uniform" if any(blocks) else get_method(method).allocation
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     return allocation
