@@ -37,7 +37,7 @@ from pgprune.metrics.calibration import collect_layer_stats
 from pgprune.reconstruction import feature_means  # noqa: E402
 from pgprune.policy.features import FeaturePolicy  # noqa: E402
 from pgprune.policy.initial_probabilities import init_probabilities  # noqa: E402
-from pgprune.metrics.pipeline import run_metric  # noqa: E402
+from pgprune.metrics.pipeline import resolve_allocation, run_metric  # noqa: E402
 from pgprune.budget import project  # noqa: E402
 from pgprune.policy.estimators import ESTIMATORS, BaselineState, get_estimator  # noqa: E402
 from pgprune.policy.loop import step_generator  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--units", default="layer")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--init", default="block-influence")
-    ap.add_argument("--allocation", default="global")
+    ap.add_argument("--allocation", default="auto", help="the metric's allocation (auto: as pgprune prune resolves it)")
     ap.add_argument("--init-scale", type=float, default=2.0)
     ap.add_argument("--policy", default="units", choices=("units", "features"),
                     help="features: start at the feature policy's probabilities and also report the noise of the "
@@ -79,7 +79,8 @@ def main() -> None:
     loss_fn = FORWARDS[args.forward]
     if args.compensate:
         loss_fn = functools.partial(loss_fn, fill=feature_means(stats))
-    metric = run_metric(model, pool[:128], args.init, args.sparsity, kinds, args.allocation, progress=False,
+    allocation = resolve_allocation(args.init, args.allocation, kinds)
+    metric = run_metric(model, pool[:128], args.init, args.sparsity, kinds, allocation, progress=False,
                         stats=stats, propagate="dense")
     init = init_probabilities(metric.allocation, costs, "sigmoid", scale=args.init_scale)
     s = project(layout.merge({k: init.probs[k] for k in kinds}).float(), layout, costs, 1.0 - init.sparsity)

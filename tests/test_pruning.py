@@ -214,14 +214,14 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     record = prune(_options(root, text, policy="features", init=init, units=units, estimator="loo", lr=0.2,
                             init_scale=4.0, allocation="global" if units == "layer" else "uniform",
                             sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, pg_reconstruct="bias", reconstruct="bias",
-                            control_variate=True, track_reconstruct="pg"),  # no per-evaluation refit passes
-                   out, progress=False)
+                            control_variate=True), out, progress=False)
     ppl = record["perplexity"]
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)
     # block influence's dense statistics serve the mean fill; otherwise one dense pass serves the
-    # fill and (magnitude: a data-free metric) the features
+    # fill and (magnitude: a data-free metric) the features; the tracked masks' exported (compensated)
+    # models reuse it, no pass per evaluation
     assert passes == ([] if init == "block-influence" else ["dense"])
     learned = record["pg"]["policy"]
     assert learned["features"][0] == init and record["settings"]["pg"]["policy"] == "features"

@@ -363,14 +363,15 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
                               "max_tokens": settings.eval.track_max_tokens}}
 
 
-def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False) -> float:
+def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False, stats=None) -> float:
     """Perplexity on PG's tracking text (first --track-max-tokens) of `masks` refit as the export will
-    refit them (--reconstruct, its inputs and damping, on the metric's calibration windows `calib`)."""
+    refit them (--reconstruct, its inputs and damping, on the metric's calibration windows `calib`);
+    `stats`: the dense statistics of `calib`, reused where the refit can (bias) instead of a pass."""
     from pgprune.reconstruction import reconstruct
 
     settings = session.settings
     refit = reconstruct(session.model, calib, masks, settings.final_reconstruct, inputs=settings.reconstruct_inputs,
-                        damp=settings.reconstruct_damp, batch_size=settings.execution.metric_batch_size,
+                        damp=settings.reconstruct_damp, stats=stats, batch_size=settings.execution.metric_batch_size,
                         progress=progress, costs=session.costs)
     return session.ppl(tokens, masks, max_tokens=settings.eval.track_max_tokens, refit=lambda _masks: refit)
 
@@ -388,7 +389,9 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
 
     def eval_fn(masks: Masks) -> float:
         if settings.eval.track_reconstruct == "export":
-            return _exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens)
+            # the mean compensation reads the dense statistics PG's mean fill holds: no pass per evaluation
+            reuse = dense_stats() if settings.final_reconstruct == "bias" else None
+            return _exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens, stats=reuse)
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens, refit=refit)
 
     fingerprint = {"settings": settings.resume_fingerprint(), "nsamples": int(calib.shape[0]),
