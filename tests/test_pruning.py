@@ -146,9 +146,9 @@ def test_compensated_pg_exports_the_model_it_optimised(workdir, forward, init, m
     passes = []  # calibration passes the mean fill runs itself: none when FLAP's dense statistics serve
     collect = calibration.collect_layer_stats
     monkeypatch.setattr(calibration, "collect_layer_stats", lambda *a, **kw: passes.append(1) or collect(*a, **kw))
-    # tracked as PG scores (the export's refit would run its own calibration passes at every evaluation)
+    # the tracked masks' exported (compensated) models reuse those statistics too: no pass per evaluation
     record = prune(_options(root, text, pg_reconstruct="bias", reconstruct="bias", forward=forward, init=init, steps=3,
-                            track_max_tokens=10**6, track_reconstruct="pg"), out, progress=False)
+                            track_max_tokens=10**6), out, progress=False)
     assert len(passes) == (0 if init == "flap" else 1)
     ppl = record["perplexity"]
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
@@ -179,8 +179,8 @@ def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, mo
     monkeypatch.setattr(calibration, "collect_layer_stats",
                         lambda *a, **kw: passes.append(kw.get("covariance", False)) or collect(*a, **kw))
     record = prune(_options(root, text, pg_reconstruct="lsq", reconstruct="lsq", reconstruct_inputs="dense",
-                            forward="auto", steps=2, track_max_tokens=10**6, track_reconstruct="pg", **layers), out,
-                   progress=False)  # tracked as PG scores: the export's refit runs its own passes per evaluation
+                            forward="auto", steps=2, track_max_tokens=10**6, **layers), out,
+                   progress=False)  # tracked refit as exported: the kept covariances serve each evaluation too
     assert passes == [True]  # one covariance pass serves the loop and the final refit
     assert record["execution"]["forward"] == "gathered" and record["reconstruction"]["mode"] == "lsq"
     if units == "layer":

@@ -254,6 +254,12 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                     covariance=pg_run and settings.pg.reconstruct == "lsq")
 
     fill = refit_fn = cov_stats = None  # how PG scores a mask: mean fill (bias) or its own refit (lsq)
+
+    def refit_stats():
+        # what the export's refit (final, and each tracked mask's) reuses instead of a pass: the dense
+        # means PG's mean fill read (bias), or the covariances PG kept (lsq; they serve dense inputs)
+        return dense_stats() if settings.final_reconstruct == "bias" else cov_stats
+
     scored = {"bias": " (compensated)", "lsq": " (least-squares refit)"}.get(settings.pg.reconstruct, "") \
         if pg_run else ""
     if pg_run:
@@ -270,7 +276,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                       costs=costs, regress_layers="layer" in settings.kinds,
                                       batch_size=settings.execution.metric_batch_size, progress=progress)
         masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume, progress,
-                                             dense_stats, world, fill, refit_fn)
+                                             dense_stats, world, fill, refit_fn, refit_stats)
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
@@ -282,10 +288,9 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     # the final refit: dense means of the calibration windows PG's mean fill used (bias), or a
     # layer-by-layer least-squares pass on them (lsq; none when PG kept the covariances)
     mode = settings.final_reconstruct
-    reuse = dense_stats() if mode == "bias" else cov_stats
     refit = reconstruct(model, calib[:METRIC_NSAMPLES], masks, mode,
                         inputs=settings.reconstruct_inputs, damp=settings.reconstruct_damp,
-                        stats=reuse,  # used where it serves (bias; lsq with dense inputs)
+                        stats=refit_stats(),  # used where it serves (bias; lsq with dense inputs)
                         batch_size=settings.execution.metric_batch_size, progress=progress, costs=costs)
     record["reconstruction"] = refit.info
     # surgery adds a bias vector per compensated block without one: counted beside the mask's parameters
@@ -366,7 +371,7 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
 def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False, stats=None) -> float:
     """Perplexity on PG's tracking text (first --track-max-tokens) of `masks` refit as the export will
     refit them (--reconstruct, its inputs and damping, on the metric's calibration windows `calib`);
-    `stats`: the dense statistics of `calib`, reused where the refit can (bias) instead of a pass."""
+    `stats`: dense statistics of `calib`, reused where the refit can (see `reconstruct`) instead of a pass."""
     from pgprune.reconstruction import reconstruct
 
     settings = session.settings
@@ -377,7 +382,7 @@ def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool 
 
 
 def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolder, resume, progress, dense_stats,
-            world, fill, refit=None):
+            world, fill, refit=None, refit_stats=lambda: None):
     from pgprune.policy.loop import run_policy_gradient
 
     settings, out = session.settings, out_folder.path
@@ -389,9 +394,8 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
 
     def eval_fn(masks: Masks) -> float:
         if settings.eval.track_reconstruct == "export":
-            # the mean compensation reads the dense statistics PG's mean fill holds: no pass per evaluation
-            reuse = dense_stats() if settings.final_reconstruct == "bias" else None
-            return _exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens, stats=reuse)
+            # refit from the statistics the final refit reuses: no calibration pass per evaluation where they serve
+            return _exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens, stats=refit_stats())
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens, refit=refit)
 
     fingerprint = {"settings": settings.resume_fingerprint(), "nsamples": int(calib.shape[0]),
