@@ -382,7 +382,7 @@ def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool 
 
 
 def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolder, resume, progress, dense_stats,
-            world, fill, refit=None, refit_stats=lambda: None):
+            world, fill, refit, refit_stats):
     from pgprune.policy.loop import run_policy_gradient
 
     settings, out = session.settings, out_folder.path
