@@ -198,6 +198,9 @@ def test_least_squares_covariances_are_planned_as_collected():
     joint = 8 * (cfg.intermediate_size + cfg.hidden_size) ** 2
     with_layers = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, units=("channel", "layer"), reconstruct="lsq")
     assert with_layers["phases"]["final_refit"] >= joint > 0
+    # a covariance-reading init metric (obs) holds one layer's covariances during its walk
+    obs = estimate_pg_memory(model, k=2, batch_size=4, seqlen=32, metric_covariance=True)
+    assert obs["phases"]["metric_init"] - plain["phases"]["metric_init"] >= collected // (2 * len(stats))
     # PG scoring layer masks by least squares holds the residual stream of the refit windows and as many
     # bytes of cached run statistics (RunRegressions), what collect_residual_stream returns, twice
     from pgprune.metrics.calibration import collect_residual_stream

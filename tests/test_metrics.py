@@ -488,6 +488,38 @@ def test_auto_allocation_is_each_methods_own():
         assert all(torch.equal(auto.masks[k], explicit.masks[k]) for k in auto.masks.kinds)
 
 
+def test_obs_scores_each_layer_from_its_covariances_and_keeps_none():
+    """obs scores every layer from its full input covariances while the walk runs, stores only means and
+    variances, and ranks units as `removal_errors` does; its global order is error per parameter."""
+    from pgprune.reconstruction import removal_errors
+
+    model = make("llama", num_hidden_layers=3)
+    x = ids(6, 12)
+    costs = costs_of(model)
+    r = run_metric(model, x, "obs", 0.3, ("channel", "head"), "global", progress=False)
+    assert abs(r.info["sparsity"] - 0.3) < 0.05 and r.info["sparsity"] == pytest.approx(r.masks.sparsity(costs))
+    assert all(fs.comoment is None for st in r.dense_stats for fs in (st.attn_in, st.mlp_in))
+    full = collect_layer_stats(model, x, covariance=True, progress=False)
+    adapter = get_adapter(model)
+    for i, st in enumerate(full):
+        torch.testing.assert_close(r.scores.raw["channel"][i],
+                                   removal_errors(adapter.layer(i).down_proj.weight, st.mlp_in))
+        torch.testing.assert_close(r.scores.raw["head"][i, : adapter.num_kv_heads(i)],
+                                   removal_errors(adapter.layer(i).o_proj.weight, st.attn_in,
+                                                  adapter.head_group_width("o")))
+    torch.testing.assert_close(r.scores.standardized["channel"], r.scores.raw["channel"] / costs.unit_cost("channel"))
+    # dense statistics without covariances cannot serve obs: run_metric collects its own, same scores
+    reused = run_metric(model, x, "obs", 0.3, ("channel", "head"), "global", stats=r.dense_stats, progress=False)
+    assert torch.equal(reused.scores.raw["channel"], r.scores.raw["channel"])
+    assert not reused.info["calibration"]["reused_stats"]
+    uniform = run_metric(model, x, "obs", 0.3, ("channel", "head"), "uniform", propagate="pruned", progress=False)
+    assert uniform.info["propagate"] == "pruned" and uniform.dense_stats is None
+    with pytest.raises(ConfigError, match="cannot score unit kind"):
+        run_metric(model, x, "obs", 0.3, ("layer",), progress=False)
+    with pytest.raises(ConfigError, match="covariance"):
+        scores_from_stats(adapter, r.dense_stats, "obs", ("channel",))
+
+
 def test_reused_dense_stats_give_the_same_result():
     model = make("llama")
     x = ids(4, 10)

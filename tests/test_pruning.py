@@ -88,6 +88,7 @@ def test_existing_folder_needs_resume_or_overwrite(workdir):
 @pytest.mark.parametrize("method,reconstruct,units", [("magnitude", "none", "channel,head"),
                                                       ("flap", "bias", "channel,head"),
                                                       ("magnitude", "lsq", "channel,head"),
+                                                      ("obs", "lsq", "channel,head"),
                                                       ("block-influence", "lsq", "layer")])
 def test_metric_method_pipeline(workdir, method, reconstruct, units, tmp_path):
     root, text = workdir
@@ -99,7 +100,7 @@ def test_metric_method_pipeline(workdir, method, reconstruct, units, tmp_path):
     name = f"text:{text}"
     assert "init" not in record["perplexity"]
     # --allocation auto (the default): each method's own, recorded as what it resolved to
-    assert record["metric"]["allocation"] == ("uniform" if method == "magnitude" else "global")
+    assert record["metric"]["allocation"] == ("uniform" if method in ("magnitude", "obs") else "global")
     assert record["reconstruction"]["mode"] == reconstruct
     gated, pruned = record["perplexity"]["gated"][name], record["perplexity"]["pruned"][name]
     if reconstruct == "none":
@@ -196,7 +197,8 @@ def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, mo
 
 
 @pytest.mark.parametrize("init,units", [("wanda-sp", "channel,head"), ("magnitude", "channel,head"),
-                                        ("block-influence", "layer"), ("wanda-sp", "channel,head,layer")])
+                                        ("obs", "channel,head"), ("block-influence", "layer"),
+                                        ("wanda-sp", "channel,head,layer")])
 def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     # --policy features: starts at the init metric's mask (step 0 == init), moves, and exports the
     # model it evaluated; a data-free init metric gets its features from a dense calibration pass,
@@ -219,10 +221,10 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["hard_ppl"] == pytest.approx(ppl["init"][name], rel=1e-6)
-    # block influence's dense statistics serve the mean fill; otherwise one dense pass serves the
-    # fill and (magnitude: a data-free metric) the features; the tracked masks' exported (compensated)
-    # models reuse it, no pass per evaluation
-    assert passes == ([] if init == "block-influence" else ["dense"])
+    # block influence's and obs's dense statistics (obs's without their covariances) serve the mean fill;
+    # otherwise one dense pass serves the fill and (magnitude: a data-free metric) the features; the
+    # tracked masks' exported (compensated) models reuse it, no pass per evaluation
+    assert passes == ([] if init in ("block-influence", "obs") else ["dense"])
     learned = record["pg"]["policy"]
     assert learned["features"][0] == init and record["settings"]["pg"]["policy"] == "features"
     assert record["settings"]["pg"]["control_variate"] is True

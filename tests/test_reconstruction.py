@@ -12,7 +12,7 @@ from pgprune.masks import Masks
 from pgprune.metrics.calibration import FeatureStats
 from pgprune.models.adapter import get_adapter
 from pgprune.reconstruction import (DEFAULT_DAMP, Refit, compensation_biases, feature_means, lsq_columns,
-                                    may_use_sequential_inputs, reconstruct, refit_applied)
+                                    may_use_sequential_inputs, reconstruct, refit_applied, removal_errors)
 from pgprune.surgery import remove_units
 from pgprune.models.synthetic import synthetic_model
 from structure_helpers import CASES, costs_of, make_model, random_ids, structured_mask
@@ -45,6 +45,52 @@ def plain_ridge(x, w, keep, damp):
     target = torch.cat([x @ w.T - xs @ w[:, keep].T, torch.zeros(xs.shape[1], w.shape[0], dtype=x.dtype)])
     sol = torch.linalg.lstsq(design, target).solution  # [S+1, out]: Delta^T and the bias
     return w[:, keep] + sol[:-1].T, sol[-1]
+
+
+def refit_error(x, w, keep) -> float:
+    """Mean over tokens of ||W x - (W'_S x_S + b)||^2 after the plain least-squares refit (no ridge)."""
+    xc = (x - x.mean(0)).double()
+    y, xs = xc @ w.double().T, xc[:, keep]
+    if xs.shape[1] == 0:
+        return float(y.pow(2).sum()) / len(x)
+    fit = torch.linalg.lstsq(xs, y).solution
+    return float((y - xs @ fit).pow(2).sum()) / len(x)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_removal_errors_follow_a_plain_greedy_least_squares_search(width):
+    """One group per round and no ridge: the greedy order and each removal's added error equal a search
+    that refits every candidate kept set from scratch with torch.linalg.lstsq."""
+    x, w = correlated(400, 12, seed=1), torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
+    groups = 12 // width
+    errors = removal_errors(w, stats_of(x), width, damp=0.0, batches=groups)
+    kept, before, running, expected = list(range(groups)), 0.0, 0.0, torch.zeros(groups, dtype=torch.float64)
+    while kept:
+        def columns(gs):
+            return [g * width + c for g in gs for c in range(width)]
+        added, g = min((refit_error(x, w, columns([k for k in kept if k != g])) - before, g) for g in kept)
+        running = max(running, added)
+        expected[g] = running
+        before += added
+        kept.remove(g)
+    torch.testing.assert_close(errors, expected, rtol=1e-6, atol=1e-9)
+    # in rounds of several groups the order is coarser but every group still gets a finite, ordered error
+    coarse = removal_errors(w, stats_of(x), width, damp=DEFAULT_DAMP, batches=2)
+    assert bool(torch.isfinite(coarse).all()) and bool((coarse > 0).all())
+
+
+def test_removal_errors_refuse_or_degrade_clearly():
+    x = correlated(50, 6)
+    with pytest.raises(ConfigError, match="covariances"):
+        removal_errors(torch.randn(3, 6), stats_of(x).without_covariance())
+    with pytest.raises(ConfigError, match="groups of 4"):
+        removal_errors(torch.randn(3, 6), stats_of(x), 4)
+    constant = stats_of(torch.ones(20, 6))  # nothing to regress on: no error is measurable
+    assert torch.equal(removal_errors(torch.randn(3, 6), constant), torch.zeros(6, dtype=torch.float64))
+    dead = x.clone()
+    dead[:, 2] = 0.5  # a dead feature: a singular covariance, damped; removing it costs nothing
+    errors = removal_errors(torch.randn(3, 6), stats_of(dead))
+    assert bool(torch.isfinite(errors).all()) and int(errors.argmin()) == 2
 
 
 def test_covariance_merges_batches_exactly():

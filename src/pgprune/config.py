@@ -54,7 +54,7 @@ class PGSettings:
                                      "shared logit parameters over metric scores and per-layer widths (docs/method.md)",
                          choices=("units", "features"))
     init: str = option("auto", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
-                               "block-influence), auto (of wanda-sp at uniform widths and flap at its global "
+                               "block-influence, obs), auto (of wanda-sp at uniform widths and flap at its global "
                                "ones, the mask lower on the --track text once reconstructed as the export "
                                "will be; --allocation does not apply), or constant (units policy only)")
     init_scale: float = option(8.0, "scale of the standardised init scores in the logits; larger keeps the "
@@ -146,7 +146,8 @@ class ExecutionSettings:
 class RunSettings:
     model: str = option("smollm2-135m", "hub id, local folder, .gguf file or smollm2-135m", flag="model")
     method: str = option("pg", "pg (policy gradient), or a metric baseline: wanda-sp, flap, magnitude, random, "
-                               "block-influence")
+                               "block-influence, obs (structured OBS: the error a unit's removal adds once the "
+                               "layer is refit by least squares)")
     sparsity: float = option(0.3, "fraction of the prunable (decoder-layer attention and MLP) parameters to remove",
                              type=float)
     units: str = option("channel,head", "unit kinds: channel, head, attn, mlp, layer (comma-separated)")

@@ -134,7 +134,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
                        units=("channel", "head"), *, nsamples: int = 1024, metric_nsamples: int = 128,
                        metric_batch_size: int = 8, world_size: int = 1, chunk_tokens: int = 4096,
                        forward: str = "gated", reconstruct: str = "bias", pg_reconstruct: str = "bias",
-                       refit_nsamples: int = 128, reconstruct_inputs: str = "auto") -> dict:
+                       refit_nsamples: int = 128, reconstruct_inputs: str = "auto",
+                       metric_covariance: bool = False) -> dict:
     """Bytes a policy-gradient run needs on one device (one rank), with a breakdown.
 
     `model_or_config`: a model (its exact parameter count and dtype are used) or a HF config.
@@ -150,7 +151,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     sequential, and auto unless only whole layers can go: also one layer's o_proj and down_proj inputs of
     every window). PG scoring by least
     squares with layer units also holds the dense residual stream for its removed runs' regressions
-    (`run_regressions`).
+    (`run_regressions`). `metric_covariance`: the init metric reads one layer's input covariances at a time
+    (`obs`): that layer's covariances and a removal's float64 temporaries join the metric's walk.
     """
     if k < 1 or batch_size < 1 or seqlen < 2:
         raise ConfigError(f"memory plan needs K >= 1, batch size >= 1 and seqlen >= 2 (got {k}, {batch_size}, {seqlen})")
@@ -196,6 +198,8 @@ def estimate_pg_memory(model_or_config, dtype=None, k: int = 2, batch_size: int 
     held_cov = 2 * d["layers"] * layer_cov if pg_reconstruct == "lsq" else 0
     if pg_reconstruct == "lsq":
         pg_step += solve
+    if metric_nsamples and metric_covariance:  # collected with the walk, dropped once the layer is scored
+        metric += layer_cov + solve
     # sequential inputs hold one layer's projection inputs of every window (collect_block_stats_sequentially)
     kinds = units.split(",") if isinstance(units, str) else list(units)
     sequential = may_use_sequential_inputs(reconstruct_inputs, kinds)

@@ -211,7 +211,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                   metric_batch_size=settings.execution.metric_batch_size, world_size=world.size,
                                   forward=session.forward, reconstruct=settings.final_reconstruct,
                                   pg_reconstruct=settings.pg.reconstruct,
-                                  reconstruct_inputs=settings.reconstruct_inputs)
+                                  reconstruct_inputs=settings.reconstruct_inputs,
+                                  metric_covariance=_reads_covariances(pg.init))
         check_fits(plan, next(model.parameters()).device, weights_loaded=True)
     execution = session.execution(world.size)
     if world.is_main:
@@ -332,6 +333,12 @@ class _OutFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             self.ready = True
         return self.path
+
+
+def _reads_covariances(method: str) -> bool:
+    from pgprune.metrics.scores import METHODS
+
+    return method in METHODS and METHODS[method].needs_covariance
 
 
 # --init auto's candidates: the metric methods that were best at their best reconstruction on SmolLM2

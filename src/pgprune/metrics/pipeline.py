@@ -130,17 +130,23 @@ def run_metric(
     if multiple > 1 and allocation == "uniform" and "channel" in kinds:  # refuse before calibrating
         plan = uniform_plan(costs, kinds, target, tolerance=tolerance)
         check_kept_widths(costs.intermediate - plan.counts["channel"], multiple)
+    if stats is not None and m.needs_covariance and not _hold_covariances(stats):
+        stats = None  # reuse is only a saving: collect them with covariances
     reused = stats is not None
     walk_masks: dict[int, dict[str, torch.Tensor]] = {}
+    per_layer: dict[int, dict] = {}
     if need_stats and stats is None:
         on_layer = None
         if propagate == "pruned":
             plan = uniform_plan(costs, kinds, target, tolerance=tolerance)  # fails fast if unreachable
-            on_layer = _pruning_walker(m, adapter, seed, plan, compensate, walk_masks)
+            on_layer = _pruning_walker(m, adapter, seed, plan, compensate, walk_masks, per_layer)
+        elif m.needs_covariance:
+            on_layer = _scoring_walker(m, adapter, kinds, seed, per_layer)
         stats = collect_layer_stats(model, calib_ids, batch_size=batch_size, propagate=propagate,
                                     on_layer=on_layer, storage_device=storage_device, progress=progress,
-                                    adapter=adapter)
-    scores = scores_from_stats(adapter, stats if m.needs_calibration else None, method, kinds, seed)
+                                    adapter=adapter, covariance=m.needs_covariance)
+    scores = scores_from_stats(adapter, stats if m.needs_calibration else None, method, kinds, seed,
+                               per_layer=[per_layer[i] for i in range(len(stats))] if per_layer else None)
     alloc = allocate(scores, costs, target, allocation, tolerance=tolerance)
     if walk_masks:  # the walk pruned with the same plan and scores; make sure nothing drifted
         for i, keep in walk_masks.items():
@@ -176,14 +182,40 @@ def run_metric(
                         dense_stats=stats if need_stats and propagate == "dense" else None)
 
 
-def _pruning_walker(m, adapter, seed, plan, compensate: bool, record: dict):
+def _hold_covariances(stats: list[LayerStats]) -> bool:
+    return all(fs is None or fs.comoment is not None for st in stats for fs in (st.attn_in, st.mlp_in))
+
+
+def _drop_covariances(st: LayerStats) -> None:
+    """A layer's input covariances are in_features^2 float64 each: a covariance-reading method scores
+    the layer as soon as its statistics are complete and keeps only means and variances."""
+    st.attn_in = None if st.attn_in is None else st.attn_in.without_covariance()
+    st.mlp_in = None if st.mlp_in is None else st.mlp_in.without_covariance()
+
+
+def _scoring_walker(m, adapter, kinds, seed, record: dict):
+    """on_layer callback of a dense walk for a covariance-reading method: score layer i into
+    `record[i]`, then drop its covariances."""
+
+    def on_layer(i: int, st: LayerStats) -> None:
+        record[i] = layer_scores(m, adapter, i, st, kinds, seed)
+        _drop_covariances(st)
+
+    return on_layer
+
+
+def _pruning_walker(m, adapter, seed, plan, compensate: bool, record: dict, scored: dict):
     """on_layer callback of a uniform pruned-propagation walk: prune each layer's lowest-scoring
-    units by the plan's counts (and compensate), remembering the masks in `record`."""
+    units by the plan's counts (and compensate), remembering the masks in `record` (and, for a
+    covariance-reading method, the scores in `scored`, its covariances then dropped)."""
 
     fine = tuple(plan.counts)  # blocks, if any, are all kept
 
     def on_layer(i: int, st: LayerStats) -> LayerEdit:
         sc = layer_scores(m, adapter, i, st if m.needs_calibration else None, fine, seed)
+        if m.needs_covariance:
+            scored[i] = sc
+            _drop_covariances(st)
         keep = {}
         for kind in fine:
             width = adapter.num_kv_heads(i) if kind == "head" else adapter.intermediate_size(i)

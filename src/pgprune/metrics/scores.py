@@ -7,6 +7,7 @@
 | `magnitude`       | no         | channel, head, attn, mlp, layer | L2 norm of all weights of the unit               |
 | `random`          | no         | channel, head, attn, mlp, layer | uniform noise from (seed, layer, kind)           |
 | `block-influence` | yes        | attn, mlp, layer                | ShortGPT: 1 - mean over tokens of cos(block input, block output) |
+| `obs`             | yes        | channel, head                   | error its removal adds, the rest refit (structured OBS) |
 
 X_j is input feature j of o_proj (heads) or down_proj (channels) on the calibration windows;
 ||X_j|| is its root mean square over tokens (the token count only rescales). A head is a KV-head
@@ -17,7 +18,12 @@ and magnitude which measure the block itself; flap's block scores sum the unsqua
 Standardised scores (used by the global allocation, one threshold across layers and kinds):
 (s - mean) / std over all units of a kind; `flap` follows its paper's reference instead and
 standardises per layer (heads: the squared feature metrics are standardised over the layer's
-o_proj inputs, then averaged over the group's features).
+o_proj inputs, then averaged over the group's features); `obs`'s errors are already in one unit
+(squared error on the residual stream), so its global order is error per parameter removed. Its
+errors come from `reconstruction.removal_errors`: the output error a unit's removal adds when the
+layer's other inputs are refit by least squares, units removed greedily cheapest first.
+`obs` reads the full input covariances, which `run_metric` collects one layer at a time and drops
+once the layer is scored.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from typing import Callable
 
 import torch
 
-from pgprune.errors import ConfigError
-from pgprune.masks import UNIT_KINDS, parse_unit_kinds
+from pgprune.errors import ConfigError, DataError
+from pgprune.masks import UNIT_KINDS, UnitCosts, parse_unit_kinds
 from pgprune.metrics.calibration import LayerStats, collect_layer_stats
 from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
 
@@ -47,6 +53,10 @@ class MetricMethod:
     uniform_propagate: str = "dense"
     # The reference recipe's allocation of channel / head units: what allocation="auto" picks.
     allocation: str = "uniform"
+    # Scores read the inputs' full covariance (`FeatureStats.comoment`), not only means and variances.
+    needs_covariance: bool = False
+    # Raw scores share one unit across layers and kinds: the global order is score per parameter removed.
+    global_per_param: bool = False
     bias_compensation: bool = False
     description: str = ""
 
@@ -186,6 +196,29 @@ def _magnitude(adapter, i, stats, kinds, seed) -> dict:
     return out
 
 
+def _obs(adapter, i, stats, kinds, seed) -> dict:
+    from pgprune.reconstruction import removal_errors
+
+    stats = _need_stats(stats, "obs")
+    m = adapter.layer(i)
+    out = {}
+    for kind, proj, fs, width in (("head", m.o_proj, stats.attn_in, adapter.head_group_width("o")),
+                                  ("channel", m.down_proj, stats.mlp_in, 1)):
+        if kind not in kinds:
+            continue
+        if proj is None:
+            out[kind] = torch.empty(0, dtype=torch.float64)
+            continue
+        if fs.comoment is None:
+            raise ConfigError("method 'obs' needs the input covariances: collect the statistics with "
+                              "covariance=True (run_metric does)")
+        if not fs.is_finite():
+            raise DataError(f"layer {i}: the calibration activations are not finite (an fp16/bf16 overflow?); "
+                            "score with --dtype fp32")
+        out[kind] = removal_errors(read_weight(proj), fs, width).cpu()
+    return out
+
+
 def _random(adapter, i, stats, kinds, seed) -> dict:
     out = {}
     for kind in kinds:
@@ -224,6 +257,9 @@ METHODS: dict[str, MetricMethod] = {
     "block-influence": MetricMethod("block-influence", _block_influence, True, ("attn", "mlp", "layer"),
                                     allocation="global",
                                     description="ShortGPT: 1 - cos(block input, block output)"),
+    "obs": MetricMethod("obs", _obs, True, ("channel", "head"), needs_covariance=True, global_per_param=True,
+                        description="structured OBS: the error a unit's removal adds with the rest of "
+                                    "the layer refit by least squares (greedy)"),
 }
 
 
@@ -267,15 +303,21 @@ def layer_scores(method: str | MetricMethod, adapter: ModelAdapter, i: int, stat
 
 
 def scores_from_stats(adapter: ModelAdapter, stats: list[LayerStats] | None, method: str, kinds,
-                      seed: int = 0) -> Scores:
+                      seed: int = 0, per_layer: list[dict] | None = None) -> Scores:
+    """per_layer: each layer's raw scores when already computed (by a walk that scored each layer as
+    its statistics completed and then dropped their covariances)."""
     m = get_method(method)
     kinds = check_kinds(m, kinds)
     if m.needs_calibration and stats is None:
         raise ConfigError(f"method {method!r} needs calibration windows (calib_ids)")
     L = adapter.num_layers
-    per_layer = [m.layer_scores(adapter, i, None if stats is None else stats[i], kinds, seed) for i in range(L)]
+    if per_layer is None:
+        per_layer = [m.layer_scores(adapter, i, None if stats is None else stats[i], kinds, seed) for i in range(L)]
     raw = {k: _stack([d[k] for d in per_layer]) for k in kinds}
     std = {k: standardize_per_kind(v) for k, v in raw.items()}
+    if m.global_per_param:
+        costs = UnitCosts.from_adapter(adapter)
+        std = {k: v / costs.unit_cost(k).double() for k, v in raw.items()}
     if m.layer_standardized is not None:
         per_layer_std = [m.layer_standardized(adapter, i, stats[i], kinds, seed) for i in range(L)]
         for k in kinds:
