@@ -245,7 +245,7 @@ def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracki
                             track_max_tokens=10**6, pg_reconstruct="bias", reconstruct="lsq"),
                    root / "auto-start", progress=False)
     choice = record["start_choice"]
-    assert set(choice["candidates"]) == {"wanda-sp (uniform)", "flap (global)"}
+    assert set(choice["candidates"]) == {"wanda-sp (uniform)", "flap (global)", "obs (uniform)"}
     assert choice["chosen"] == min(choice["candidates"], key=choice["candidates"].get)
     assert record["metric"]["method"] == choice["chosen"].split(" ")[0]
     for label, value in choice["candidates"].items():

@@ -54,8 +54,8 @@ class PGSettings:
                                      "shared logit parameters over metric scores and per-layer widths (docs/method.md)",
                          choices=("units", "features"))
     init: str = option("auto", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
-                               "block-influence, obs), auto (of wanda-sp at uniform widths and flap at its global "
-                               "ones, the mask lower on the --track text once reconstructed as the export "
+                               "block-influence, obs), auto (of wanda-sp and obs at uniform widths and flap at its "
+                               "global ones, the mask lowest on the --track text once reconstructed as the export "
                                "will be; --allocation does not apply), or constant (units policy only)")
     init_scale: float = option(8.0, "scale of the standardised init scores in the logits; larger keeps the "
                                     "samples nearer the start mask", group=ADVANCED, type=float)
@@ -421,12 +421,12 @@ def flag_of(path: str, f) -> str:
 RECIPES: dict[str, dict] = {
     "features": {
         "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): the feature policy started at the "
-               "better of the Wanda-sp and FLAP masks, every sampled mask scored bias-compensated, 300 steps, the "
+               "best of the Wanda-sp, FLAP and obs masks, every sampled mask scored bias-compensated, 300 steps, the "
                "tracked mask whose refit model is lowest on held-out calibration text, refit by least squares",
         "values": {
             "pg.policy": "features",   # a few shared logit parameters: re-ranks 46k channels in 300 steps
-            "pg.init": "auto",         # start where the better metric method ends: Wanda-sp's or FLAP's mask,
-                                       # whichever is lower on held-out calibration text once refit
+            "pg.init": "auto",         # start where the best metric method ends: Wanda-sp's, FLAP's or obs's
+                                       # mask, whichever is lowest on held-out calibration text once refit
             "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
             "pg.reconstruct": "bias",  # FLAP's bias compensation is worth more than most mask choices
             "reconstruct": "lsq",      # then refit by least squares: 30 % PG mask 168.7 -> 146.8, Wanda-sp 255.6 -> 170.8

@@ -335,17 +335,19 @@ class _OutFolder:
         return self.path
 
 
-def _reads_covariances(method: str) -> bool:
+def _reads_covariances(init: str) -> bool:
+    """Whether PG's start (a candidate of it, for auto) scores from full input covariances (obs)."""
     from pgprune.metrics.scores import METHODS
 
-    return method in METHODS and METHODS[method].needs_covariance
+    return any(m in METHODS and METHODS[m].needs_covariance for m in (AUTO_STARTS if init == "auto" else (init,)))
 
 
 # --init auto's candidates: the metric methods that were best at their best reconstruction on SmolLM2
-# (bench/RESULTS.md "Which start"), each at its own allocation: FLAP at its global widths (best at 30 %),
-# Wanda-sp at uniform widths (best at 50 %). Neither wins at every budget, and which one does is read
-# off held-out calibration text, not guessed from the sparsity.
-AUTO_STARTS = ("wanda-sp", "flap")
+# (bench/RESULTS.md "Which start", "obs"), each at its own allocation: FLAP at its global widths (best at
+# 30 %, level with obs), obs at uniform widths (best at 50 %), Wanda-sp at uniform widths (best at 50 %
+# before obs). None wins at every budget and seed, and which one does is read off held-out calibration
+# text, not guessed from the sparsity.
+AUTO_STARTS = ("wanda-sp", "flap", "obs")
 
 
 def _choose_start(session: Session, calib, track_tokens, progress: bool):
