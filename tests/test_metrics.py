@@ -507,6 +507,8 @@ def test_obs_scores_each_layer_from_its_covariances_and_keeps_none():
         torch.testing.assert_close(r.scores.raw["head"][i, : adapter.num_kv_heads(i)],
                                    removal_errors(adapter.layer(i).o_proj.weight, st.attn_in,
                                                   adapter.head_group_width("o")))
+        # no ties: ranking the scores reproduces the greedy order
+        assert len(set(r.scores.raw["channel"][i].tolist())) == adapter.intermediate_size(i)
     torch.testing.assert_close(r.scores.standardized["channel"], r.scores.raw["channel"] / costs.unit_cost("channel"))
     # dense statistics without covariances cannot serve obs: run_metric collects its own, same scores
     reused = run_metric(model, x, "obs", 0.3, ("channel", "head"), "global", stats=r.dense_stats, progress=False)

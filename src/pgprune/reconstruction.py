@@ -201,14 +201,15 @@ def removal_errors(weight: torch.Tensor, stats, group_width: int = 1, damp: floa
     still present (`lsq_columns`' ridge), removing group D costs tr(W_D P_DD^-1 W_D^T); the removal
     applies the refit W <- W - W_D P_DD^-1 P_D. and P <- its Schur complement (the precision of the rest).
     Groups go in up to `batches` rounds (the cheapest ceil(G / batches) per round, their errors read
-    before the round), which costs about one inversion of C. The errors are made non-decreasing along the
-    removal order (a running maximum), so a higher value means removed later, in units that compare
-    across layers. All zero when every input is constant (nothing to regress on)."""
+    before the round), which costs about one inversion of C. The errors are made strictly increasing along
+    the removal order (a running maximum, nudged up by a relative 1e-6 where it would tie, so that ranking
+    them, and their logs, reproduces the greedy order exactly), in units that compare across layers. All
+    zero when every input is constant (nothing to regress on)."""
     from pgprune.metrics.calibration import damped_cholesky
 
     if stats.comoment is None:
         raise ConfigError("removal errors need input covariances; collect the statistics with covariance=True")
-    w = weight.double().to(stats.comoment.device)
+    w = weight.detach().double().to(stats.comoment.device)
     n_in = w.shape[1]
     if group_width < 1 or n_in % group_width:
         raise ConfigError(f"cannot split {n_in} inputs into groups of {group_width}")
@@ -220,7 +221,9 @@ def removal_errors(weight: torch.Tensor, stats, group_width: int = 1, damp: floa
     p = torch.cholesky_inverse(damped_cholesky(stats.covariance, lam))
     alive = torch.arange(groups)  # groups still present, in the order of w's and p's columns
     per_round = -(-groups // max(int(batches), 1))
-    running = 0.0
+    # the smallest step between consecutive errors where they would tie at 0 (dead inputs)
+    floor = 1e-12 * max(float(w.pow(2).sum(0) @ stats.covariance.diagonal()) / groups, 1e-280)
+    running, rank = 0.0, 0
     while len(alive):
         if group_width == 1:
             cost = w.pow(2).sum(0) / p.diagonal()
@@ -231,7 +234,8 @@ def removal_errors(weight: torch.Tensor, stats, group_width: int = 1, damp: floa
         order = cost.argsort()
         take, stay = order[:per_round], order[per_round:]
         for g, e in zip(alive[take].tolist(), cost[take].tolist()):
-            running = max(running, e)
+            rank += 1
+            running = max(e, running * (1 + 1e-6), floor * rank)
             errors[g] = running
         alive = alive[stay.sort().values]
         if not len(alive):
