@@ -231,6 +231,7 @@ def removal_errors(weight: torch.Tensor, stats, group_width: int = 1, damp: floa
             cost = torch.stack([torch.linalg.solve_triangular(
                 torch.linalg.cholesky(p[s:s + group_width, s:s + group_width]), w[:, s:s + group_width].T,
                 upper=False).pow(2).sum() for s in range(0, w.shape[1], group_width)])
+        cost = cost.cpu()  # the bookkeeping stays on the CPU whatever device the statistics are on
         order = cost.argsort()
         take, stay = order[:per_round], order[per_round:]
         for g, e in zip(alive[take].tolist(), cost[take].tolist()):
