@@ -224,6 +224,10 @@ def removal_errors(weight: torch.Tensor, stats, group_width: int = 1, damp: floa
     # the smallest step between consecutive errors where they would tie at 0 (dead inputs)
     floor = 1e-12 * max(float(w.pow(2).sum(0) @ stats.covariance.diagonal()) / groups, 1e-280)
     running, rank = 0.0, 0
+
+    def columns(g: torch.Tensor) -> torch.Tensor:  # the input columns of groups at positions g
+        return (g[:, None] * group_width + torch.arange(group_width)).flatten()
+
     while len(alive):
         if group_width == 1:
             cost = w.pow(2).sum(0) / p.diagonal()
@@ -241,18 +245,18 @@ def removal_errors(weight: torch.Tensor, stats, group_width: int = 1, damp: floa
         alive = alive[stay.sort().values]
         if not len(alive):
             break
-        cols = lambda g: (g[:, None] * group_width + torch.arange(group_width)).flatten()  # noqa: E731
-        dropped, kept = cols(take.sort().values), cols(stay.sort().values)
+        dropped, kept = columns(take.sort().values), columns(stay.sort().values)
         solved = torch.cholesky_solve(p[dropped][:, kept], torch.linalg.cholesky(p[dropped][:, dropped]))
         w = w[:, kept] - w[:, dropped] @ solved
         p = p[kept][:, kept] - p[kept][:, dropped] @ solved
     return errors
 
 
-def _check_finite(stats, i: int, block: str) -> None:
+def check_finite(stats, i: int, block: str) -> None:
+    """Refuse statistics that overflowed: no refit or score is computed from them."""
     if not stats.is_finite():
         raise DataError(f"layer {i} {block}: the calibration activations are not finite (an fp16/bf16 "
-                        "overflow?); run the reconstruction with --dtype fp32")
+                        "overflow?); run with --dtype fp32")
 
 
 def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor, channels: torch.Tensor,
@@ -278,7 +282,7 @@ def layer_refit(adapter: ModelAdapter, i: int, inputs: dict, heads: torch.Tensor
         if isinstance(fs, torch.Tensor):
             mean = fs
         else:
-            _check_finite(fs, i, block)
+            check_finite(fs, i, block)
             mean = fs.mean
         if mode == "bias" or not bool(keep.any()):
             out[block] = (_dropped_mean_output(proj, mean, keep), None)
@@ -419,7 +423,7 @@ class RunRegressions:
     def fit(self, p: int, j: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`regress_run`'s (A, b) of the run p+1 .. j on p's kept down_proj inputs `keep`."""
         fs = self.x_stats[p]
-        _check_finite(fs, p, "mlp")
+        check_finite(fs, p, "mlp")
         if fs.ridge(self.damp) is None:
             return None
         return ridge_fit(fs.covariance, self.cross(p, j), fs.mean, keep, self.damp,

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from pgprune.errors import ConfigError, DataError
+from pgprune.errors import ConfigError
 from pgprune.masks import UNIT_KINDS, UnitCosts, parse_unit_kinds
 from pgprune.metrics.calibration import LayerStats, collect_layer_stats
 from pgprune.models.adapter import ModelAdapter, get_adapter, read_weight
@@ -197,25 +197,20 @@ def _magnitude(adapter, i, stats, kinds, seed) -> dict:
 
 
 def _obs(adapter, i, stats, kinds, seed) -> dict:
-    from pgprune.reconstruction import removal_errors
+    from pgprune.reconstruction import check_finite, removal_errors
 
     stats = _need_stats(stats, "obs")
     m = adapter.layer(i)
     out = {}
-    for kind, proj, fs, width in (("head", m.o_proj, stats.attn_in, adapter.head_group_width("o")),
-                                  ("channel", m.down_proj, stats.mlp_in, 1)):
+    for kind, block, proj, fs, width in (("head", "attn", m.o_proj, stats.attn_in, adapter.head_group_width("o")),
+                                         ("channel", "mlp", m.down_proj, stats.mlp_in, 1)):
         if kind not in kinds:
             continue
         if proj is None:
             out[kind] = torch.empty(0, dtype=torch.float64)
             continue
-        if fs.comoment is None:
-            raise ConfigError("method 'obs' needs the input covariances: collect the statistics with "
-                              "covariance=True (run_metric does)")
-        if not fs.is_finite():
-            raise DataError(f"layer {i}: the calibration activations are not finite (an fp16/bf16 overflow?); "
-                            "score with --dtype fp32")
-        out[kind] = removal_errors(read_weight(proj), fs, width).cpu()
+        check_finite(fs, i, block)
+        out[kind] = removal_errors(read_weight(proj), fs, width).cpu()  # refuses statistics without covariances
     return out
 
 
