@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from pgprune.reconstruction import reconstruct
     from pgprune.surgery import remove_units
 
-    if (args.masks is None) == (not args.sensitivity):
+    if bool(args.masks) == args.sensitivity:
         raise SystemExit("give --masks or --sensitivity")
     if args.sensitivity and args.propagate != "dense":
         raise SystemExit("--sensitivity scores from the dense model's statistics")
@@ -84,10 +84,11 @@ def main(argv=None) -> int:
     kinds = ("channel", "head")
     widths = {k: costs.units_per_layer(k) for k in kinds}
     given = Masks.load(args.masks) if args.masks else None
+    counts = {k: (~given[k]).sum(1).long() for k in kinds} if given is not None else None
     info: dict = {"masks_from": args.masks, "propagate": args.propagate, "calib": args.calib, "seed": args.seed}
     if args.propagate == "pruned":
-        counts = {k: (~given[k]).sum(1).long() for k in kinds}
-        plan = UniformPlan(counts=counts, sparsity=float(given.sparsity(costs)), target=settings.sparsity)
+        sparsity = float(given.sparsity(costs))
+        plan = UniformPlan(counts=counts, sparsity=sparsity, target=sparsity)
         record: dict = {}
         walker = _pruning_walker(get_method("obs"), adapter, args.seed, plan, False, record, {})
         collect_layer_stats(model, calib, batch_size=batch, propagate="pruned", on_layer=walker, adapter=adapter,
@@ -96,9 +97,7 @@ def main(argv=None) -> int:
     else:
         stats = collect_layer_stats(model, calib, batch_size=batch, adapter=adapter, covariance=True)
         raw = scores_from_stats(adapter, stats, "obs", kinds).raw
-        if given is not None:
-            counts = {k: (~given[k]).sum(1).long() for k in kinds}
-        else:
+        if given is None:
             weights = layer_sensitivity(model, calib[:args.probe_windows], raw, stats, costs, settings)
             counts = sensitivity_counts(raw, weights, costs, settings.sparsity)
             info["sensitivity"] = {k: v.tolist() for k, v in weights.items()}
@@ -160,6 +159,7 @@ def sensitivity_counts(raw, weights, costs, sparsity: float) -> dict:
     pre = closest_prefix(positions, costs, sparsity, what="channel+head units")
     masks = masks_from_positions(positions, pre.n)
     return {k: (~masks[k]).sum(1).long() for k in raw}
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
