@@ -236,6 +236,25 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
         assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
 
 
+def test_search_policy_pipeline(workdir):
+    # --policy search: starts at the init metric's mask, every draw on the budget, and exports the model
+    # it evaluated; run.json says which policy ran and with what sigma
+    root, text = workdir
+    name = f"text:{text}"
+    out = root / "search"
+    record = prune(_options(root, text, policy="search", sigma=0.3, init="wanda-sp", lr=0.2, init_scale=4.0,
+                            allocation="uniform", track_max_tokens=10**6, pg_reconstruct="bias", reconstruct="bias"),
+                   out, progress=False)
+    ppl = record["perplexity"]
+    assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
+    assert abs(record["masks"]["sparsity"] - 0.25) < 0.03
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss" in r for r in log[1:]) and log[0]["hard_ppl"] is not None
+    learned = record["pg"]["policy"]
+    assert learned["policy"] == "search" and learned["sigma"] == 0.3
+    assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
+
+
 def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracking_text(workdir):
     # --init auto scores each candidate mask as the export would ship it: the same number as that
     # metric method's own run gives for its pruned model (the single text file is every split here)

@@ -51,8 +51,10 @@ class DataSettings:
 class PGSettings:
     """The policy-gradient method (--method pg)."""
     policy: str = option("features", "units: one free keep-probability per unit (the paper's); features: a few "
-                                     "shared logit parameters over metric scores and per-layer widths (docs/method.md)",
-                         choices=("units", "features"))
+                                     "shared logit parameters over metric scores and per-layer widths; search: a "
+                                     "Gaussian over the features policy's parameters, each draw an exact-budget mask "
+                                     "(experimental; docs/method.md)",
+                         choices=("units", "features", "search"))
     init: str = option("auto", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
                                "block-influence, obs), auto (of wanda-sp and obs at uniform widths and flap at its "
                                "global ones, the mask lowest on the --track text once reconstructed as the export "
@@ -97,6 +99,8 @@ class PGSettings:
     offsets: str = option("learned", "features policy: learned (one offset per kind and layer moves that layer's "
                                      "width) or fixed (held at the start: widths then move only with the shared "
                                      "feature weights)", group=EXPERIMENTAL, choices=("learned", "fixed"))
+    sigma: float = option(0.1, "search policy: standard deviation of its parameter draws (in standardised "
+                               "score units)", group=EXPERIMENTAL, type=float)
     floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
                           type=float)
     projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, equal "
@@ -317,9 +321,13 @@ class RunSettings:
                                                or not set(kinds) <= {"channel", "head"}):
             raise ConfigError("--init-mapping per-layer (the reference code's start) maps a metric's channel / head "
                               "scores for the units policy; use --policy units, --units channel,head and a metric --init")
-        if pg.offsets != "learned" and pg.policy != "features":
-            raise ConfigError("--offsets fixed holds the feature policy's per-layer offsets; use --policy features")
-        if pg.policy == "features":
+        if pg.offsets != "learned" and pg.policy == "units":
+            raise ConfigError("--offsets fixed holds the feature policy's per-layer offsets; use --policy features "
+                              "(or search)")
+        if pg.policy == "search" and (pg.k % 2 or pg.sigma <= 0):
+            raise ConfigError(f"--policy search draws antithetic pairs with --sigma > 0: it needs an even --k "
+                              f"(got {pg.k}) and a positive --sigma (got {pg.sigma})")
+        if pg.policy in ("features", "search"):
             if pg.per_kind_budget or pg.floor > 0 or pg.projection != "cost":
                 raise ConfigError("the features policy holds one global budget by a shift in logit space; it has "
                                   "no per-kind budget, probability floor or projection (drop --per-kind-budget / "

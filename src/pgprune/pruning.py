@@ -115,13 +115,17 @@ def start_policy(session: Session, metric, dense_stats=None) -> Policy:
 
     settings, layout, costs = session.settings, session.layout, session.costs
     pg = settings.pg
-    if pg.policy == "features":  # validate() refused --init constant with it
+    if pg.policy in ("features", "search"):  # validate() refused --init constant with them
         from pgprune.policy.features import FeaturePolicy
+        from pgprune.policy.search import SearchPolicy
 
-        policy = FeaturePolicy.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
-                                           stats=None if metric.scores.stats is not None else dense_stats())
+        kind = SearchPolicy if pg.policy == "search" else FeaturePolicy
+        policy = kind.from_metric(metric, session.adapter, layout, costs, scale=pg.init_scale,
+                                  stats=None if metric.scores.stats is not None else dense_stats())
         policy.width_multiple = settings.width_multiple
         policy.learn_offsets = pg.offsets == "learned"
+        if pg.policy == "search":
+            policy.sigma = pg.sigma
         return policy
     if metric is not None and pg.init_mapping == "per-layer":  # the reference code's start
         probs = per_layer_probabilities(metric.scores.raw, costs, 1.0 - settings.sparsity)

@@ -154,7 +154,10 @@ class FeaturePolicy(Policy):
 
     def update(self, grad_s: torch.Tensor, lr: float) -> None:
         """One Adam step on (w, a) from an estimate of dE[L]/ds, then the budget shift."""
-        g = self.param_gradient(grad_s)
+        self._adam_step(self.param_gradient(grad_s), lr)
+
+    def _adam_step(self, g: torch.Tensor, lr: float) -> None:
+        """theta <- theta - Adam(g) for theta = (w, a) flattened; offsets only if learned."""
         a = self.adam
         a["t"] += 1
         a["m"].mul_(_ADAM_BETAS[0]).add_(g, alpha=1 - _ADAM_BETAS[0])

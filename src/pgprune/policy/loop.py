@@ -3,12 +3,13 @@
     for each step:
         batch  <- B calibration windows            (seeded by (seed, step): resumable exactly;
                                                     batches="stream": the pool's next B windows)
-        m_1..K <- Bernoulli(policy.probs())         (same generator; antithetic pairs for disarm)
+        m_1..K <- policy.sample(K)                  (same generator; Bernoulli(probs), antithetic pairs
+                                                    for disarm; the search policy: perturbed hard masks)
         L_1..K <- loss_fn(model, batch, m)          (gated or gathered forward, no gradients)
         (distributed: rank r seeds with (seed, step, r); masks and losses of all N ranks are
          all-gathered, so every rank updates identically from N*K samples)
-        g      <- estimator(m, s, L, baseline)      (REINFORCE)
-        policy.update(g, lr_t)                      (and back onto the parameter budget)
+        policy.learn(m, L)                          (REINFORCE: g <- estimator(m, s, L, baseline), then
+                                                    policy.update(g, lr_t) and back onto the budget)
         log; every eval_every steps: evaluate the hard mask, checkpoint
     hard mask <- policy.hard_mask()   (select="best": the evaluated one with the lowest perplexity)
 
@@ -36,7 +37,7 @@ from pgprune.gating import masked_losses
 from pgprune.masks import Masks
 from pgprune.policy.distributed import World
 from pgprune.policy.estimators import ESTIMATORS, BaselineState, get_estimator
-from pgprune.policy.probabilities import Policy, mean_entropy, sample_masks
+from pgprune.policy.probabilities import Policy, mean_entropy
 
 MAX_CONSECUTIVE_SKIPS = 20
 
@@ -99,6 +100,8 @@ def run_policy_gradient(
     """
     world = world or World()
     layout, costs = policy.layout, policy.costs
+    if world.size > 1 and not policy.shares_draws:
+        raise ConfigError(f"the {policy.describe()['policy']!r} policy runs on one process; run it without torchrun")
     if calib_windows.shape[0] < pg.batch_size:
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {pg.batch_size}; raise --nsamples or lower --batch-size")
@@ -154,7 +157,7 @@ def run_policy_gradient(
         else:
             idx = torch.randperm(calib_windows.shape[0], generator=gen)[: pg.batch_size]
         batch = calib_windows[idx]  # loss_fn moves it to the model's input device
-        m = sample_masks(s, pg.k, gen, antithetic=antithetic)
+        m = policy.sample(pg.k, gen, antithetic=antithetic)
         losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()
         if world.size > 1:  # all N*K samples, rank-major, identical on every rank
             m = world.all_gather(m).reshape(-1, m.shape[-1])
@@ -170,8 +173,7 @@ def run_policy_gradient(
                                   "remove whole layers it cannot do without")
         else:
             consecutive_skips = 0
-            g, b = estimator(m, s, losses, baseline)
-            policy.update(g, lr_at(pg, step))
+            b = policy.learn(m, s, losses, estimator, baseline, lr_at(pg, step))
             record.update(loss=float(losses.mean()), baseline=b)
         if (step + 1) % pg.eval_every == 0 or step + 1 == pg.steps:
             record["entropy"] = mean_entropy(policy.probs(), layout.present)

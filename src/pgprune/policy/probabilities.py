@@ -7,9 +7,10 @@ widest) stay at probability 0 and are never sampled.
 
 A `Policy` owns the probabilities and the budget: the loop asks it for `probs()`, hands it the
 estimated gradient with `update(grad, lr)`, reads the hard mask with `hard_mask()`, and saves /
-restores it with `state_dict()` / `load_state_dict()`. Two policies implement it: `UnitPolicy`
-here (a free probability per unit, projected back onto the budget after every step: the paper's)
-and `FeaturePolicy` (policy/features.py: a few shared logit parameters).
+restores it with `state_dict()` / `load_state_dict()`. Three policies implement it: `UnitPolicy`
+here (a free probability per unit, projected back onto the budget after every step: the paper's),
+`FeaturePolicy` (policy/features.py: a few shared logit parameters) and `SearchPolicy`
+(policy/search.py: a Gaussian over the feature policy's parameters, drawing exact-budget masks).
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ class Policy(ABC):
         """The most probable units that fit the budget (the closest reachable prefix)."""
         return hard_mask(self.layout.split(self.probs().double()), self.costs, self.sparsity,
                          multiple=self.width_multiple)
+
+    # A policy that draws its masks some other way (policy/search.py) overrides both of these; it
+    # then cannot share its draws across ranks (the loop refuses distributed runs for it).
+    shares_draws: bool = True
+
+    def sample(self, k: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+        """K masks [K, N] (float 0/1) for one step: Bernoulli(probs()) draws."""
+        return sample_masks(self.probs(), k, generator, antithetic=antithetic)
+
+    def learn(self, m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor, estimator, baseline, lr: float) -> float:
+        """One step from the K masks `m` drawn at probabilities `s` and their losses; returns the
+        baseline for the log. Bernoulli policies: the estimator's dE[L]/ds, then `update`."""
+        g, b = estimator(m, s, losses, baseline)
+        self.update(g, lr)
+        return b
 
 
 class UnitPolicy(Policy):
