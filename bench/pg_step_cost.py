@@ -12,6 +12,7 @@ higher than either forward), so peak = resident model + the work's own peak. Tar
 
     python bench/pg_step_cost.py [--dtype bf16] [--blocks 5] [--steps-per-block 3] [--policy features --estimator loo]
     python bench/pg_step_cost.py --dtype fp32 --policy features --forward gathered --scoring lsq   # issue 18
+    python bench/pg_step_cost.py --dtype fp32 --policy search --forward gathered --scoring bias
 
 `--scoring` is how each sampled mask is scored (`--pg-reconstruct`): none (plain masks), bias (mean
 fill) or lsq (each mask's own least-squares refit, on a gathered view; with layer units its removed
@@ -42,12 +43,15 @@ def _setup(args):
     ids = torch.randint(0, model.config.vocab_size, (max(args.batch_size, 16), args.seqlen),
                         generator=torch.Generator().manual_seed(0))
     args.feature_policy = None
-    if args.policy == "features":  # built once, outside the timed work (a metric pass on 16 windows)
+    if args.policy in ("features", "search"):  # built once, outside the timed work (a metric pass on 16 windows)
         from pgprune.metrics.pipeline import run_metric
         from pgprune.policy.features import FeaturePolicy
+        from pgprune.policy.search import SearchPolicy
 
         r = run_metric(model, ids[:16], "wanda-sp", args.sparsity, layout.kinds, "uniform", progress=False)
-        args.feature_policy = FeaturePolicy.from_metric(r, adapter, layout, costs, scale=8.0)
+        kind = SearchPolicy if args.policy == "search" else FeaturePolicy
+        args.feature_policy = kind.from_metric(r, adapter, layout, costs, scale=8.0)
+        args.feature_policy.sigma = args.sigma
         args.sparsity = r.allocation.sparsity
     args.loss_fn = _loss_fn(model, costs, ids[:16], args)
     return model, costs, layout, ids
@@ -141,7 +145,8 @@ def measure_memory(args) -> dict:
         cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--dtype", args.dtype,
                "--k", str(args.k), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen),
                "--units", args.units, "--sparsity", str(args.sparsity), "--policy", args.policy,
-               "--estimator", args.estimator, "--forward", args.forward, "--scoring", args.scoring]
+               "--sigma", str(args.sigma), "--estimator", args.estimator, "--forward", args.forward,
+               "--scoring", args.scoring]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
     out["ratio_peak"] = out["pg"]["peak_rss"] / out["plain"]["peak_rss"]
@@ -159,7 +164,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--units", default="channel,head")
     ap.add_argument("--sparsity", type=float, default=0.3)
-    ap.add_argument("--policy", default="units", choices=["units", "features"])
+    ap.add_argument("--policy", default="units", choices=["units", "features", "search"])
+    ap.add_argument("--sigma", type=float, default=0.05, help="the search policy's --sigma")
     ap.add_argument("--estimator", default="paper", choices=list(ESTIMATORS))
     ap.add_argument("--forward", default="gated", choices=["gated", "gathered"])
     ap.add_argument("--scoring", default="none", choices=["none", "bias", "lsq"])

@@ -13,20 +13,21 @@ from pgprune.policy.features import FeaturePolicy, log_features
 from pgprune.config import PGSettings, RunSettings
 from pgprune.policy.loop import run_policy_gradient
 from pgprune.policy.probabilities import UnitLayout
+from pgprune.policy.search import SearchPolicy
 
 CASES = [(("channel", "head"), "wanda-sp", "uniform"), (("channel", "head"), "flap", "global"),
          (("layer",), "block-influence", "global"), (("channel", "head", "layer"), "wanda-sp", "global"),
          (("channel", "head", "layer"), "wanda-sp", "uniform"), (("channel", "head", "layer"), "flap", "uniform")]
 
 
-def _policy(kinds, method, allocation, sparsity=0.3, scale=4.0, **sizes):
+def _policy(kinds, method, allocation, sparsity=0.3, scale=4.0, policy_class=FeaturePolicy, **sizes):
     model = synthetic_model("llama", seed=0, **sizes)
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
     calib = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
     r = run_metric(model, calib, method, sparsity, kinds, allocation, progress=False)
     layout = UnitLayout.build(costs, kinds)
-    return model, costs, layout, r, FeaturePolicy.from_metric(r, adapter, layout, costs, scale=scale)
+    return model, costs, layout, r, policy_class.from_metric(r, adapter, layout, costs, scale=scale)
 
 
 @pytest.mark.parametrize("kinds,method,allocation", CASES)
@@ -154,13 +155,15 @@ def test_learns_which_layers_to_remove():
     assert res.masks.sparsity(costs) == pytest.approx(r.allocation.sparsity, abs=1e-9)
 
 
-def test_resume_restores_the_policy_and_its_optimiser(tmp_path):
-    model, costs, layout, r, _ = _policy(("channel", "head"), "wanda-sp", "uniform")
+@pytest.mark.parametrize("name", ["features", "search"])
+def test_resume_restores_the_policy_and_its_optimiser(tmp_path, name):
+    policy_class = SearchPolicy if name == "search" else FeaturePolicy
+    model, costs, layout, r, _ = _policy(("channel", "head"), "wanda-sp", "uniform", policy_class=policy_class)
     calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
-    config = PGSettings(steps=6, k=2, batch_size=4, lr=0.1, estimator="loo", eval_every=3)
+    config = PGSettings(policy=name, steps=6, k=2, batch_size=4, lr=0.1, estimator="loo", eval_every=3)
 
     def fresh():
-        return _policy(("channel", "head"), "wanda-sp", "uniform")[-1]
+        return _policy(("channel", "head"), "wanda-sp", "uniform", policy_class=policy_class)[-1]
 
     full = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "a", progress=False)
     run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False, stop_after=3)

@@ -1,4 +1,5 @@
-"""The Gaussian search policy (policy/search.py): start, exact-budget draws, its estimate, loop, resume."""
+"""The Gaussian search policy (policy/search.py): start, exact-budget draws, its estimate, loop (resume:
+test_feature_policy.py)."""
 
 import pytest
 import torch
@@ -80,23 +81,6 @@ def test_learns_which_layer_to_widen():
     assert int(_widths(res.masks)[0]) > int(_widths(start)[0])
     cost = lambda m: float(((1 - m["channel"].float()).sum(-1) * weight).sum())  # noqa: E731
     assert cost(res.masks) < cost(start)
-
-
-def test_resume_continues_to_the_same_result(tmp_path):
-    model, _, _, _, _ = _policy()
-    calib = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
-    config = PGSettings(policy="search", steps=6, k=2, batch_size=4, lr=0.1, eval_every=3)
-
-    def fresh():
-        return _policy()[-1]
-
-    full = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "a", progress=False)
-    run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False, stop_after=3)
-    resumed = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False,
-                                  resume=True)
-    assert torch.equal(full.probs, resumed.probs) and full.history == resumed.history
-    assert not torch.equal(full.probs, fresh().probs())  # it did move
-    assert full.history[-1]["step"] == 6 and "loss" in full.history[-1]
 
 
 def test_bad_search_settings_are_refused():
