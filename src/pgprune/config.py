@@ -99,7 +99,7 @@ class PGSettings:
     offsets: str = option("learned", "features policy: learned (one offset per kind and layer moves that layer's "
                                      "width) or fixed (held at the start: widths then move only with the shared "
                                      "feature weights)", group=EXPERIMENTAL, choices=("learned", "fixed"))
-    sigma: float = option(0.1, "search policy: standard deviation of its parameter draws (in standardised "
+    sigma: float = option(0.05, "search policy: standard deviation of its parameter draws (in standardised "
                                "score units)", group=EXPERIMENTAL, type=float)
     floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
                           type=float)

@@ -30,7 +30,7 @@ class SearchPolicy(FeaturePolicy):
     """Masks drawn as the hard masks of Gaussian-perturbed feature-policy parameters (module text)."""
 
     shares_draws = False  # the perturbations stay on the drawing process
-    sigma: float = 0.1  # the search's standard deviation, in units of the standardised scores
+    sigma: float = 0.05  # the search's standard deviation (--sigma), in units of the standardised scores
 
     def _theta(self) -> torch.Tensor:
         return torch.cat([self.weights.reshape(-1), self.offsets])
