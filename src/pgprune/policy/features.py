@@ -132,7 +132,11 @@ class FeaturePolicy(Policy):
 
     def scores(self) -> torch.Tensor:
         """[N] float64: sum_f w phi + a, before scale and shift (-inf for absent units)."""
-        z = (self.features * self.weights[self.kind_of]).sum(-1) + self.offsets[self.group]
+        return self.scores_at(self.weights, self.offsets)
+
+    def scores_at(self, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """scores() with other parameters (w [kinds, F], a [kinds * L])."""
+        z = (self.features * weights[self.kind_of]).sum(-1) + offsets[self.group]
         return torch.where(self.layout.present, z, torch.tensor(float("-inf"), dtype=torch.float64))
 
     def logits(self) -> torch.Tensor:

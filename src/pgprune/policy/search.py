@@ -37,9 +37,7 @@ class SearchPolicy(FeaturePolicy):
 
     def _mask_at(self, theta: torch.Tensor) -> Masks:
         nw = self.weights.numel()
-        w, a = theta[:nw].reshape(self.weights.shape), theta[nw:]
-        z = (self.features * w[self.kind_of]).sum(-1) + a[self.group]
-        z = torch.where(self.layout.present, z, torch.tensor(float("-inf"), dtype=torch.float64))
+        z = self.scores_at(theta[:nw].reshape(self.weights.shape), theta[nw:])
         return hard_mask(self.layout.split(z), self.costs, self.sparsity, multiple=self.width_multiple)
 
     def hard_mask(self) -> Masks:
