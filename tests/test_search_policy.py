@@ -90,6 +90,9 @@ def test_bad_search_settings_are_refused():
         RunSettings.from_recipe("features", {"pg.policy": "search", "pg.sigma": 0.0}).validate()
     with pytest.raises(ConfigError, match="features policy"):
         RunSettings.from_recipe("features", {"pg.policy": "search", "pg.floor": 0.05}).validate()
+    for ignored in ({"pg.estimator": "loo"}, {"pg.baseline": "ema"}, {"pg.control_variate": True}):
+        with pytest.raises(ConfigError, match="its own estimator"):
+            RunSettings.from_recipe("features", {"pg.policy": "search", **ignored}).validate()
     model, _, _, _, policy = _policy()
     with pytest.raises(ConfigError, match="antithetic pairs"):
         policy.sample(3, torch.Generator().manual_seed(0))

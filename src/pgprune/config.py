@@ -327,6 +327,9 @@ class RunSettings:
         if pg.policy == "search" and (pg.k % 2 or pg.sigma <= 0):
             raise ConfigError(f"--policy search draws antithetic pairs with --sigma > 0: it needs an even --k "
                               f"(got {pg.k}) and a positive --sigma (got {pg.sigma})")
+        if pg.policy == "search" and (pg.estimator != "paper" or pg.baseline != "previous" or pg.control_variate):
+            raise ConfigError("--policy search brings its own estimator (the antithetic pair's difference); drop "
+                              "--estimator, --baseline and --control-variate")
         if pg.policy in ("features", "search"):
             if pg.per_kind_budget or pg.floor > 0 or pg.projection != "cost":
                 raise ConfigError("the features policy holds one global budget by a shift in logit space; it has "
