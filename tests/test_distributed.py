@@ -1,6 +1,7 @@
 """Distributed sampling: 2 gloo ranks on the CPU give the same probabilities as one process that
-takes the same N*K samples (written out here as a plain loop), and a failing rank stops the run
-with an error instead of a hang."""
+takes the same N*K samples (written out here as a plain loop), for the unit policy and the search
+policy (whose draws are Gaussian directions), and a failing rank stops the run with an error
+instead of a hang."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from pgprune.budget import project
 from pgprune.policy.estimators import BaselineState, get_estimator
 from pgprune.config import PGSettings
 from pgprune.policy.loop import lr_at, run_policy_gradient, step_generator
+from pgprune.metrics.pipeline import run_metric
 from pgprune.policy.probabilities import UnitLayout, UnitPolicy, sample_masks
+from pgprune.policy.search import SearchPolicy
 
 WORLD = 2
 SPARSITY, SEED = 0.3, 5
@@ -37,13 +40,22 @@ def _setup():
     return model, costs, layout, calib, s0, config
 
 
+def _make_policy(kind, model, costs, layout, calib, s0):
+    if kind == "units":
+        return UnitPolicy(s0, layout, costs, SPARSITY)
+    r = run_metric(model, calib, "wanda-sp", SPARSITY, ("channel", "head"), "uniform", progress=False)
+    policy = SearchPolicy.from_metric(r, get_adapter(model), layout, costs, scale=8.0)
+    policy.sigma = 0.5  # large enough that the 4 steps move the hard mask's scores visibly
+    return policy
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: str, fail_rank: int | None, results) -> None:
+def _worker(rank: int, port: int, out_dir: str, fail_rank: int | None, results, kind: str) -> None:
     import torch.distributed as dist
 
     from pgprune.policy.distributed import TorchWorld
@@ -59,8 +71,9 @@ def _worker(rank: int, port: int, out_dir: str, fail_rank: int | None, results) 
                 raise RuntimeError(f"rank {rank} fails on purpose")
             return masked_losses(model, batch, masks, costs=costs)
 
-        result = run_policy_gradient(model, calib, UnitPolicy(s0, layout, costs, SPARSITY), config, seed=SEED,
-                                     out_dir=out_dir, progress=False, loss_fn=loss_fn, world=TorchWorld())
+        policy = _make_policy(kind, model, costs, layout, calib, s0)
+        result = run_policy_gradient(model, calib, policy, config, seed=SEED, out_dir=out_dir, progress=False,
+                                     loss_fn=loss_fn, world=TorchWorld())
         results.put((rank, "ok", result.probs.tolist(), result.history[-1]["forward_passes"]))
     except BaseException as exc:  # report everything to the parent
         results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -69,13 +82,13 @@ def _worker(rank: int, port: int, out_dir: str, fail_rank: int | None, results) 
             dist.destroy_process_group()
 
 
-def _launch(tmp_path, fail_rank=None, timeout=120.0):
+def _launch(tmp_path, fail_rank=None, timeout=120.0, kind="units"):
     # fork: the ranks inherit the imported torch/transformers (spawn re-imports them, ~4x slower);
     # each rank sets one thread before any work
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), fail_rank, results)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), fail_rank, results, kind)) for r in range(WORLD)]
     for p in procs:
         p.start()
     got, deadline = {}, time.monotonic() + timeout
@@ -111,6 +124,40 @@ def _reference(model, costs, layout, calib, s0, config):
         g, _ = estimator(torch.cat(ms), s, torch.cat(ls), baseline)
         s = project(s - lr_at(config, step) * g, layout, costs, keep, config.projection, config.per_kind_budget)
     return s
+
+
+def _search_reference(model, costs, layout, calib, s0, config):
+    """The search policy taking both ranks' antithetic pairs of every step, in rank order: its
+    estimate mean_j (L+ - L-) / (2 sigma) eps_j over all pairs, then its Adam step."""
+    policy = _make_policy("search", model, costs, layout, calib, s0)
+    for step in range(config.steps):
+        diffs, eps = [], []
+        for rank in range(WORLD):
+            gen = step_generator(SEED, step, rank)
+            idx = torch.randperm(calib.shape[0], generator=gen)[: config.batch_size]
+            m = policy.sample(config.k, gen)
+            losses = masked_losses(model, calib[idx], layout.masks(m), costs=costs).double()
+            diffs.append(losses[0::2] - losses[1::2])
+            eps.append(policy._eps)
+        g = (torch.cat(diffs)[:, None] * torch.cat(eps)).mean(0) / (2.0 * policy.sigma)
+        policy._adam_step(g, lr_at(config, step))
+    return policy.probs()
+
+
+def test_two_ranks_of_the_search_policy_step_on_every_rank_s_pairs(tmp_path):
+    got = _launch(tmp_path, kind="search")
+    assert set(got) == {0, 1}, got
+    for rank, item in got.items():
+        assert item[1] == "ok", item[3]
+    probs = [torch.tensor(got[r][2]) for r in range(WORLD)]
+    assert torch.equal(probs[0], probs[1])
+    setup = _setup()
+    ref = _search_reference(*setup)
+    torch.testing.assert_close(probs[0], ref.float(), rtol=0, atol=1e-6)
+    model, costs, layout, calib, s0, config = setup
+    single = run_policy_gradient(model, calib, _make_policy("search", *setup[:5]), config, seed=SEED,
+                                 progress=False).probs
+    assert not torch.allclose(single.float(), ref.float(), atol=1e-4)  # rank 0's pairs alone step elsewhere
 
 
 def test_two_ranks_match_one_process_with_all_samples(tmp_path):

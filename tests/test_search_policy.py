@@ -10,7 +10,6 @@ from pgprune.masks import UnitCosts
 from pgprune.metrics.pipeline import run_metric
 from pgprune.models.adapter import get_adapter
 from pgprune.models.synthetic import synthetic_model
-from pgprune.policy.distributed import World
 from pgprune.policy.estimators import BaselineState
 from pgprune.policy.loop import run_policy_gradient
 from pgprune.policy.probabilities import UnitLayout
@@ -93,14 +92,7 @@ def test_bad_search_settings_are_refused():
     for ignored in ({"pg.estimator": "loo"}, {"pg.baseline": "ema"}, {"pg.control_variate": True}):
         with pytest.raises(ConfigError, match="its own estimator"):
             RunSettings.from_recipe("features", {"pg.policy": "search", **ignored}).validate()
-    model, _, _, _, policy = _policy()
+    *_, policy = _policy()
     with pytest.raises(ConfigError, match="antithetic pairs"):
         policy.sample(3, torch.Generator().manual_seed(0))
 
-    class TwoRanks(World):
-        size = 2
-
-    with pytest.raises(ConfigError, match="one process"):
-        run_policy_gradient(model, torch.zeros(8, 4, dtype=torch.long), policy,
-                            PGSettings(policy="search", steps=1, k=2, batch_size=1), world=TwoRanks(),
-                            progress=False)

@@ -100,8 +100,6 @@ def run_policy_gradient(
     """
     world = world or World()
     layout, costs = policy.layout, policy.costs
-    if world.size > 1 and not policy.shares_draws:
-        raise ConfigError(f"the {policy.describe()['policy']!r} policy runs on one process; run it without torchrun")
     if calib_windows.shape[0] < pg.batch_size:
         raise ConfigError(f"calibration pool has {calib_windows.shape[0]} windows, fewer than one batch "
                           f"of {pg.batch_size}; raise --nsamples or lower --batch-size")
@@ -162,6 +160,7 @@ def run_policy_gradient(
         if world.size > 1:  # all N*K samples, rank-major, identical on every rank
             m = world.all_gather(m).reshape(-1, m.shape[-1])
             losses = world.all_gather(losses).reshape(-1)
+            policy.gather_draws(world)
         record = {"step": step + 1, "forward_passes": (step + 1) * pg.k * world.size, "lr": lr_at(pg, step)}
         if not torch.isfinite(losses).all():
             skipped += 1

@@ -106,10 +106,7 @@ class Policy(ABC):
         return hard_mask(self.layout.split(self.probs().double()), self.costs, self.sparsity,
                          multiple=self.width_multiple)
 
-    # A policy that draws its masks some other way (policy/search.py) overrides both of these; it
-    # then cannot share its draws across ranks (the loop refuses distributed runs for it).
-    shares_draws: bool = True
-
+    # A policy that draws its masks some other way (policy/search.py) overrides these three.
     def sample(self, k: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
         """K masks [K, N] (float 0/1) for one step: Bernoulli(probs()) draws."""
         return sample_masks(self.probs(), k, generator, antithetic=antithetic)
@@ -120,6 +117,10 @@ class Policy(ABC):
         g, b = estimator(m, s, losses, baseline)
         self.update(g, lr)
         return b
+
+    def gather_draws(self, world) -> None:
+        """Distributed runs: after the loop all-gathers the step's masks and losses (rank-major), gather
+        whatever else `learn` needs about the draws. Bernoulli draws need nothing beyond the masks."""
 
 
 class UnitPolicy(Policy):

@@ -29,7 +29,6 @@ from pgprune.policy.features import FeaturePolicy
 class SearchPolicy(FeaturePolicy):
     """Masks drawn as the hard masks of Gaussian-perturbed feature-policy parameters (module text)."""
 
-    shares_draws = False  # the perturbations stay on the drawing process
     sigma: float = 0.05  # the search's standard deviation (--sigma), in units of the standardised scores
 
     def _theta(self) -> torch.Tensor:
@@ -57,6 +56,10 @@ class SearchPolicy(FeaturePolicy):
                 rows.append(self.layout.merge(self._mask_at(theta + sign * self.sigma * e).tensors).float())
         self._eps = eps
         return torch.stack(rows)
+
+    def gather_draws(self, world) -> None:
+        """Every rank's directions, rank-major like the gathered losses, so all ranks take one step."""
+        self._eps = world.all_gather(self._eps).reshape(-1, self._eps.shape[-1]).cpu()
 
     def learn(self, m: torch.Tensor, s: torch.Tensor, losses: torch.Tensor, estimator, baseline, lr: float) -> float:
         """The antithetic Gaussian estimate of dE[L]/dtheta (module text), then one Adam step."""
