@@ -338,7 +338,7 @@ def test_bad_settings():
     with pytest.raises(ConfigError, match="sparsity"):
         RunSettings.from_recipe("features", {"sparsity": 1.0}).validate()
     with pytest.raises(ConfigError, match="K >= 2"):
-        RunSettings.from_recipe("features", {"pg.estimator": "loo", "pg.k": 1}).validate()
+        RunSettings.from_recipe("features", {"pg.policy": "features", "pg.estimator": "loo", "pg.k": 1}).validate()
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):

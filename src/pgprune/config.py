@@ -50,10 +50,10 @@ class DataSettings:
 @dataclass
 class PGSettings:
     """The policy-gradient method (--method pg)."""
-    policy: str = option("features", "units: one free keep-probability per unit (the paper's); features: a few "
-                                     "shared logit parameters over metric scores and per-layer widths; search: a "
-                                     "Gaussian over the features policy's parameters, each draw an exact-budget mask "
-                                     "(experimental; docs/method.md)",
+    policy: str = option("search", "units: one free keep-probability per unit (the paper's); features: a few "
+                                   "shared logit parameters over metric scores and per-layer widths, units drawn "
+                                   "by Bernoulli; search: a Gaussian over the features policy's parameters, each "
+                                   "draw an exact-budget mask (docs/method.md)",
                          choices=("units", "features", "search"))
     init: str = option("auto", "metric whose mask PG starts from (wanda-sp, flap, magnitude, random, "
                                "block-influence, obs), auto (of wanda-sp and obs at uniform widths and flap at its "
@@ -76,8 +76,9 @@ class PGSettings:
     lr_schedule: str = option("cosine", "learning-rate schedule", group=ADVANCED, choices=("cosine", "constant"))
     k: int = option(2, "masks sampled per step", group=ADVANCED, type=int)
     batch_size: int = option(8, "calibration windows per step", group=ADVANCED, type=int)
-    estimator: str = option("paper", "gradient estimator: paper (the reference code's); loo and disarm are "
-                                     "unbiased but measured noisier here (bench/RESULTS.md)", group=ADVANCED,
+    estimator: str = option("paper", "gradient estimator of the units and features policies: paper (the "
+                                     "reference code's); loo and disarm are unbiased but measured noisier here "
+                                     "(bench/RESULTS.md)", group=ADVANCED,
                             choices=("paper", "loo", "disarm"))
     select: str = option("best", "best: the tracked hard mask with the lowest perplexity on the --track set (by "
                                  "default held-out calibration text, the start included); final: the last step's",
@@ -100,7 +101,7 @@ class PGSettings:
                                      "width) or fixed (held at the start: widths then move only with the shared "
                                      "feature weights)", group=EXPERIMENTAL, choices=("learned", "fixed"))
     sigma: float = option(0.05, "search policy: standard deviation of its parameter draws (in standardised "
-                               "score units)", group=EXPERIMENTAL, type=float)
+                               "score units)", group=ADVANCED, type=float)
     floor: float = option(0.0, "units policy: keep probabilities within [floor, 1-floor]", group=EXPERIMENTAL,
                           type=float)
     projection: str = option("cost", "units policy: budget projection shift proportional to unit cost, equal "
@@ -431,11 +432,16 @@ def flag_of(path: str, f) -> str:
 # --- recipes ------------------------------------------------------------------------------------------------
 RECIPES: dict[str, dict] = {
     "features": {
-        "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): the feature policy started at the "
-               "best of the Wanda-sp, FLAP and obs masks, every sampled mask scored bias-compensated, 300 steps, the "
-               "tracked mask whose refit model is lowest on held-out calibration text, refit by least squares",
+        "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): a Gaussian search over the feature "
+               "policy's parameters started at the best of the Wanda-sp, FLAP and obs masks, every sampled mask "
+               "scored bias-compensated, 300 steps, the tracked mask whose refit model is lowest on held-out "
+               "calibration text, refit by least squares",
         "values": {
-            "pg.policy": "features",   # a few shared logit parameters: re-ranks 46k channels in 300 steps
+            "pg.policy": "search",     # the feature policy's ~70 shared parameters (re-ranks 46k channels in
+                                       # 300 steps), drawn as exact-budget masks: learns the per-layer widths
+                                       # the Bernoulli draws blur (8 runs paired with --policy
+                                       # features at 30 / 50 %: 0.92x / 0.93x, 15 of 16 measures lower)
+            "pg.sigma": 0.05,          # the draws' spread (0.02 moved slower)
             "pg.init": "auto",         # start where the best metric method ends: Wanda-sp's, FLAP's or obs's
                                        # mask, whichever is lowest on held-out calibration text once refit
             "pg.init_scale": 8.0,      # a local search around the start (scale 1-4 wandered off)
@@ -443,7 +449,8 @@ RECIPES: dict[str, dict] = {
             "reconstruct": "lsq",      # then refit by least squares: 30 % PG mask 168.7 -> 146.8, Wanda-sp 255.6 -> 170.8
             "reconstruct_inputs": "auto",  # sequential for channels / heads: 146.8 -> 138.4, 170.8 -> 152.8;
                                            # dense for whole layers (better on natural text, 4 of 4 masks)
-            "pg.estimator": "paper",   # steadiest direction at the start (split-half cosine 0.65)
+            "pg.estimator": "paper",   # for --policy features / units: steadiest direction at the start
+                                       # (split-half cosine 0.65); search brings its own
             "pg.steps": 300,
             "pg.lr": 0.005,            # Adam's step size on the shared parameters: 0.02 re-ranked a good start
                                        # within its first noisy steps (9 paired runs: 0.95x / 0.97x; one ends
