@@ -439,8 +439,8 @@ RECIPES: dict[str, dict] = {
         "values": {
             "pg.policy": "search",     # the feature policy's ~70 shared parameters (re-ranks 46k channels in
                                        # 300 steps), drawn as exact-budget masks: learns the per-layer widths
-                                       # the Bernoulli draws blur (8 runs paired with --policy
-                                       # features at 30 / 50 %: 0.92x / 0.93x, 15 of 16 measures lower)
+                                       # the Bernoulli draws blur (9 runs paired with --policy
+                                       # features at 30 / 50 %: 0.93x / 0.94x, 16 of 18 measures lower)
             "pg.sigma": 0.05,          # the draws' spread (0.02 moved slower)
             "pg.init": "auto",         # start where the best metric method ends: Wanda-sp's, FLAP's or obs's
                                        # mask, whichever is lowest on held-out calibration text once refit
