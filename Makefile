@@ -49,9 +49,9 @@ $(VENV)/.installed: pyproject.toml
 # Prune SmolLM2-135M by 30 % (MLP channels + KV-head groups) with the default recipe (`features`, our best
 # measured: the search policy over the feature policy's parameters from the best of the Wanda-sp, FLAP and obs
 # masks, bias-compensated, 300 steps of K=2 masks on 8 x 128 tokens of the Wikipedia sample, the tracked mask
-# whose refit model is lowest on held-out calibration text, refit by least squares; with the feature policy
-# (the default then) it took 63 min (PG 47 min) in fp32 on a 2-core CPU without native bf16 shared with two
-# other jobs, plus the llama.cpp build on a fresh machine, bench/RESULTS.md "`make demo`"),
+# whose refit model is lowest on held-out calibration text, refit by least squares; on 2026-12-05 it took
+# 99 min (PG 71 min) in bf16 on a 2-core CPU shared with six or seven other jobs, plus the llama.cpp build on
+# a fresh machine, bench/RESULTS.md "`make demo`"),
 # print dense / start / final perplexity
 # and write runs/demo/report.md with plots. Perplexity on WikiText-2 test (first 32k tokens) where
 # DATA_DIR has it, else on the Wikipedia sample's test split.
