@@ -453,7 +453,7 @@ RECIPES: dict[str, dict] = {
                                        # (split-half cosine 0.65); search brings its own
             "pg.steps": 300,
             "pg.lr": 0.01,             # Adam's step size on the shared parameters: the search moved further
-                                       # at 0.01 than at 0.005 (6 paired runs: 0.97x / 0.96x; bench/RESULTS.md "The
+                                       # at 0.01 than at 0.005 (10 paired runs: 0.97x / 0.94x; bench/RESULTS.md "The
                                        # search's step size"); the feature policy was best at 0.005 (0.02
                                        # re-ranked a good start within its first noisy steps)
             "pg.lr_schedule": "cosine",
