@@ -3,7 +3,8 @@
 The search (`--policy search`) steps along the loss difference of one antithetic pair theta +- sigma eps,
 scored on one 8 x 128 calibration batch under FLAP's bias compensation. What the run is judged on is the
 model refit by least squares, on held-out text. This bench draws N directions eps at the start of a
-default run (the init metric's mask) and, for both masks of each pair:
+default run (the init metric's mask; or where a run's checkpoint ended, --policy-from) and, for both masks
+of each pair:
 - on B calibration batches (PG's own windows): the LM loss (what PG scores today) and the mean
   KL(dense || pruned) per token (distillation from the dense model's next-token distribution, which
   needs one dense forward per batch), both bias-compensated, and the LM loss of the mask refit by
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, command_line, save, table  # noqa: E402
 
-from pgprune import atomic  # noqa: E402
+from pgprune import atomic, run_folder  # noqa: E402
 from pgprune.config import RunSettings  # noqa: E402
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
 from pgprune.metrics.pipeline import resolve_allocation, run_metric  # noqa: E402
@@ -121,6 +122,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="calibration batches of 8 x 128 per mask")
     ap.add_argument("--heldout-windows", type=int, default=64, help="held-out 128-token windows of the truth")
     ap.add_argument("--sigma", type=float, default=0.05)
+    ap.add_argument("--policy-from", metavar="RUN_DIR",
+                    help="draw the pairs around the parameters of this run's checkpoint (a run of the same start, "
+                         "calibration and seed) instead of the start")
     ap.add_argument("--tag", default="search_objective")
     ap.add_argument("--summarise", action="store_true",
                     help="recompute the table of bench/results/TAG.json from its raw losses (no model run)")
@@ -152,6 +156,8 @@ def main() -> None:
     refit = per_mask_refit(model, stats, calib[:METRIC_NSAMPLES], damp=settings.reconstruct_damp, costs=costs,
                            progress=False)
     policy = start_policy(session, metric)
+    if args.policy_from:
+        policy.load_state_dict(run_folder.load_checkpoint(Path(args.policy_from))["policy"])
     held = get_eval_tokens(session.tokenizer, args.calib, "heldout", args.data_dir)
     n = args.heldout_windows * seqlen
     held = held[0, :n].reshape(-1, seqlen)
@@ -187,6 +193,7 @@ def main() -> None:
     print(table(rows, COLUMNS))
     save(args.tag, {"command": command_line("search_objective.py", sys.argv[1:]), "rows": rows,
                     "directions": args.directions, "batches": args.batches, "heldout_windows": args.heldout_windows,
+                    "policy_from": args.policy_from,
                     "raw": raw, "seconds": time.perf_counter() - t0})
 
 
