@@ -11,9 +11,10 @@ of each pair:
   least squares (what `--pg-reconstruct lsq` scores);
 - the "truth": the LM loss on held-out calibration text (PG's tracking windows) of each mask refit
   by least squares (dense inputs, `per_mask_refit`, as `--pg-reconstruct lsq` scores).
-It reports, per objective, the correlation over directions between a batch's pair difference and the
-truth's (mean over batches), between two batches' differences (how repeatable one batch is), and the
-cosine between the search gradient estimated from all N directions on one batch and the truth's.
+It reports, per objective, how a batch's pair differences agree with the truth's over the directions
+(Pearson, Spearman, the fraction of signs; mean over batches, and for the batches' mean difference),
+how two batches' differences agree (how repeatable one batch is), and the cosine between the search
+gradient estimated from all N directions on one batch and the truth's.
 
     OMP_NUM_THREADS=1 python bench/search_objective.py --data-dir ../shared/data --calib wiki-sample --sparsity 0.3 --init flap
 """
@@ -35,6 +36,7 @@ from _common import RESULTS_DIR, command_line, save, table  # noqa: E402
 from pgprune import atomic, run_folder  # noqa: E402
 from pgprune.config import RunSettings  # noqa: E402
 from pgprune.data import get_calibration_windows, get_eval_tokens  # noqa: E402
+from pgprune.evaluate.perplexity import perplexity_of_tokens  # noqa: E402
 from pgprune.metrics.pipeline import resolve_allocation, run_metric  # noqa: E402
 from pgprune.metrics.calibration import collect_layer_stats  # noqa: E402
 from pgprune.pruning import METRIC_NSAMPLES, load_session, start_policy  # noqa: E402
@@ -44,8 +46,8 @@ from pgprune.surgery import pruned_view  # noqa: E402
 
 @torch.no_grad()
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, :-1]).float()
+    """fp32 logits of positions 0..T-2 (those that predict a token of the window)."""
+    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
 def _lm_and_kl(logits: torch.Tensor, ids: torch.Tensor, dense_logp: torch.Tensor | None) -> tuple[float, float]:
@@ -145,13 +147,14 @@ def main() -> None:
                                                     "data.data_dir": args.data_dir, "execution.dtype": "fp32"})
     session = load_session(settings)
     model, adapter, costs, kinds = session.model, session.adapter, session.costs, session.layout.kinds
-    seqlen, bs = settings.data.seqlen, settings.pg.batch_size
+    seqlen, bs, metric_bs = settings.data.seqlen, settings.pg.batch_size, settings.execution.metric_batch_size
     calib = get_calibration_windows(session.tokenizer, args.calib, METRIC_NSAMPLES + args.batches * bs, seqlen,
                                     seed=args.seed, data_dir=args.data_dir)
     metric = run_metric(model, calib[:METRIC_NSAMPLES], args.init, args.sparsity, kinds,
-                        resolve_allocation(args.init, "auto", kinds), batch_size=8, seed=args.seed,
+                        resolve_allocation(args.init, "auto", kinds), batch_size=metric_bs, seed=args.seed,
                         bias_compensation=False, progress=False)
-    stats = collect_layer_stats(model, calib[:METRIC_NSAMPLES], batch_size=8, propagate="dense", covariance=True)
+    stats = collect_layer_stats(model, calib[:METRIC_NSAMPLES], batch_size=metric_bs, propagate="dense",
+                                covariance=True)
     fill = feature_means(stats)
     refit = per_mask_refit(model, stats, calib[:METRIC_NSAMPLES], damp=settings.reconstruct_damp, costs=costs,
                            progress=False)
@@ -159,8 +162,6 @@ def main() -> None:
     if args.policy_from:
         policy.load_state_dict(run_folder.load_checkpoint(Path(args.policy_from))["policy"])
     held = get_eval_tokens(session.tokenizer, args.calib, "heldout", args.data_dir)
-    n = args.heldout_windows * seqlen
-    held = held[0, :n].reshape(-1, seqlen)
     batches = [calib[METRIC_NSAMPLES + b * bs: METRIC_NSAMPLES + (b + 1) * bs] for b in range(args.batches)]
     dense_logp = [F.log_softmax(_logits(model, ids), dim=-1) for ids in batches]
     print(f"setup {time.perf_counter() - t0:.0f} s", flush=True)
@@ -180,8 +181,8 @@ def main() -> None:
             r = refit(mask)
             view = pruned_view(model, mask, output_bias=r.output_bias, input_weights=r.input_weights)
             lsq_d.append([_lm_and_kl(_logits(view, ids), ids, None)[0] for ids in batches])
-            tr_d.append(sum(_lm_and_kl(_logits(view, held[i:i + bs]), held[i:i + bs], None)[0]
-                            for i in range(0, held.shape[0], bs)) / (held.shape[0] // bs))
+            tr_d.append(perplexity_of_tokens(view, held, seqlen=seqlen, batch_size=bs,
+                                             max_tokens=args.heldout_windows * seqlen).nll)
         lm.append(lm_d), kl.append(kl_d), lsq.append(lsq_d), truth.append(tr_d)
         print(f"direction {d + 1}/{args.directions}: truth diff {tr_d[0] - tr_d[1]:+.4f}, "
               f"lm {lm_d[0][0] - lm_d[1][0]:+.4f}, kl {kl_d[0][0] - kl_d[1][0]:+.4f}, "
