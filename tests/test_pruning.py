@@ -196,6 +196,29 @@ def test_pg_scored_with_least_squares_exports_the_model_it_optimised(workdir, mo
         prune(_options(root, text, pg_reconstruct="lsq", forward="gated"), root / "bad-lsq", progress=False)
 
 
+def test_pg_lsq_from_scores_bias_first_then_least_squares(workdir):
+    # --pg-lsq-from 2: steps 1-2 are scored bias-compensated, step 3 on each mask's least-squares refit.
+    # The same seed draws the same batches and masks, so the first two losses equal a bias-scored run's
+    # (same policy updates too), and the third, from the same policy, differs from it only by the scoring.
+    root, text = workdir
+    common = dict(forward="auto", steps=3, eval_every=10, reconstruct="lsq", reconstruct_inputs="dense")
+    losses = {}
+    for name, options in {"bias": dict(pg_reconstruct="bias"), "lsq": dict(pg_reconstruct="lsq"),
+                          "switch": dict(pg_reconstruct="lsq", lsq_from=2)}.items():
+        out = root / f"pg-lsq-from-{name}"
+        record = prune(_options(root, text, **common, **options), out, progress=False)
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                        if "loss" in json.loads(line)]
+    assert record["settings"]["pg"]["lsq_from"] == 2
+    assert losses["switch"][:2] == pytest.approx(losses["bias"][:2], rel=1e-6)
+    assert losses["switch"][0] != pytest.approx(losses["lsq"][0], rel=1e-3)
+    assert losses["switch"][2] != pytest.approx(losses["bias"][2], rel=1e-3)
+    for bad in (dict(pg_reconstruct="bias", lsq_from=2), dict(pg_reconstruct="lsq", lsq_from=3),
+                dict(pg_reconstruct="lsq", lsq_from=-1)):
+        with pytest.raises(ConfigError, match="--pg-lsq-from"):
+            prune(_options(root, text, **common, **bad), root / "bad-lsq-from", progress=False)
+
+
 @pytest.mark.parametrize("init,units", [("wanda-sp", "channel,head"), ("magnitude", "channel,head"),
                                         ("obs", "channel,head"), ("block-influence", "layer"),
                                         ("wanda-sp", "channel,head,layer")])

@@ -70,6 +70,9 @@ class PGSettings:
                                       "least-squares refit (lsq: a solve per mask and layer, removed layers "
                                       "regressed, gathered forward)",
                               flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias", "lsq"))
+    lsq_from: int = option(0, "with --pg-reconstruct lsq: score the steps before this one bias-compensated (at "
+                              "a fraction of the cost) and least squares only from it on; 0: least squares "
+                              "throughout", flag="--pg-lsq-from", group=ADVANCED, type=int)
     steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
     lr: float = option(0.01, "learning rate (units: SGD on the probabilities; features, search: Adam's step size)",
                        type=float)
@@ -314,6 +317,10 @@ class RunSettings:
         if pg.reconstruct == "lsq" and self.execution.forward == "gated":
             raise ConfigError("--pg-reconstruct lsq scores each sampled mask on its own refit pruned view: use "
                               "--forward gathered (or auto), not gated")
+        if pg.lsq_from and (pg.reconstruct != "lsq" or not 0 < pg.lsq_from < pg.steps):
+            raise ConfigError(f"--pg-lsq-from {pg.lsq_from} switches the scoring from bias to least squares within "
+                              f"the run: it needs --pg-reconstruct lsq (got {pg.reconstruct}) and a step between "
+                              f"1 and --steps - 1 ({pg.steps - 1})")
         if pg.init_scale <= 0:
             raise ConfigError(f"--init-scale must be > 0, got {pg.init_scale}")
         if not 0.0 <= pg.floor < 0.5:

@@ -281,7 +281,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                       costs=costs, regress_layers="layer" in settings.kinds,
                                       batch_size=settings.execution.metric_batch_size, progress=progress)
         masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume, progress,
-                                             dense_stats, world, fill, refit_fn, refit_stats)
+                                             dense_stats, world, fill, refit_fn, refit_stats,
+                                             before_lsq=feature_means(cov_stats) if settings.pg.lsq_from else None)
         if not world.is_main:
             return {"rank": world.rank, "pg": pg_info}
         record["pg"] = pg_info
@@ -395,7 +396,8 @@ def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool 
 
 
 def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolder, resume, progress, dense_stats,
-            world, fill, refit, refit_stats):
+            world, fill, refit, refit_stats, before_lsq: dict | None = None):
+    """`before_lsq`: with --pg-lsq-from, the mean fill that scores the steps before it."""
     from pgprune.policy.loop import run_policy_gradient
 
     settings, out = session.settings, out_folder.path
@@ -419,7 +421,9 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
         out_folder()
     result = run_policy_gradient(session.model, calib, policy, settings.pg, seed=settings.seed, out_dir=out,
                                  eval_fn=eval_fn, fingerprint=fingerprint, resume=resume, progress=progress,
-                                 world=world, tensorboard=tensorboard, loss_fn=session.loss_fn(fill, refit))
+                                 world=world, tensorboard=tensorboard, loss_fn=session.loss_fn(fill, refit),
+                                 loss_fn_before=None if before_lsq is None else
+                                 (settings.pg.lsq_from, session.loss_fn(before_lsq)))
     if world.is_main:
         run_folder.save_probabilities(out, session.layout.split(result.probs))
     info = {"policy": policy.describe(), "start_sparsity": policy.sparsity, "skipped_steps": result.skipped_steps,

@@ -83,6 +83,7 @@ def run_policy_gradient(
     progress: bool = True,
     stop_after: int | None = None,
     loss_fn: Callable = masked_losses,
+    loss_fn_before: tuple[int, Callable] | None = None,
     world: World | None = None,
     tensorboard: str | Path | None = None,
 ) -> PGResult:
@@ -95,6 +96,7 @@ def run_policy_gradient(
     `stop_after`: stop (with a checkpoint) after this many steps of this call: for tests of resume.
     `loss_fn(model, batch, masks, costs=...) -> [K]`: the K losses (default: gated LM loss); `batch`
     comes on the pool's device and loss_fn moves it where the model takes its inputs.
+    `loss_fn_before=(n, fn)`: the first n steps score with `fn` instead (a cheap objective before a costly one).
     `world`: distributed sampling (policy/distributed.py); only its rank 0 writes and evaluates.
     `tensorboard`: a folder for TensorBoard event files (loss, baseline, lr, entropy, hard-mask ppl).
     """
@@ -156,7 +158,8 @@ def run_policy_gradient(
             idx = torch.randperm(calib_windows.shape[0], generator=gen)[: pg.batch_size]
         batch = calib_windows[idx]  # loss_fn moves it to the model's input device
         m = policy.sample(pg.k, gen, antithetic=antithetic)
-        losses = loss_fn(model, batch, layout.masks(m), costs=costs).float().cpu()
+        scorer = loss_fn_before[1] if loss_fn_before is not None and step < loss_fn_before[0] else loss_fn
+        losses = scorer(model, batch, layout.masks(m), costs=costs).float().cpu()
         if world.size > 1:  # all N*K samples, rank-major, identical on every rank
             m = world.all_gather(m).reshape(-1, m.shape[-1])
             losses = world.all_gather(losses).reshape(-1)
