@@ -170,7 +170,7 @@ def main() -> None:
     eps_all, lm, kl, lsq, truth = [], [], [], [], []  # lm / kl / lsq: [directions, 2, batches]; truth: [.., 2]
     for d in range(args.directions):
         m = policy.sample(2, gen)  # one antithetic pair at theta
-        eps_all.append(policy._eps[0].clone())
+        eps_all.append(policy.last_directions[0].clone())
         lm_d, kl_d, lsq_d, tr_d = [], [], [], []
         for row in m:
             mask = session.layout.masks(row[None]).select(0)

@@ -138,7 +138,7 @@ def _search_reference(model, costs, layout, calib, s0, config):
             m = policy.sample(config.k, gen)
             losses = masked_losses(model, calib[idx], layout.masks(m), costs=costs).double()
             diffs.append(losses[0::2] - losses[1::2])
-            eps.append(policy._eps)
+            eps.append(policy.last_directions)
         g = (torch.cat(diffs)[:, None] * torch.cat(eps)).mean(0) / (2.0 * policy.sigma)
         policy._adam_step(g, lr_at(config, step))
     return policy.probs()

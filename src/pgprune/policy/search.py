@@ -57,6 +57,11 @@ class SearchPolicy(FeaturePolicy):
         self._eps = eps
         return torch.stack(rows)
 
+    @property
+    def last_directions(self) -> torch.Tensor:
+        """[K/2, num_params]: the directions eps of the last `sample` (row i made masks 2i and 2i + 1)."""
+        return self._eps
+
     def gather_draws(self, world) -> None:
         """Every rank's directions, rank-major like the gathered losses, so all ranks take one step."""
         self._eps = world.all_gather(self._eps).reshape(-1, self._eps.shape[-1]).cpu()
