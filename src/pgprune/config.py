@@ -72,7 +72,7 @@ class PGSettings:
                               flag="--pg-reconstruct", group=ADVANCED, choices=("none", "bias", "lsq"))
     lsq_from: int = option(0, "with --pg-reconstruct lsq: score the steps before this one bias-compensated (at "
                               "a fraction of the cost) and least squares only from it on; 0: least squares "
-                              "throughout", flag="--pg-lsq-from", group=ADVANCED, type=int)
+                              "throughout", flag="--pg-lsq-from", group=EXPERIMENTAL, type=int)
     steps: int = option(300, "optimisation steps (the paper: 15000 at lr 2e-3)", type=int)
     lr: float = option(0.01, "learning rate (units: SGD on the probabilities; features, search: Adam's step size)",
                        type=float)
