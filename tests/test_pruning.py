@@ -207,8 +207,8 @@ def test_pg_lsq_from_scores_bias_first_then_least_squares(workdir):
                           "switch": dict(pg_reconstruct="lsq", lsq_from=2)}.items():
         out = root / f"pg-lsq-from-{name}"
         record = prune(_options(root, text, **common, **options), out, progress=False)
-        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                        if "loss" in json.loads(line)]
+        log = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        losses[name] = [entry["loss"] for entry in log if "loss" in entry]
     assert record["settings"]["pg"]["lsq_from"] == 2
     assert losses["switch"][:2] == pytest.approx(losses["bias"][:2], rel=1e-6)
     assert losses["switch"][0] != pytest.approx(losses["lsq"][0], rel=1e-3)
