@@ -96,10 +96,16 @@ def protocol(args) -> dict:
 
 def score(model_path: str, args) -> dict:
     """{dataset: perplexity} of a saved model under the protocol (+ 'natural')."""
-    from pgprune.evaluate.perplexity import evaluate_perplexity, natural_text_perplexities, natural_text_tokens
     from pgprune.models.load import load_model
 
     model, tok = load_model(model_path, dtype=args.dtype, device=args.device)
+    return score_model(model, tok, args)
+
+
+def score_model(model, tok, args) -> dict:
+    """`score` of a model in memory."""
+    from pgprune.evaluate.perplexity import evaluate_perplexity, natural_text_perplexities, natural_text_tokens
+
     out = {"wikitext2": evaluate_perplexity(model, tok, "wikitext2", "test", seqlen=128,
                                             max_tokens=args.wikitext_tokens or None, data_dir=args.data_dir).ppl}
     out.update(natural_text_perplexities(model, natural_text_tokens(tok, args.data_dir),
