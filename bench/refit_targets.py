@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     from pgprune.pruning import load_session
 
     args.dtype, args.device = "fp32", None
-    record = {"command": command_line(__file__, sys.argv[1:] if argv is None else argv), "protocol": protocol(args),
-              "damp": args.damp, "rows": []}
+    record = {"command": command_line("refit_targets.py", sys.argv[1:] if argv is None else argv),
+              "protocol": protocol(args), "damp": args.damp, "rows": []}
     for folder in [Path(f) for f in args.folders.split(",") if f]:
         settings = RunSettings.from_dict(json.loads((folder / "run.json").read_text())["settings"])
         settings.data.data_dir = args.data_dir or settings.data.data_dir
