@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import command_line, save, table  # noqa: E402
 from recipe_targets import protocol, score_model  # noqa: E402
+from pgprune.pruning import METRIC_NSAMPLES, load_session  # noqa: E402  (METRIC_NSAMPLES: a final refit's windows)
+from pgprune.reconstruction import DEFAULT_DAMP  # noqa: E402
 
 TARGETS = ("layer", "dense", "stream")
-REFIT_WINDOWS = 128  # as the run's final refit (pruning.METRIC_NSAMPLES)
 
 
 def centred_cross(a: torch.Tensor, b: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folders", required=True, help="comma list of finished `pgprune prune` run folders")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
-    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--damp", type=float, default=DEFAULT_DAMP)
     p.add_argument("--wikitext-tokens", type=int, default=65536, help="first N WikiText-2 test tokens (0: all)")
     p.add_argument("--natural-tokens", type=int, default=32768, help="first N tokens of each natural-text set")
     p.add_argument("--data-dir", default=None)
@@ -142,7 +143,6 @@ def main(argv=None) -> int:
     from pgprune.config import RunSettings
     from pgprune.data import get_calibration_windows
     from pgprune.masks import Masks
-    from pgprune.pruning import load_session
 
     args.dtype, args.device = "fp32", None
     record = {"command": command_line("refit_targets.py", sys.argv[1:] if argv is None else argv),
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         session = load_session(settings)
         calib = get_calibration_windows(session.tokenizer, settings.data.calib, settings.pool_size(1),
                                         settings.data.seqlen, seed=settings.seed,
-                                        data_dir=settings.data.data_dir)[:REFIT_WINDOWS]
+                                        data_dir=settings.data.data_dir)[:METRIC_NSAMPLES]
         masks = Masks.load(folder / "masks.safetensors")
         for target in targets:
             t0 = time.perf_counter()

@@ -13,14 +13,9 @@ import refit_targets  # noqa: E402
 from pgprune.masks import Masks  # noqa: E402
 from pgprune.models.adapter import get_adapter  # noqa: E402
 from pgprune.reconstruction import reconstruct, refit_applied  # noqa: E402
-from structure_helpers import costs_of, make_model, random_ids  # noqa: E402
+from structure_helpers import costs_of, logits, make_model, random_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.double()
 
 
 def test_layer_target_is_the_library_sequential_refit_and_the_others_part_after_the_first_block():
@@ -35,10 +30,10 @@ def test_layer_target_is_the_library_sequential_refit_and_the_others_part_after_
     calib, held_out = random_ids(8, 16, seed=4), random_ids(4, 16, seed=5)
     refit = reconstruct(model, calib, masks, "lsq", inputs="sequential", progress=False)
     with refit_applied(model, masks, refit):
-        library = _logits(model, held_out)
+        library = logits(model, held_out)
     plain = {t: refit_targets.refit_model(model, adapter, masks, costs, calib, t, 0.01) for t in refit_targets.TARGETS}
-    torch.testing.assert_close(_logits(plain["layer"], held_out), library, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(plain["layer"], held_out), library, rtol=1e-4, atol=1e-4)
     first = {t: get_adapter(m).layer(0).o_proj for t, m in plain.items()}
     for t in ("dense", "stream"):  # the first block sees the dense inputs and stream: the same refit
         torch.testing.assert_close(first[t].weight, first["layer"].weight, rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(_logits(plain[t], held_out), library, rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(logits(plain[t], held_out), library, rtol=1e-3, atol=1e-3)
