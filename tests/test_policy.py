@@ -5,6 +5,7 @@ from collections import deque
 import pytest
 import torch
 
+from pgprune import run_folder
 from pgprune.errors import CheckpointError, ConfigError
 from pgprune.masks import UnitCosts
 from pgprune.budget import expected_keep_ratio, project
@@ -256,10 +257,17 @@ def test_resume_gives_the_same_result_and_refuses_other_settings(tmp_path, contr
     config = PGSettings(steps=6, k=2, batch_size=4, lr=0.05, eval_every=3, control_variate=control_variate)
     full = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "a", progress=False)
     run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False, stop_after=3)
+    checkpoint = tmp_path / "b" / run_folder.CHECKPOINT_FILE
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["seconds"] > 0
+    state["seconds"] = 1000.0  # as if the stopped process had run long: the resumed record must count it
+    torch.save(state, checkpoint)
     resumed = run_policy_gradient(model, calib, fresh(), config, out_dir=tmp_path / "b", progress=False,
                                   resume=True)
     assert torch.equal(full.probs, resumed.probs)
     assert full.history == resumed.history
+    assert full.resumed_at is None and resumed.resumed_at == 3
+    assert 1000.0 < resumed.seconds < 1000.0 + 60
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
     other = PGSettings(**{**config.__dict__, "lr": 0.1})
     with pytest.raises(CheckpointError, match="lr"):

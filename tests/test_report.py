@@ -203,6 +203,7 @@ def test_damaged_log_skipped_steps_and_nan_perplexity(pg_run, tmp_path):
     for values in run["perplexity"].values():  # a capped dataset: the table must say so
         values["c4"] = values[name]
     run["pg"]["skipped_steps"] = 1
+    run["pg"]["resumed_at"] = 4
     (out / "run.json").write_text(json.dumps(run))
     with open(out / "metrics.jsonl", "a") as f:
         skipped = {"step": 7, "forward_passes": 14, "lr": 0.0, "skipped": True, "losses": [None, None]}
@@ -212,6 +213,7 @@ def test_damaged_log_skipped_steps_and_nan_perplexity(pg_run, tmp_path):
     md = (out / "report.md").read_text()
     assert rep["pg"]["skipped_in_log"] == [7] and rep["pg"]["unreadable_log_lines"] == 1
     assert "1 unreadable line(s)" in md and "(steps [7])" in md
+    assert rep["pg"]["resumed_at"] == 4 and "resumed at PG step 4" in md
     assert re.search(r"^\| gated \| nan \| nan \|$", md, re.M)
     from pgprune.data import SOURCES
 
@@ -249,6 +251,7 @@ def test_report_shows_the_pg_settings_and_the_selected_step(pg_run):
     assert (pg["policy"], pg["estimator"], pg["reconstruct"], pg["select"], pg["forward"]) == \
         ("units", "paper", "none", "final", "gated")
     assert pg["selected_step"] == run["pg"]["selected_step"] == 6
+    assert run["pg"]["resumed_at"] is None and "resumed at" not in md  # a run in one go
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert pg["hard_ppl_selected"] == next(r["hard_ppl"] for r in log if r["step"] == 6)
     for label, value in (("policy", "units"), ("masks scored with reconstruction", "none"), ("estimator", "paper"),

@@ -427,7 +427,7 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
     if world.is_main:
         run_folder.save_probabilities(out, session.layout.split(result.probs))
     info = {"policy": policy.describe(), "start_sparsity": policy.sparsity, "skipped_steps": result.skipped_steps,
-            "seconds": result.seconds, "selected_step": result.selected_step,
+            "seconds": result.seconds, "resumed_at": result.resumed_at, "selected_step": result.selected_step,
             "track": {"dataset": track, "split": split, "max_tokens": settings.eval.track_max_tokens,
                       "reconstruct": settings.final_reconstruct if settings.eval.track_reconstruct == "export"
                       else settings.pg.reconstruct},

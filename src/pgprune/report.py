@@ -161,6 +161,7 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "skipped_in_log": [r["step"] for r in steps if r.get("skipped")],
             "unreadable_log_lines": bad_lines,
             "seconds": pg.get("seconds"),
+            "resumed_at": pg.get("resumed_at"),
             "track": pg.get("track"),
             "start_choice": record.get("start_choice"),
             "hard_ppl_start": tracked[0]["hard_ppl"] if tracked and tracked[0].get("step") == 0 else None,
@@ -370,7 +371,9 @@ def _markdown(s: dict) -> str:
               f"{s['layers']['kept']} of {len(s['layers']['kv_heads'])} layers kept",
               f"- **Calibration**: {s['calibration']['source']}, {s['calibration']['nsamples'] or 'default'} "
               f"windows of {s['calibration']['seqlen']} tokens",
-              f"- **Wall time**: {_num(s['wall_seconds'], '.1f')} s for the whole run"]
+              f"- **Wall time**: {_num(s['wall_seconds'], '.1f')} s for the whole run"
+              + (f" (the process that finished it, resumed at PG step {s['pg']['resumed_at']}; the PG time "
+                 "below counts every process)" if (s.get("pg") or {}).get("resumed_at") else "")]
     rec = s.get("reconstruction")
     if rec:
         extra = "" if rec.get("mode") != "lsq" else f", {rec.get('inputs')} inputs, damping {rec.get('damp')}"

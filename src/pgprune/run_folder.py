@@ -110,7 +110,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], int]:
 
 # --- checkpoint.pt --------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    """`state`: step, policy (its state_dict), baseline, skipped, history, best, settings, fingerprint."""
+    """`state`: step, policy (its state_dict), baseline, skipped, history, best, fingerprint, seconds."""
     with atomic.temp_path(run_dir / CHECKPOINT_FILE) as tmp:
         torch.save(state, tmp)
 

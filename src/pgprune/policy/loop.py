@@ -49,7 +49,8 @@ class PGResult:
     history: list[dict] = field(default_factory=list)
     selected_step: int | None = None  # the step whose hard mask `masks` is
     skipped_steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the loop's time over every process that ran it (a resumed run: the earlier ones too)
+    resumed_at: int | None = None  # the step a resumed run went on from
 
 
 def lr_at(pg: PGSettings, step: int) -> float:
@@ -119,12 +120,13 @@ def run_policy_gradient(
         raise ConfigError(f"streamed batches use each window once: the pool has {calib_windows.shape[0]} windows, "
                           f"{pg.steps} steps x {pg.batch_size} x {world.size} rank(s) need more")
     baseline = BaselineState(window=pg.baseline_window, mode=pg.baseline)
-    start, skipped, history, best = 0, 0, [], None
+    start, skipped, history, best, seconds_before = 0, 0, [], None, 0.0
     if resume:
         state = _load_checkpoint(ckpt_dir, fingerprint, rewrite_log=world.is_main)
         policy.load_state_dict(state["policy"])
         baseline = BaselineState.from_state(state["baseline"])
         start, skipped, history, best = state["step"], state["skipped"], state["history"], state.get("best")
+        seconds_before = state.get("seconds", 0.0)  # older checkpoints lack it: their earlier time is lost
 
     t0 = time.perf_counter()
     consecutive_skips = 0
@@ -189,7 +191,8 @@ def run_policy_gradient(
         if out is not None and ((step + 1) % pg.eval_every == 0 or step + 1 == end):
             run_folder.save_checkpoint(out, {
                 "step": step + 1, "policy": policy.state_dict(), "baseline": baseline.state_dict(),
-                "skipped": skipped, "history": history, "best": best, "fingerprint": fingerprint})
+                "skipped": skipped, "history": history, "best": best, "fingerprint": fingerprint,
+                "seconds": seconds_before + time.perf_counter() - t0})
     bar.close()
     if writer is not None:
         writer.close()
@@ -198,7 +201,8 @@ def run_policy_gradient(
     else:
         masks, selected = policy.hard_mask(), end
     return PGResult(probs=policy.probs(), masks=masks, history=history, skipped_steps=skipped,
-                    seconds=time.perf_counter() - t0, selected_step=selected)
+                    seconds=seconds_before + time.perf_counter() - t0, selected_step=selected,
+                    resumed_at=start if resume else None)
 
 
 TENSORBOARD_SCALARS = ("loss", "baseline", "lr", "entropy", "hard_ppl")
