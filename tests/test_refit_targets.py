@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import refit_targets  # noqa: E402
 from pgprune.masks import Masks  # noqa: E402
 from pgprune.models.adapter import get_adapter  # noqa: E402
-from pgprune.reconstruction import reconstruct, refit_applied  # noqa: E402
+from pgprune.reconstruction import DEFAULT_DAMP, reconstruct, refit_applied  # noqa: E402
 from structure_helpers import costs_of, logits, make_model, random_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +31,8 @@ def test_layer_target_is_the_library_sequential_refit_and_the_others_part_after_
     refit = reconstruct(model, calib, masks, "lsq", inputs="sequential", progress=False)
     with refit_applied(model, masks, refit):
         library = logits(model, held_out)
-    plain = {t: refit_targets.refit_model(model, adapter, masks, costs, calib, t, 0.01) for t in refit_targets.TARGETS}
+    plain = {t: refit_targets.refit_model(model, adapter, masks, costs, calib, t, DEFAULT_DAMP)
+             for t in refit_targets.TARGETS}
     torch.testing.assert_close(logits(plain["layer"], held_out), library, rtol=1e-4, atol=1e-4)
     first = {t: get_adapter(m).layer(0).o_proj for t, m in plain.items()}
     for t in ("dense", "stream"):  # the first block sees the dense inputs and stream: the same refit
