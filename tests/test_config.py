@@ -112,6 +112,13 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
     ({"data.nsamples": 4}, "smaller than one batch"),
     ({"pg.baseline": "others", "pg.k": 1}, "needs --k >= 2"),
     ({"pg.baseline": "others", "pg.estimator": "loo"}, "the paper estimator"),
+    ({"remove_layers": 2}, "needs --units layer beside channel"),
+    ({"remove_layers": 2, "units": "layer"}, "needs --units layer beside channel"),
+    ({"remove_layers": 2, "units": "channel,mlp,layer"}, "nothing else"),
+    ({"remove_layers": -1, "units": "channel,head,layer"}, ">= 0"),
+    ({"remove_layers": 2, "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),
+    ({"remove_layers": 2, "units": "channel,head,layer", "method": "block-influence"}, "block-influence has none"),
+    ({"remove_layers": 2, "units": "channel,head,layer", "width_multiple": 32}, "not supported"),
 ])
 def test_validation_names_what_to_fix(overrides, match):
     with pytest.raises(Exception, match=match):

@@ -238,6 +238,44 @@ def test_uniform_allocation_beside_whole_layers_keeps_every_layer(method):
     assert torch.isfinite(mixed.allocation.keys["layer"]).all()  # PG's start ranks the layers by them
 
 
+@pytest.mark.parametrize("method, allocation", [("flap", "global"), ("wanda-sp", "uniform"), ("obs", "uniform")])
+def test_layers_first_removes_the_lowest_block_influence_then_meets_the_budget(method, allocation):
+    """--remove-layers N: the N layers block influence ranks lowest go first (from the same dense statistics),
+    then the method's channel / head order over the kept layers: one threshold (global) or the same fraction
+    of every kept layer (uniform), the true sparsity within a unit of the target."""
+    model = make("llama", num_hidden_layers=6)
+    costs = costs_of(model)
+    x = ids(4, 10)
+    influence = run_metric(model, x, "block-influence", 0.3, ("layer",), progress=False).scores.raw["layer"][:, 0]
+    for n in (1, 2):
+        r = run_metric(model, x, method, 0.4, ("channel", "head", "layer"), allocation, remove_layers=n,
+                       progress=False)
+        removed = ~r.masks["layer"][:, 0]
+        assert removed.nonzero().flatten().tolist() == sorted(torch.argsort(influence)[:n].tolist())
+        assert r.info["remove_layers"]["layers"] == removed.nonzero().flatten().tolist()
+        assert r.info["propagate"] == "dense" and r.info["allocation"] == allocation
+        unit = max(int(costs.channel_cost.max()), int(costs.head_cost.max())) / costs.prunable_params
+        assert abs(r.masks.sparsity(costs) - 0.4) <= unit
+        kept_layers = (~removed).nonzero().flatten()
+        channels_gone = (~r.masks["channel"][kept_layers]).sum(1)
+        if allocation == "uniform":  # the same fraction of each kept layer's channels, within one channel
+            assert int(channels_gone.max() - channels_gone.min()) <= 1
+        else:  # one threshold over the kept layers' standardised channel and head scores
+            keys = torch.cat([r.allocation.keys[k][kept_layers].flatten() for k in ("channel", "head")])
+            gone = torch.cat([(~r.masks[k][kept_layers]).flatten() for k in ("channel", "head")])
+            assert float(keys[gone].max()) <= float(keys[~gone].min())
+        assert int(channels_gone.sum()) > 0
+    with pytest.raises(ConfigError, match="more than the budget"):
+        run_metric(model, x, method, 0.2, ("channel", "head", "layer"), allocation, remove_layers=2, progress=False)
+    with pytest.raises(ConfigError, match="choose 0 to 5"):
+        run_metric(model, x, method, 0.4, ("channel", "head", "layer"), allocation, remove_layers=6, progress=False)
+    with pytest.raises(ConfigError, match="needs --units layer"):
+        run_metric(model, x, method, 0.4, ("channel", "head"), allocation, remove_layers=1, progress=False)
+    with pytest.raises(ConfigError, match="propagate='pruned'"):
+        run_metric(model, x, method, 0.4, ("channel", "head", "layer"), "uniform", remove_layers=1, progress=False,
+                   propagate="pruned")
+
+
 def test_layer_units_reach_multiples_and_report_the_reachable_ones():
     model = make("llama", num_hidden_layers=10)
     costs = costs_of(model)

@@ -278,6 +278,31 @@ def test_search_policy_pipeline(workdir):
     assert learned["weights"]["channel"] != [1.0, 0.0, 0.0]  # the updates reached the parameters
 
 
+def test_search_beside_layers_removed_first_keeps_them_and_starts_at_the_metric(workdir):
+    # --remove-layers 1: FLAP's start removes the layer of lowest block influence first; the search learns the
+    # channels / heads beside it and keeps that layer removed; step 0 is the metric run's exported model, and the
+    # exported model is the one evaluated
+    from pgprune.masks import Masks
+
+    root, text = workdir
+    name = f"text:{text}"
+    layers_first = dict(units="channel,head,layer", remove_layers=1, reconstruct="bias", sparsity=0.5)
+    alone = prune(_options(root, text, method="flap", **layers_first), root / "flap-layers-first", progress=False)
+    removed = alone["metric"]["remove_layers"]["layers"]
+    assert len(removed) == 1 and alone["metric"]["unit_kinds"] == ["channel", "head", "layer"]
+    out = root / "search-layers-first"
+    record = prune(_options(root, text, policy="search", sigma=0.3, init="flap", lr=0.2, init_scale=4.0,
+                            track_max_tokens=10**6, pg_reconstruct="bias", **layers_first), out, progress=False)
+    assert record["metric"]["remove_layers"]["layers"] == removed
+    masks = Masks.load(out / "masks.safetensors")
+    assert (~masks["layer"][:, 0]).nonzero().flatten().tolist() == removed
+    assert abs(record["masks"]["sparsity"] - 0.5) < 0.03
+    ppl = record["perplexity"]
+    assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["hard_ppl"] == pytest.approx(alone["perplexity"]["pruned"][name], rel=1e-4)
+
+
 def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracking_text(workdir):
     # --init auto scores each candidate mask as the export would ship it: the same number as that
     # metric method's own run gives for its pruned model (the single text file is every split here)

@@ -164,6 +164,10 @@ class RunSettings:
                                      "auto (the method's own: global for flap and block-influence, else uniform; "
                                      "uniform when channels / heads mix with blocks, global for blocks alone)",
                              group=ADVANCED, choices=("auto", "uniform", "global"))
+    remove_layers: int = option(0, "with --units channel,head,layer: remove the N layers of lowest block "
+                                   "influence (ShortGPT) first, then the method's channel / head order meets the "
+                                   "rest of the budget over the kept layers (metric methods and PG's start; PG "
+                                   "keeps that layer choice)", group=ADVANCED, type=int)
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
     reconstruct: str = option("lsq", "refit of the layers reading pruned features (o_proj, down_proj) in the "
                                       "exported model: none, bias (FLAP's mean compensation), lsq (least squares "
@@ -275,6 +279,8 @@ class RunSettings:
         check_width_multiple(self.width_multiple)
         if self.gguf is not None:
             self._validate_gguf(kinds)
+        if self.remove_layers:
+            self._validate_remove_layers(kinds)
         if self.reconstruct_damp < 0:
             raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
         if self.method == "pg" and self.pg.reconstruct == "lsq" and not {"channel", "head", "layer"} & set(kinds):
@@ -289,6 +295,21 @@ class RunSettings:
             raise ConfigError("--eval needs at least one dataset")
         if self.method == "pg":
             self._validate_pg(kinds)
+
+    def _validate_remove_layers(self, kinds) -> None:
+        """--remove-layers refused now where the run could not use it (the count against the model: at run time)."""
+        if self.remove_layers < 0:
+            raise ConfigError(f"--remove-layers must be >= 0, got {self.remove_layers}")
+        if "layer" not in kinds or not {"channel", "head"} & set(kinds) or set(kinds) - {"channel", "head", "layer"}:
+            raise ConfigError(f"--remove-layers removes whole layers and gives the rest of the budget to channels / "
+                              f"heads: it needs --units layer beside channel and/or head, nothing else "
+                              f"(got {self.units})")
+        metric = self.pg.init if self.method == "pg" else self.method
+        if metric in ("constant", "block-influence"):
+            raise ConfigError(f"--remove-layers starts from a metric's channel / head order; "
+                              f"{'--init' if self.method == 'pg' else '--method'} {metric} has none")
+        if self.width_multiple != 1:
+            raise ConfigError("--width-multiple is not supported with --remove-layers yet")
 
     def _validate_gguf(self, kinds) -> None:
         """--gguf refused now, not after the run, where its widths could never be stored (more: prune's

@@ -251,7 +251,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         metric = run_metric(model, calib[:METRIC_NSAMPLES] if pg_run else calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
                             seed=settings.seed, bias_compensation=False, progress=progress,
-                            width_multiple=settings.width_multiple)
+                            width_multiple=settings.width_multiple, remove_layers=settings.remove_layers)
     if metric is not None:
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
@@ -365,10 +365,12 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
     mode, ex = settings.final_reconstruct, settings.execution
     chosen, candidates = None, {}
     for method in AUTO_STARTS:
-        allocation = resolve_allocation(method, "auto", session.layout.kinds)
+        fine = [k for k in session.layout.kinds if k != "layer"] if settings.remove_layers else session.layout.kinds
+        allocation = resolve_allocation(method, "auto", fine)
         metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
                             batch_size=ex.metric_batch_size, seed=settings.seed, bias_compensation=False,
-                            progress=progress, width_multiple=settings.width_multiple)
+                            progress=progress, width_multiple=settings.width_multiple,
+                            remove_layers=settings.remove_layers)
         value = _exported_ppl(session, calib, metric.masks, track_tokens, progress)
         label = f"{method} ({allocation})"
         candidates[label] = value
@@ -443,7 +445,9 @@ def start_allocation(settings: RunSettings) -> str | None:
     from pgprune.metrics.scores import METHODS
 
     method = settings.pg.init if settings.method == "pg" else settings.method
-    return resolve_allocation(method, settings.allocation, settings.kinds) if method in METHODS else None
+    # with whole layers removed first, the allocation is the channel / head one's over the kept layers
+    kinds = [k for k in settings.kinds if k != "layer"] if settings.remove_layers else settings.kinds
+    return resolve_allocation(method, settings.allocation, kinds) if method in METHODS else None
 
 
 def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:

@@ -23,6 +23,7 @@ found by bisection and lands within half a unit of the target whenever the targe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -208,3 +209,68 @@ def uniform_masks(raw: dict[str, torch.Tensor], costs: UnitCosts, plan: UniformP
             t[i, :w] = lowest_in_layer(raw[kind][i], int(counts[i]), w)
         out[kind] = t
     return Masks(out)
+
+
+# --- whole layers first -----------------------------------------------------------------------------
+_FIRST = 1e6  # a layer key below every standardised score (removed first); its negation: never removed
+
+
+def _layer_params(costs: UnitCosts) -> torch.Tensor:
+    """[L] prunable parameters of each whole layer."""
+    return (costs.layer_fixed + costs.attn_fixed + costs.mlp_fixed + costs.num_kv_heads * costs.head_cost
+            + costs.intermediate * costs.channel_cost).double()
+
+
+def layers_first(scores, layer_scores: torch.Tensor, costs: UnitCosts, sparsity: float, allocation: str,
+                 n_layers: int, *, tolerance: float | None = None) -> Allocation:
+    """One budget over whole layers, channels and heads: the `n_layers` layers of lowest `layer_scores` [L]
+    (block influence) are removed, then the channel / head `scores` (a `Scores` or raw dict) meet the rest of
+    the budget by `allocation` over the kept layers: global, one threshold as `allocate`; uniform, the same
+    fraction of every kept layer. The layer keys are +-_FIRST: a policy started here keeps that choice."""
+    from pgprune.metrics.scores import Scores, standardize_per_kind
+
+    target = check_sparsity(sparsity)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    raw = scores.raw if isinstance(scores, Scores) else {k: v.double() for k, v in scores.items()}
+    std = scores.standardized if isinstance(scores, Scores) else {k: standardize_per_kind(v) for k, v in raw.items()}
+    fine = tuple(k for k in FINE_KINDS[::-1] if k in raw)
+    if not fine or set(raw) - set(FINE_KINDS):
+        raise ConfigError("removing whole layers first needs channel and/or head scores (and no other kinds) for "
+                          "the rest of the budget")
+    _check_scores(raw, costs)
+    L = costs.num_layers
+    if not 0 <= n_layers < L:
+        raise ConfigError(f"cannot remove {n_layers} of the model's {L} layers first: choose 0 to {L - 1}")
+    finite_or_never(layer_scores.double(), torch.ones(L, dtype=torch.bool))
+    removed = torch.zeros(L, dtype=torch.bool)
+    removed[torch.sort(layer_scores.double(), stable=True).indices[:n_layers]] = True
+    params = _layer_params(costs)
+    total, gone = float(params.sum()), float(params[removed].sum())
+    if gone > target * total * (1 + 1e-9):
+        raise ConfigError(f"removing {n_layers} whole layer(s) alone removes {gone / total:.3f} of the prunable "
+                          f"parameters, more than the budget of {target}: remove fewer layers")
+    layer_key = torch.where(removed, -_FIRST, _FIRST).double()[:, None]
+    keys = {**std, "layer": layer_key}
+    if allocation == "global":
+        positions = global_positions(keys, costs)
+        pre = closest_prefix(positions, costs, target, tolerance=tolerance, what="layer+" + "+".join(fine) + " units")
+        masks = masks_from_positions(positions, pre.n)
+    else:  # uniform over the kept layers, at the fraction of their parameters that the budget still needs
+        kept = ~removed
+        sub = dataclasses.replace(costs, num_layers=int(kept.sum()), **{
+            name: getattr(costs, name)[kept] for name in ("num_kv_heads", "intermediate", "head_cost", "channel_cost",
+                                                          "attn_fixed", "mlp_fixed", "layer_fixed")})
+        rest = max(0.0, (target * total - gone) / (total - gone))
+        counts = {}
+        if rest > 0:
+            plan = uniform_plan(sub, fine, rest, tolerance=tolerance)
+            for kind, c in plan.counts.items():
+                counts[kind] = torch.zeros(L, dtype=torch.long)
+                counts[kind][kept] = c
+        else:
+            counts = {kind: torch.zeros(L, dtype=torch.long) for kind in fine}
+        masks = uniform_masks(raw, costs, UniformPlan(counts=counts, sparsity=rest, target=rest))
+        masks = Masks({**masks.tensors, "layer": kept[:, None]})
+    return Allocation(masks=masks, allocation=allocation, target_sparsity=target,
+                      sparsity=float(masks.sparsity(costs)), keys=keys, removed=_removed_counts(masks, costs))

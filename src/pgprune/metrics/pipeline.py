@@ -17,8 +17,8 @@ from torch import nn
 from pgprune.errors import ConfigError, DataError
 from pgprune.masks import BLOCK_KINDS, Masks, UnitCosts, parse_unit_kinds
 from pgprune.budget import check_kept_widths, check_sparsity, check_width_multiple, round_widths
-from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, _removed_counts, allocate, lowest_in_layer,
-                                        uniform_plan)
+from pgprune.metrics.allocation import (ALLOCATIONS, Allocation, _removed_counts, allocate, layers_first,
+                                        lowest_in_layer, uniform_plan)
 from pgprune.metrics.calibration import LayerEdit, LayerStats, collect_layer_stats
 from pgprune.metrics.scores import Scores, check_kinds, get_method, layer_scores, scores_from_stats
 from pgprune.models.adapter import get_adapter
@@ -81,6 +81,7 @@ def run_metric(
     progress: bool = True,
     stats: list[LayerStats] | None = None,
     width_multiple: int = 1,
+    remove_layers: int = 0,
 ) -> MetricResult:
     """Scores, allocation and (for FLAP) compensation biases; the model is not modified.
 
@@ -96,13 +97,20 @@ def run_metric(
     width_multiple: N > 1 rounds every kept MLP width to a multiple of N by the method's own
     (standardised) scores (`budget.round_widths`); `masks`, the biases and `info` are the rounded
     ones, `allocation` the one before rounding. With pruned propagation the walk prunes the
-    unrounded counts: later layers' scores see the earlier layers before rounding."""
+    unrounded counts: later layers' scores see the earlier layers before rounding.
+    remove_layers: N > 0 removes the N layers of lowest block influence (ShortGPT, read from the same dense
+    statistics) first and gives the rest of the budget to the method's channel / head order over the kept
+    layers (`allocation.layers_first`); `kinds` must then be channel and/or head beside layer."""
     t0 = time.perf_counter()
     m = get_method(method)
+    kinds = parse_unit_kinds(kinds)
+    layer_first = remove_layers > 0
+    if layer_first:
+        kinds = _check_layers_first(kinds, propagate, width_multiple)
     kinds = check_kinds(m, kinds)
     target = check_sparsity(sparsity)
     allocation = resolve_allocation(method, allocation, kinds)
-    propagate = propagate or _default_propagate(m, allocation, kinds)
+    propagate = propagate or ("dense" if layer_first else _default_propagate(m, allocation, kinds))
     if propagate == "pruned" and not _walks_fine_kinds(allocation, kinds):
         raise ConfigError("propagate='pruned' needs allocation='uniform' with channel/head units: "
                           "a global or block-only allocation is known only after every layer is scored; "
@@ -113,7 +121,7 @@ def run_metric(
             raise DataError(f"nsamples={nsamples} but only {calib_ids.shape[0]} calibration windows were "
                             "given; ask get_calibration_windows for more windows or lower nsamples")
         calib_ids = calib_ids[:nsamples]
-    need_stats = m.needs_calibration or compensate
+    need_stats = m.needs_calibration or compensate or layer_first
     if stats is not None:
         if propagate != "dense":
             raise ConfigError("precomputed stats are dense statistics; they cannot serve propagate='pruned'")
@@ -147,7 +155,11 @@ def run_metric(
                                     adapter=adapter, covariance=m.needs_covariance)
     scores = scores_from_stats(adapter, stats if m.needs_calibration else None, method, kinds, seed,
                                per_layer=[per_layer[i] for i in range(len(stats))] if per_layer else None)
-    alloc = allocate(scores, costs, target, allocation, tolerance=tolerance)
+    if layer_first:
+        influence = scores_from_stats(adapter, stats, "block-influence", ("layer",)).raw["layer"][:, 0]
+        alloc = layers_first(scores, influence, costs, target, allocation, remove_layers, tolerance=tolerance)
+    else:
+        alloc = allocate(scores, costs, target, allocation, tolerance=tolerance)
     if walk_masks:  # the walk pruned with the same plan and scores; make sure nothing drifted
         for i, keep in walk_masks.items():
             for kind, k in keep.items():
@@ -161,7 +173,9 @@ def run_metric(
     info = {
         "method": method,
         "allocation": allocation,
-        "unit_kinds": list(kinds),
+        "unit_kinds": list(kinds) + (["layer"] if layer_first else []),
+        "remove_layers": {"count": remove_layers, "by": "block-influence",
+                          "layers": (~alloc.masks["layer"][:, 0]).nonzero().flatten().tolist()} if layer_first else None,
         "target_sparsity": target,
         "sparsity": float(masks.sparsity(costs)),
         "width_multiple": multiple,
@@ -180,6 +194,20 @@ def run_metric(
     }
     return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info,
                         dense_stats=stats if need_stats and propagate == "dense" else None)
+
+
+def _check_layers_first(kinds: tuple[str, ...], propagate: str | None, width_multiple: int) -> tuple[str, ...]:
+    """The channel / head kinds that meet the rest of the budget once whole layers are removed first."""
+    fine = tuple(k for k in kinds if k in ("channel", "head"))
+    if "layer" not in kinds or not fine or set(kinds) - {"channel", "head", "layer"}:
+        raise ConfigError(f"removing whole layers first (--remove-layers) needs --units layer beside channel and/or "
+                          f"head, nothing else (got {','.join(kinds)})")
+    if propagate not in (None, "dense"):
+        raise ConfigError("removing whole layers first scores every unit on the dense model's statistics: "
+                          "propagate='pruned' cannot be combined with it")
+    if width_multiple != 1:
+        raise ConfigError("--width-multiple is not supported with --remove-layers yet")
+    return fine
 
 
 def _hold_covariances(stats: list[LayerStats]) -> bool:
