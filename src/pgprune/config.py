@@ -300,16 +300,13 @@ class RunSettings:
         """--remove-layers refused now where the run could not use it (the count against the model: at run time)."""
         if self.remove_layers < 0:
             raise ConfigError(f"--remove-layers must be >= 0, got {self.remove_layers}")
-        if "layer" not in kinds or not {"channel", "head"} & set(kinds) or set(kinds) - {"channel", "head", "layer"}:
-            raise ConfigError(f"--remove-layers removes whole layers and gives the rest of the budget to channels / "
-                              f"heads: it needs --units layer beside channel and/or head, nothing else "
-                              f"(got {self.units})")
+        from pgprune.metrics.pipeline import check_layers_first
+
+        check_layers_first(kinds, None, self.width_multiple)
         metric = self.pg.init if self.method == "pg" else self.method
         if metric in ("constant", "block-influence"):
             raise ConfigError(f"--remove-layers starts from a metric's channel / head order; "
                               f"{'--init' if self.method == 'pg' else '--method'} {metric} has none")
-        if self.width_multiple != 1:
-            raise ConfigError("--width-multiple is not supported with --remove-layers yet")
 
     def _validate_gguf(self, kinds) -> None:
         """--gguf refused now, not after the run, where its widths could never be stored (more: prune's

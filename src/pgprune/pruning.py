@@ -364,8 +364,8 @@ def _choose_start(session: Session, calib, track_tokens, progress: bool):
     settings = session.settings
     mode, ex = settings.final_reconstruct, settings.execution
     chosen, candidates = None, {}
+    fine = [k for k in session.layout.kinds if k != "layer"] if settings.remove_layers else session.layout.kinds
     for method in AUTO_STARTS:
-        fine = [k for k in session.layout.kinds if k != "layer"] if settings.remove_layers else session.layout.kinds
         allocation = resolve_allocation(method, "auto", fine)
         metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
                             batch_size=ex.metric_batch_size, seed=settings.seed, bias_compensation=False,

@@ -106,7 +106,7 @@ def run_metric(
     kinds = parse_unit_kinds(kinds)
     layer_first = remove_layers > 0
     if layer_first:
-        kinds = _check_layers_first(kinds, propagate, width_multiple)
+        kinds = check_layers_first(kinds, propagate, width_multiple)
     kinds = check_kinds(m, kinds)
     target = check_sparsity(sparsity)
     allocation = resolve_allocation(method, allocation, kinds)
@@ -196,7 +196,7 @@ def run_metric(
                         dense_stats=stats if need_stats and propagate == "dense" else None)
 
 
-def _check_layers_first(kinds: tuple[str, ...], propagate: str | None, width_multiple: int) -> tuple[str, ...]:
+def check_layers_first(kinds: tuple[str, ...], propagate: str | None, width_multiple: int) -> tuple[str, ...]:
     """The channel / head kinds that meet the rest of the budget once whole layers are removed first."""
     fine = tuple(k for k in kinds if k in ("channel", "head"))
     if "layer" not in kinds or not fine or set(kinds) - {"channel", "head", "layer"}:
