@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             kinds = ("channel", "head", "layer") if r else ("channel", "head")
             metric = run_metric(model, calib, method, args.sparsity, kinds, allocation, batch_size=batch,
-                                seed=args.seed, bias_compensation=False, remove_layers=r,
+                                seed=args.seed, bias_compensation=False, remove_layers=r or None,
                                 stats=stats if r else None)
             if r and stats is None:
                 stats = metric.dense_stats

@@ -45,6 +45,15 @@ def test_explicit_options_override_the_recipe():
     assert _parse() == RunSettings()  # nothing given: the default recipe
 
 
+def test_remove_layers_takes_a_count_or_auto():
+    assert _parse("--units", "channel,head,layer", "--remove-layers", "3").remove_layers == 3
+    s = _parse("--units", "channel,head,layer", "--remove-layers", "auto")
+    assert s.remove_layers == "auto"
+    s.validate()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        _parse("--remove-layers", "two")
+
+
 def test_every_setting_has_a_cli_option():
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
@@ -119,6 +128,9 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
     ({"remove_layers": 2, "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),
     ({"remove_layers": 2, "units": "channel,head,layer", "method": "block-influence"}, "block-influence has none"),
     ({"remove_layers": 2, "units": "channel,head,layer", "width_multiple": 32}, "not supported"),
+    ({"remove_layers": "some", "units": "channel,head,layer"}, "a count >= 0 or auto"),
+    ({"remove_layers": "auto", "units": "channel,head"}, "needs --units layer beside channel"),
+    ({"remove_layers": "auto", "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),
 ])
 def test_validation_names_what_to_fix(overrides, match):
     with pytest.raises(Exception, match=match):

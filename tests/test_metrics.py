@@ -276,6 +276,38 @@ def test_layers_first_removes_the_lowest_block_influence_then_meets_the_budget(m
                    propagate="pruned")
 
 
+@pytest.mark.parametrize("method, allocation", [("flap", "global"), ("obs", "uniform")])
+def test_remove_layers_first_reallocates_as_a_fresh_run_would(method, allocation):
+    """--remove-layers auto tries several counts on one metric pass: re-allocating a result for another count
+    gives run_metric's own masks for that count, 0 (every layer kept, the layer kind present) included, up to
+    removable_layers, the most the budget holds."""
+    from pgprune.metrics.allocation import removable_layers
+    from pgprune.metrics.pipeline import remove_layers_first
+
+    model = make("llama", num_hidden_layers=6)
+    costs = costs_of(model)
+    x = ids(4, 10)
+    kinds = ("channel", "head", "layer")
+    first = run_metric(model, x, method, 0.4, kinds, allocation, remove_layers=1, bias_compensation=False,
+                       progress=False)
+    cap = removable_layers(first.layer_influence, costs, 0.4)
+    assert cap == 2  # six equal layers: two are 33 % of the prunable parameters, three 50 %
+    for n in range(cap + 1):
+        fresh = run_metric(model, x, method, 0.4, kinds, allocation, remove_layers=n, progress=False)
+        moved = remove_layers_first(first, n, costs)
+        assert set(moved.masks.tensors) == set(fresh.masks.tensors) == set(kinds)
+        assert all(torch.equal(moved.masks[k], fresh.masks[k]) for k in kinds)
+        assert moved.info["remove_layers"] == fresh.info["remove_layers"]
+        assert moved.info["remove_layers"]["count"] == n
+        assert moved.info["sparsity"] == pytest.approx(fresh.info["sparsity"])
+    with pytest.raises(ConfigError, match="more than the budget"):
+        remove_layers_first(first, cap + 1, costs)
+    assert removable_layers(first.layer_influence, costs, 0.9) == 5  # never every layer
+    with pytest.raises(ConfigError, match="removed whole layers first"):
+        remove_layers_first(run_metric(model, x, method, 0.4, ("channel", "head"), allocation, progress=False), 1,
+                            costs)
+
+
 def test_layer_units_reach_multiples_and_report_the_reachable_ones():
     model = make("llama", num_hidden_layers=10)
     costs = costs_of(model)

@@ -303,6 +303,25 @@ def test_search_beside_layers_removed_first_keeps_them_and_starts_at_the_metric(
     assert log[0]["hard_ppl"] == pytest.approx(alone["perplexity"]["pruned"][name], rel=1e-4)
 
 
+def test_remove_layers_auto_scores_each_count_as_the_export_ships_it(workdir):
+    # --remove-layers auto: counts 0, 1, ... each scored as the export ships it (the same number as a run with
+    # that fixed count gives for its pruned model); the run prunes with the lowest. Three layers at 50 %: one
+    # layer's parameters fit in the budget, two do not, so the counts are 0 and 1.
+    root, text = workdir
+    name = f"text:{text}"
+    opts = dict(method="flap", units="channel,head,layer", sparsity=0.5, reconstruct="lsq", track_max_tokens=10**6)
+    record = prune(_options(root, text, remove_layers="auto", **opts), root / "layers-auto", progress=False)
+    choice = record["start_choice"]["remove_layers"]
+    counts = {int(n): v for n, v in choice["candidates"].items()}
+    assert list(counts) == [0, 1]
+    best = min(counts, key=counts.get)
+    assert choice["chosen"] == best and record["metric"]["remove_layers"]["count"] == best
+    assert choice["layers"] == record["metric"]["remove_layers"]["layers"] and len(choice["layers"]) == best
+    one = prune(_options(root, text, remove_layers=1, **opts), root / "layers-1", progress=False)
+    assert counts[1] == pytest.approx(one["perplexity"]["pruned"][name], rel=1e-4)
+    assert record["perplexity"]["pruned"][name] == pytest.approx(counts[best], rel=1e-4)
+
+
 def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracking_text(workdir):
     # --init auto scores each candidate mask as the export would ship it: the same number as that
     # metric method's own run gives for its pruned model (the single text file is every split here)

@@ -268,7 +268,7 @@ def test_report_shows_which_start_init_auto_chose(workdir):
                        dtype="fp32", device="cpu"), out, progress=False)
     rep = write_report(out)
     choice = json.loads((out / "run.json").read_text())["start_choice"]
-    assert rep["pg"]["start_choice"] == choice
+    assert rep["start_choice"] == choice
     line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("- **Start**"))
     assert choice["chosen"] in line and all(f"{label} " in line for label in choice["candidates"])
 

@@ -29,6 +29,11 @@ def option(default, help: str, *, flag: str | None = None, group: str = MAIN, ch
     return field(default=default, metadata=meta)
 
 
+def remove_layers_arg(value: str) -> int | str:
+    """CLI parser of --remove-layers: a count, or auto."""
+    return value if value == "auto" else int(value)
+
+
 def max_tokens_arg(value: str) -> int | None:
     """CLI parser of a token limit: 0 means no limit (None)."""
     n = int(value)
@@ -164,10 +169,12 @@ class RunSettings:
                                      "auto (the method's own: global for flap and block-influence, else uniform; "
                                      "uniform when channels / heads mix with blocks, global for blocks alone)",
                              group=ADVANCED, choices=("auto", "uniform", "global"))
-    remove_layers: int = option(0, "with --units channel,head,layer: remove the N layers of lowest block "
-                                   "influence (ShortGPT) first, then the method's channel / head order meets the "
-                                   "rest of the budget over the kept layers (metric methods and PG's start; PG "
-                                   "keeps that layer choice)", group=ADVANCED, type=int)
+    remove_layers: int | str = option(0, "with --units channel,head,layer: remove the N layers of lowest block "
+                                         "influence (ShortGPT) first, then the method's channel / head order meets "
+                                         "the rest of the budget over the kept layers (metric methods and PG's "
+                                         "start; PG keeps that layer choice); auto: N = 0, 1, 2, ... while the "
+                                         "refit mask gets lower on the --track text", group=ADVANCED,
+                                      type=remove_layers_arg, metavar="N|auto")
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
     reconstruct: str = option("lsq", "refit of the layers reading pruned features (o_proj, down_proj) in the "
                                       "exported model: none, bias (FLAP's mean compensation), lsq (least squares "
@@ -298,8 +305,8 @@ class RunSettings:
 
     def _validate_remove_layers(self, kinds) -> None:
         """--remove-layers refused now where the run could not use it (the count against the model: at run time)."""
-        if self.remove_layers < 0:
-            raise ConfigError(f"--remove-layers must be >= 0, got {self.remove_layers}")
+        if self.remove_layers != "auto" and (not isinstance(self.remove_layers, int) or self.remove_layers < 0):
+            raise ConfigError(f"--remove-layers must be a count >= 0 or auto, got {self.remove_layers!r}")
         from pgprune.metrics.pipeline import check_layers_first
 
         check_layers_first(kinds, None, self.width_multiple)

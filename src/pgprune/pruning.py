@@ -238,20 +238,22 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     calib = get_calibration_windows(session.tokenizer, settings.data.calib, settings.pool_size(world.size),
                                     settings.data.seqlen, seed=settings.seed, data_dir=settings.data.data_dir)
     track_tokens = None
-    if pg_run:  # the periodic evaluation (and --select best) reads held-out calibration text by default:
-        # never the test split, and not the evaluation set's domain unless --track asks for it
+    metric_name = settings.pg.init if pg_run else settings.method
+    choose = metric_name == "auto" or settings.remove_layers == "auto"
+    if pg_run or choose:  # the periodic evaluation (and --select best, and the auto choices) read held-out
+        # calibration text by default: never the test split, and not the evaluation set's domain unless --track asks
         track_tokens = get_eval_tokens(session.tokenizer, settings.track_dataset, settings.track_split,
                                        settings.data.data_dir)
     done_reading()  # every text is tokenised: let the documents go
-    metric_name = settings.pg.init if pg_run else settings.method
     metric = None
-    if metric_name == "auto":
-        metric, record["start_choice"] = _choose_start(session, calib[:METRIC_NSAMPLES], track_tokens, progress)
+    metric_calib = calib[:METRIC_NSAMPLES] if pg_run else calib
+    if choose:
+        metric, record["start_choice"] = _choose_metric(session, metric_calib, track_tokens, progress)
     elif metric_name != "constant":
-        metric = run_metric(model, calib[:METRIC_NSAMPLES] if pg_run else calib, metric_name, settings.sparsity,
+        metric = run_metric(model, metric_calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
                             seed=settings.seed, bias_compensation=False, progress=progress,
-                            width_multiple=settings.width_multiple, remove_layers=settings.remove_layers)
+                            width_multiple=settings.width_multiple, remove_layers=settings.remove_layers or None)
     if metric is not None:
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
@@ -355,33 +357,54 @@ def _reads_covariances(init: str) -> bool:
 AUTO_STARTS = ("wanda-sp", "flap", "obs")
 
 
-def _choose_start(session: Session, calib, track_tokens, progress: bool):
-    """--init auto: every AUTO_STARTS mask refit as the export refits (--reconstruct, its inputs and
-    damping) and scored on PG's tracking text (held-out calibration text by default); the lowest
-    perplexity starts PG. Returns (its run_metric result, what run.json records of the choice)."""
-    from pgprune.metrics.pipeline import resolve_allocation, run_metric
+def _choose_metric(session: Session, calib, track_tokens, progress: bool):
+    """The metric mask a run starts from (PG) or prunes with, chosen on PG's tracking text (held-out calibration
+    text by default), each candidate refit as the export refits (--reconstruct, its inputs and damping):
+    --init auto, every AUTO_STARTS method at the run's --remove-layers count (0 for auto); then, for
+    --remove-layers auto, the lowest one's layers-first count raised 1, 2, ... while its perplexity falls (the
+    same scores re-allocated, no calibration pass). Returns (the chosen run_metric result, what run.json records)."""
+    from pgprune.metrics.allocation import removable_layers
+    from pgprune.metrics.pipeline import remove_layers_first, resolve_allocation, run_metric
 
     settings = session.settings
     mode, ex = settings.final_reconstruct, settings.execution
+    auto_layers = settings.remove_layers == "auto"
+    count = 0 if auto_layers else settings.remove_layers or None
+    init = settings.pg.init if settings.method == "pg" else settings.method
+    fine = [k for k in session.layout.kinds if k != "layer"] if count is not None else session.layout.kinds
+
+    def score(label: str, masks) -> float:
+        value = _exported_ppl(session, calib, masks, track_tokens, progress)
+        print(f"[pgprune] candidate {label}: {settings.track_dataset} {settings.track_split} perplexity "
+              f"{value:.3f} (reconstruction {mode})", flush=True)
+        return value
+
     chosen, candidates = None, {}
-    fine = [k for k in session.layout.kinds if k != "layer"] if settings.remove_layers else session.layout.kinds
-    for method in AUTO_STARTS:
-        allocation = resolve_allocation(method, "auto", fine)
+    for method in AUTO_STARTS if init == "auto" else (init,):
+        allocation = resolve_allocation(method, "auto" if init == "auto" else settings.allocation, fine)
         metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
                             batch_size=ex.metric_batch_size, seed=settings.seed, bias_compensation=False,
-                            progress=progress, width_multiple=settings.width_multiple,
-                            remove_layers=settings.remove_layers)
-        value = _exported_ppl(session, calib, metric.masks, track_tokens, progress)
+                            progress=progress, width_multiple=settings.width_multiple, remove_layers=count)
         label = f"{method} ({allocation})"
-        candidates[label] = value
-        print(f"[pgprune] start candidate {label}: {settings.track_dataset} {settings.track_split} perplexity "
-              f"{value:.3f} (reconstruction {mode})", flush=True)
-        if chosen is None or value < candidates[chosen[0]]:
+        candidates[label] = score(label, metric.masks)
+        if chosen is None or candidates[label] < candidates[chosen[0]]:
             chosen = (label, metric)  # the other candidate's statistics can go
     label, metric = chosen
-    return metric, {"candidates": candidates, "chosen": label, "reconstruct": mode,
-                    "track": {"dataset": settings.track_dataset, "split": settings.track_split,
-                              "max_tokens": settings.eval.track_max_tokens}}
+    record = {"candidates": candidates, "chosen": label, "reconstruct": mode,
+              "track": {"dataset": settings.track_dataset, "split": settings.track_split,
+                        "max_tokens": settings.eval.track_max_tokens}}
+    if auto_layers:
+        by_count = {0: candidates[label]}
+        best = 0
+        for n in range(1, removable_layers(metric.layer_influence, session.costs, settings.sparsity) + 1):
+            trial = remove_layers_first(metric, n, session.costs)
+            by_count[n] = score(f"{label}, {n} layer(s) first {trial.info['remove_layers']['layers']}", trial.masks)
+            if by_count[n] >= by_count[best]:
+                break
+            best, metric = n, trial
+        record["remove_layers"] = {"candidates": by_count, "chosen": best,
+                                   "layers": metric.info["remove_layers"]["layers"]}
+    return metric, record
 
 
 def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False, stats=None) -> float:

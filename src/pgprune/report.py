@@ -140,6 +140,7 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
         "wall_seconds": record.get("seconds"),
         "machine": record.get("machine", {}),
         "pg": None,
+        "start_choice": record.get("start_choice"),
     }
     if "metric" in record:
         out["metric"] = {k: record["metric"].get(k) for k in ("method", "allocation", "sparsity", "removed_units")}
@@ -163,7 +164,6 @@ def _summary(record: dict, run_dir: Path, steps: list[dict], bad_lines: int) -> 
             "seconds": pg.get("seconds"),
             "resumed_at": pg.get("resumed_at"),
             "track": pg.get("track"),
-            "start_choice": record.get("start_choice"),
             "hard_ppl_start": tracked[0]["hard_ppl"] if tracked and tracked[0].get("step") == 0 else None,
             "hard_ppl_best": min((r["hard_ppl"] for r in tracked if _finite(r["hard_ppl"])), default=None),
             "hard_ppl_final": tracked[-1]["hard_ppl"] if tracked else None,
@@ -382,12 +382,18 @@ def _markdown(s: dict) -> str:
         mt = s["metric"]
         lines.append(f"- **Metric{' init' if s['pg'] else ''}**: {mt['method']}, {mt['allocation']} allocation, "
                      f"sparsity {_num(mt['sparsity'], '.2%')}, removed units {mt['removed_units']}")
-    choice = (s.get("pg") or {}).get("start_choice")
+    choice = s.get("start_choice")
     if choice:
         where = choice.get("track") or {}
-        lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lower once refit ({choice['reconstruct']})"
-                     f" on {where.get('dataset')} {where.get('split')}: "
-                     + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
+        on = f"once refit ({choice['reconstruct']}) on {where.get('dataset')} {where.get('split')}"
+        if len(choice["candidates"]) > 1:
+            lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lowest {on}: "
+                         + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
+        layers = choice.get("remove_layers")
+        if layers:
+            lines.append(f"- **Layers first** (`--remove-layers auto`): {layers['chosen']} removed "
+                         f"({', '.join(map(str, layers['layers'])) or 'none'}), the lowest {on}, by count: "
+                         + ", ".join(f"{n} {_num(v)}" for n, v in layers["candidates"].items()))
     ex = s.get("export_check")
     if ex is not None:
         if ex.get("ok") is None:

@@ -221,6 +221,26 @@ def _layer_params(costs: UnitCosts) -> torch.Tensor:
             + costs.intermediate * costs.channel_cost).double()
 
 
+def _layer_order(layer_scores: torch.Tensor) -> torch.Tensor:
+    """Layer indices, the first to remove (lowest score) first; ties by index."""
+    return torch.sort(layer_scores.double(), stable=True).indices
+
+
+def _within_budget(params: float, target: float, total: float) -> bool:
+    return params <= target * total * (1 + 1e-9)
+
+
+def removable_layers(layer_scores: torch.Tensor, costs: UnitCosts, sparsity: float) -> int:
+    """The most layers `layers_first` can remove first at this budget: those of lowest `layer_scores`, while
+    their parameters fit in it, and never every layer."""
+    target = check_sparsity(sparsity)
+    params = _layer_params(costs)[_layer_order(layer_scores)]
+    total, n = float(params.sum()), 0
+    while n < costs.num_layers - 1 and _within_budget(float(params[: n + 1].sum()), target, total):
+        n += 1
+    return n
+
+
 def layers_first(scores, layer_scores: torch.Tensor, costs: UnitCosts, sparsity: float, allocation: str,
                  n_layers: int, *, tolerance: float | None = None) -> Allocation:
     """One budget over whole layers, channels and heads: the `n_layers` layers of lowest `layer_scores` [L]
@@ -244,10 +264,10 @@ def layers_first(scores, layer_scores: torch.Tensor, costs: UnitCosts, sparsity:
         raise ConfigError(f"cannot remove {n_layers} of the model's {L} layers first: choose 0 to {L - 1}")
     finite_or_never(layer_scores.double(), torch.ones(L, dtype=torch.bool))
     removed = torch.zeros(L, dtype=torch.bool)
-    removed[torch.sort(layer_scores.double(), stable=True).indices[:n_layers]] = True
+    removed[_layer_order(layer_scores)[:n_layers]] = True
     params = _layer_params(costs)
     total, gone = float(params.sum()), float(params[removed].sum())
-    if gone > target * total * (1 + 1e-9):
+    if not _within_budget(gone, target, total):
         raise ConfigError(f"removing {n_layers} whole layer(s) alone removes {gone / total:.3f} of the prunable "
                           f"parameters, more than the budget of {target}: remove fewer layers")
     layer_key = torch.where(removed, -_FIRST, _FIRST).double()[:, None]

@@ -34,6 +34,7 @@ class MetricResult:
     scores: Scores
     info: dict
     dense_stats: list[LayerStats] | None = None  # the calibration statistics, when dense-propagated (reusable)
+    layer_influence: torch.Tensor | None = None  # [L] block influence, when whole layers were removed first
 
 
 def resolve_allocation(method: str, allocation: str, kinds) -> str:
@@ -81,7 +82,7 @@ def run_metric(
     progress: bool = True,
     stats: list[LayerStats] | None = None,
     width_multiple: int = 1,
-    remove_layers: int = 0,
+    remove_layers: int | None = None,
 ) -> MetricResult:
     """Scores, allocation and (for FLAP) compensation biases; the model is not modified.
 
@@ -98,13 +99,15 @@ def run_metric(
     (standardised) scores (`budget.round_widths`); `masks`, the biases and `info` are the rounded
     ones, `allocation` the one before rounding. With pruned propagation the walk prunes the
     unrounded counts: later layers' scores see the earlier layers before rounding.
-    remove_layers: N > 0 removes the N layers of lowest block influence (ShortGPT, read from the same dense
-    statistics) first and gives the rest of the budget to the method's channel / head order over the kept
-    layers (`allocation.layers_first`); `kinds` must then be channel and/or head beside layer."""
+    remove_layers: N (0 included) removes the N layers of lowest block influence (ShortGPT, read from the same
+    dense statistics) first and gives the rest of the budget to the method's channel / head order over the kept
+    layers (`allocation.layers_first`); `kinds` must then be channel and/or head beside layer. Every layer's
+    influence comes back with the result: `remove_layers_first` re-allocates it for another N without a pass.
+    None: no layer is removed first (layer units, if any, are allocated like the others)."""
     t0 = time.perf_counter()
     m = get_method(method)
     kinds = parse_unit_kinds(kinds)
-    layer_first = remove_layers > 0
+    layer_first = remove_layers is not None
     if layer_first:
         kinds = check_layers_first(kinds, propagate, width_multiple)
     kinds = check_kinds(m, kinds)
@@ -155,6 +158,7 @@ def run_metric(
                                     adapter=adapter, covariance=m.needs_covariance)
     scores = scores_from_stats(adapter, stats if m.needs_calibration else None, method, kinds, seed,
                                per_layer=[per_layer[i] for i in range(len(stats))] if per_layer else None)
+    influence = None
     if layer_first:
         influence = scores_from_stats(adapter, stats, "block-influence", ("layer",)).raw["layer"][:, 0]
         alloc = layers_first(scores, influence, costs, target, allocation, remove_layers, tolerance=tolerance)
@@ -174,8 +178,7 @@ def run_metric(
         "method": method,
         "allocation": allocation,
         "unit_kinds": list(kinds) + (["layer"] if layer_first else []),
-        "remove_layers": {"count": remove_layers, "by": "block-influence",
-                          "layers": (~alloc.masks["layer"][:, 0]).nonzero().flatten().tolist()} if layer_first else None,
+        "remove_layers": _layers_first_info(alloc) if layer_first else None,
         "target_sparsity": target,
         "sparsity": float(masks.sparsity(costs)),
         "width_multiple": multiple,
@@ -193,7 +196,32 @@ def run_metric(
         "seconds": time.perf_counter() - t0,
     }
     return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info,
-                        dense_stats=stats if need_stats and propagate == "dense" else None)
+                        dense_stats=stats if need_stats and propagate == "dense" else None, layer_influence=influence)
+
+
+def _layers_first_info(alloc: Allocation) -> dict:
+    layers = (~alloc.masks["layer"][:, 0]).nonzero().flatten().tolist()
+    return {"count": len(layers), "by": "block-influence", "layers": layers}
+
+
+def remove_layers_first(result: MetricResult, n_layers: int, costs: UnitCosts, *,
+                        tolerance: float | None = None) -> MetricResult:
+    """`result` (a `run_metric(..., remove_layers=...)` result) with `n_layers` layers removed first instead:
+    the same scores and block influence allocated again, as `run_metric(..., remove_layers=n_layers)` would,
+    without a calibration pass. Not for compensated results (their biases belong to the old mask)."""
+    if result.layer_influence is None:
+        raise ConfigError("remove_layers_first needs a run_metric result that removed whole layers first")
+    if result.output_bias is not None:
+        raise ConfigError("remove_layers_first cannot move compensation biases: run_metric with "
+                          "bias_compensation=False, or run it again for this count")
+    info = result.info
+    alloc = layers_first(result.scores, result.layer_influence, costs, info["target_sparsity"], info["allocation"],
+                         n_layers, tolerance=tolerance)
+    masks = alloc.masks
+    info = {**info, "remove_layers": _layers_first_info(alloc), "sparsity": float(masks.sparsity(costs)),
+            "removed_units": alloc.removed, "masks": masks.summary(costs)}
+    return MetricResult(masks=masks, output_bias=None, allocation=alloc, scores=result.scores, info=info,
+                        dense_stats=result.dense_stats, layer_influence=result.layer_influence)
 
 
 def check_layers_first(kinds: tuple[str, ...], propagate: str | None, width_multiple: int) -> tuple[str, ...]:
