@@ -127,7 +127,6 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
     ({"remove_layers": -1, "units": "channel,head,layer"}, ">= 0"),
     ({"remove_layers": 2, "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),
     ({"remove_layers": 2, "units": "channel,head,layer", "method": "block-influence"}, "block-influence has none"),
-    ({"remove_layers": 2, "units": "channel,head,layer", "width_multiple": 32}, "not supported"),
     ({"remove_layers": "some", "units": "channel,head,layer"}, "a count >= 0 or auto"),
     ({"remove_layers": "auto", "units": "channel,head"}, "needs --units layer beside channel"),
     ({"remove_layers": "auto", "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),

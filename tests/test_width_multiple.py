@@ -116,6 +116,33 @@ def test_metric_masks_round_by_the_methods_own_scores(method, allocation):
         assert r.output_bias["mlp"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("method,allocation", [("obs", "uniform"), ("flap", "global")])
+def test_layers_first_masks_round_the_kept_layers(method, allocation):
+    """--remove-layers with --width-multiple: the layers removed first stay removed, every kept layer's MLP width
+    is rounded by the method's scores, as round_widths does to the unrounded allocation; re-allocating for
+    another count (--remove-layers auto) rounds the same way."""
+    from pgprune.metrics.pipeline import remove_layers_first
+
+    model = make()
+    costs = costs_of(model)
+    x = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(0))
+    kinds = ("channel", "head", "layer")
+    plain = run_metric(model, x, method, 0.4, kinds, allocation, progress=False, remove_layers=1)
+    r = run_metric(model, x, method, 0.4, kinds, allocation, progress=False, remove_layers=1, width_multiple=16,
+                   bias_compensation=False)
+    assert torch.equal(r.masks["layer"], plain.masks["layer"]) and int((~r.masks["layer"]).sum()) == 1
+    assert all(int(w) % 16 == 0 for w in kept_channels(r.masks, costs))
+    want, _ = round_widths(plain.masks, plain.allocation.keys, costs, 16, 0.4)
+    assert torch.equal(r.masks["channel"], want["channel"]) and r.info["width_rounding"] is not None
+    assert abs(r.info["sparsity"] - 0.4) <= 16 * int(costs.channel_cost[0]) / costs.prunable_params
+    for n in (0, 2):
+        moved = remove_layers_first(r, n, costs)
+        fresh = run_metric(model, x, method, 0.4, kinds, allocation, progress=False, remove_layers=n,
+                           width_multiple=16)
+        assert all(torch.equal(moved.masks[k], fresh.masks[k]) for k in kinds)
+        assert moved.info["width_rounding"] == fresh.info["width_rounding"]
+
+
 def test_policy_hard_masks_are_rounded():
     from pgprune.policy.probabilities import UnitLayout, UnitPolicy
 
@@ -179,17 +206,23 @@ def _settings(root, text, **kw):
     return tiny_run_settings(root, text, **{"sparsity": 0.3, "width_multiple": 16, "forward": "auto", **kw})
 
 
-@pytest.mark.parametrize("method", ["pg", "flap"])
-def test_prune_exports_widths_that_are_multiples(workdir, method, tmp_path):
+@pytest.mark.parametrize("method, layers_first", [("pg", False), ("flap", False), ("pg", True)])
+def test_prune_exports_widths_that_are_multiples(workdir, method, layers_first, tmp_path):
+    # with --remove-layers the search keeps the removed layer and rounds the kept layers' widths
     from pgprune.pruning import prune
 
     root, text = workdir
-    record = prune(_settings(root, text, method=method, policy="features" if method == "pg" else "units",
-                             reconstruct="bias", pg_reconstruct="bias" if method == "pg" else "none",
-                             init_scale=8.0), tmp_path / "run", progress=False)
+    extra = dict(units="channel,head,layer", remove_layers=1, sparsity=0.5, policy="search", sigma=0.3, init="flap",
+                 steps=2) if layers_first else {"policy": "features" if method == "pg" else "units"}
+    record = prune(_settings(root, text, method=method, reconstruct="bias",
+                             pg_reconstruct="bias" if method == "pg" else "none", init_scale=8.0, **extra),
+                   tmp_path / "run", progress=False)
     widths = record["masks"]["channels_per_layer"]
     assert all(w % 16 == 0 for w in widths) and len(set(widths)) >= 1
-    assert abs(record["masks"]["sparsity"] - 0.3) <= 16 * 64 * 3 / record["masks"]["prunable_params"]
+    if layers_first:
+        assert record["masks"]["layers_kept"] == 2 and widths.count(0) == 1
+    target = 0.5 if layers_first else 0.3
+    assert abs(record["masks"]["sparsity"] - target) <= 16 * 64 * 3 / record["masks"]["prunable_params"]
     from pgprune.export import inspect_model
 
     summary = inspect_model(str(tmp_path / "run" / "model"))

@@ -309,7 +309,7 @@ class RunSettings:
             raise ConfigError(f"--remove-layers must be a count >= 0 or auto, got {self.remove_layers!r}")
         from pgprune.metrics.pipeline import check_layers_first
 
-        check_layers_first(kinds, None, self.width_multiple)
+        check_layers_first(kinds, None)
         metric = self.pg.init if self.method == "pg" else self.method
         if metric in ("constant", "block-influence"):
             raise ConfigError(f"--remove-layers starts from a metric's channel / head order; "

@@ -109,7 +109,7 @@ def run_metric(
     kinds = parse_unit_kinds(kinds)
     layer_first = remove_layers is not None
     if layer_first:
-        kinds = check_layers_first(kinds, propagate, width_multiple)
+        kinds = check_layers_first(kinds, propagate)
     kinds = check_kinds(m, kinds)
     target = check_sparsity(sparsity)
     allocation = resolve_allocation(method, allocation, kinds)
@@ -138,7 +138,8 @@ def run_metric(
     adapter = get_adapter(model)
     costs = UnitCosts.from_adapter(adapter)
     multiple = check_width_multiple(width_multiple, costs)
-    if multiple > 1 and allocation == "uniform" and "channel" in kinds:  # refuse before calibrating
+    # refuse before calibrating (with layers first the kept layers keep more: round_widths checks them)
+    if multiple > 1 and allocation == "uniform" and "channel" in kinds and not layer_first:
         plan = uniform_plan(costs, kinds, target, tolerance=tolerance)
         check_kept_widths(costs.intermediate - plan.counts["channel"], multiple)
     if stats is not None and m.needs_covariance and not _hold_covariances(stats):
@@ -170,9 +171,7 @@ def run_metric(
                 if not torch.equal(alloc.masks[kind][i, : k.numel()], k):
                     raise RuntimeError(f"internal error: layer {i} {kind} mask differs between the walk "
                                        "and the final allocation")
-    masks, rounding = alloc.masks, None
-    if multiple > 1:
-        masks, rounding = round_widths(alloc.masks, alloc.keys, costs, multiple, target)
+    masks, rounding = _round(alloc, costs, multiple, target)
     bias = compensation_biases(adapter, feature_means(stats), masks, costs) if compensate else None
     info = {
         "method": method,
@@ -182,7 +181,7 @@ def run_metric(
         "target_sparsity": target,
         "sparsity": float(masks.sparsity(costs)),
         "width_multiple": multiple,
-        "width_rounding": None if rounding is None else rounding.to_dict(),
+        "width_rounding": rounding,
         "propagate": propagate if need_stats else None,
         "bias_compensation": compensate,
         "bias_params_added": bias_params_added(adapter, masks, costs, bias),
@@ -191,12 +190,21 @@ def run_metric(
             "seqlen": None if calib_ids is None else int(calib_ids.shape[1]),
             "tokens": stats[0].tokens, "batch_size": batch_size, "reused_stats": reused},
         "seed": seed,
-        "removed_units": alloc.removed if rounding is None else _removed_counts(masks, costs),
+        "removed_units": _removed_counts(masks, costs) if rounding else alloc.removed,
         "masks": masks.summary(costs),
         "seconds": time.perf_counter() - t0,
     }
     return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info,
                         dense_stats=stats if need_stats and propagate == "dense" else None, layer_influence=influence)
+
+
+def _round(alloc: Allocation, costs: UnitCosts, multiple: int, target: float) -> tuple[Masks, dict | None]:
+    """The allocation's masks with every kept MLP width rounded to `multiple` (and what rounding did), or as
+    they are for 1."""
+    if multiple == 1:
+        return alloc.masks, None
+    masks, rounding = round_widths(alloc.masks, alloc.keys, costs, multiple, target)
+    return masks, rounding.to_dict()
 
 
 def _layers_first_info(alloc: Allocation) -> dict:
@@ -208,7 +216,8 @@ def remove_layers_first(result: MetricResult, n_layers: int, costs: UnitCosts, *
                         tolerance: float | None = None) -> MetricResult:
     """`result` (a `run_metric(..., remove_layers=...)` result) with `n_layers` layers removed first instead:
     the same scores and block influence allocated again, as `run_metric(..., remove_layers=n_layers)` would,
-    without a calibration pass. Not for compensated results (their biases belong to the old mask)."""
+    without a calibration pass (rounded to the result's width multiple). Not for compensated results (their
+    biases belong to the old mask)."""
     if result.layer_influence is None:
         raise ConfigError("remove_layers_first needs a run_metric result that removed whole layers first")
     if result.output_bias is not None:
@@ -217,14 +226,15 @@ def remove_layers_first(result: MetricResult, n_layers: int, costs: UnitCosts, *
     info = result.info
     alloc = layers_first(result.scores, result.layer_influence, costs, info["target_sparsity"], info["allocation"],
                          n_layers, tolerance=tolerance)
-    masks = alloc.masks
+    masks, rounding = _round(alloc, costs, info["width_multiple"], info["target_sparsity"])
     info = {**info, "remove_layers": _layers_first_info(alloc), "sparsity": float(masks.sparsity(costs)),
-            "removed_units": alloc.removed, "masks": masks.summary(costs)}
+            "width_rounding": rounding, "removed_units": _removed_counts(masks, costs) if rounding else alloc.removed,
+            "masks": masks.summary(costs)}
     return MetricResult(masks=masks, output_bias=None, allocation=alloc, scores=result.scores, info=info,
                         dense_stats=result.dense_stats, layer_influence=result.layer_influence)
 
 
-def check_layers_first(kinds: tuple[str, ...], propagate: str | None, width_multiple: int) -> tuple[str, ...]:
+def check_layers_first(kinds: tuple[str, ...], propagate: str | None) -> tuple[str, ...]:
     """The channel / head kinds that meet the rest of the budget once whole layers are removed first."""
     fine = tuple(k for k in kinds if k in ("channel", "head"))
     if "layer" not in kinds or not fine or set(kinds) - {"channel", "head", "layer"}:
@@ -233,8 +243,6 @@ def check_layers_first(kinds: tuple[str, ...], propagate: str | None, width_mult
     if propagate not in (None, "dense"):
         raise ConfigError("removing whole layers first scores every unit on the dense model's statistics: "
                           "propagate='pruned' cannot be combined with it")
-    if width_multiple != 1:
-        raise ConfigError("--width-multiple is not supported with --remove-layers yet")
     return fine
 
 
