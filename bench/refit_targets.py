@@ -75,7 +75,7 @@ def fit_block(weight: torch.Tensor, x_p: torch.Tensor, x_d: torch.Tensor, drift:
 def refit_model(dense, adapter, masks, costs, calib_ids: torch.Tensor, target: str, damp: float):
     """A copy of `dense` with the dropped columns of o_proj / down_proj zeroed and the kept ones refit for
     `target` (the pruned model's function: surgery would only remove the zero columns)."""
-    from pgprune.metrics.calibration import _first, capture_layer_inputs
+    from pgprune.metrics.calibration import capture_layer_inputs, hidden_states_of
     from pgprune.models.adapter import get_adapter
 
     eff = masks.effective(costs)
@@ -94,7 +94,7 @@ def refit_model(dense, adapter, masks, costs, calib_ids: torch.Tensor, target: s
         try:
             with torch.no_grad():
                 for b, kw in zip(inputs.batches, kwargs):
-                    out[b] = _first(layer(stream[b], **kw))
+                    out[b] = hidden_states_of(layer(stream[b], **kw))
         finally:
             for h in handles:
                 h.remove()

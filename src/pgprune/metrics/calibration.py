@@ -315,7 +315,8 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _first(out: Any) -> torch.Tensor:
+def hidden_states_of(out: Any) -> torch.Tensor:
+    """A decoder layer's (or projection hook's) output tensor: transformers versions return a tuple or a tensor."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -524,7 +525,7 @@ def collect_block_stats_sequentially(
         with _standing_in(mods, arity, stand_ins, current):
             for b, kw in zip(inputs.batches, kwargs):
                 current[:] = [b]
-                y = _first(mods.layer(inps[b].to(dev), **_to(kw, dev)))
+                y = hidden_states_of(mods.layer(inps[b].to(dev), **_to(kw, dev)))
                 for added in pending.get(i, ()):
                     y = y + added[b].to(dev)
                 outs[b] = y.to(outs.device)
@@ -570,7 +571,7 @@ def _check_stand_ins(mods, x: torch.Tensor, kwargs: dict) -> dict[str, int]:
     arity = {}
     for block, _module, _proj in pairs:
         out = seen.get(block)
-        if out is None or _first(out) is not seen.get(block + "_proj"):
+        if out is None or hidden_states_of(out) is not seen.get(block + "_proj"):
             raise ConfigError(f"this family's {block} module does not return its "
                               f"{'o_proj' if block == 'attn' else 'down_proj'} output as is; the block-by-block "
                               "sequential refit cannot stand in for it: use --reconstruct-inputs dense")
@@ -641,7 +642,7 @@ def _layer_pass(mods, i: int, inps: torch.Tensor, outs: torch.Tensor, inputs: La
         for b, kwargs in zip(inputs.batches, inputs.kwargs):
             x = inps[b].to(dev)
             mid.clear()
-            y = _first(mods.layer(x, **_to(kwargs[i], dev)))
+            y = hidden_states_of(mods.layer(x, **_to(kwargs[i], dev)))
             outs[b] = y.to(outs.device)
             if collect:
                 tokens += x.shape[0] * x.shape[1]
