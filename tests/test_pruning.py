@@ -322,6 +322,25 @@ def test_remove_layers_auto_scores_each_count_as_the_export_ships_it(workdir):
     assert record["perplexity"]["pruned"][name] == pytest.approx(counts[best], rel=1e-4)
 
 
+def test_lowest_count_goes_on_past_a_bump_and_stops_after_two_counts_without_a_new_best():
+    from pgprune.pruning import lowest_count
+
+    def run(values, most):
+        asked = []
+
+        def score(n):
+            asked.append(n)
+            return values[n]
+
+        return (*lowest_count(score, most), asked)
+
+    best, scores, asked = run([222.0, 192.9, 198.6, 179.4, 185.0, 190.0, 100.0], 6)
+    assert best == 3 and asked == [0, 1, 2, 3, 4, 5] and scores[3] == 179.4 and 6 not in scores
+    assert run([94.0, 89.1, 82.9, 82.5, 78.1, 88.4, 90.0, 91.0], 7)[:1] == (4,)
+    assert run([5.0, 4.0, 3.0], 1) == (1, {0: 5.0, 1: 4.0}, [0, 1])  # the budget's most
+    assert run([5.0, 6.0, 7.0, 1.0], 3) == (0, {0: 5.0, 1: 6.0, 2: 7.0}, [0, 1, 2])
+
+
 def test_auto_start_is_the_candidate_whose_exported_model_is_lower_on_the_tracking_text(workdir):
     # --init auto scores each candidate mask as the export would ship it: the same number as that
     # metric method's own run gives for its pruned model (the single text file is every split here)
