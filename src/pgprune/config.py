@@ -172,8 +172,9 @@ class RunSettings:
     remove_layers: int | str = option(0, "with --units channel,head,layer: remove the N layers of lowest block "
                                          "influence (ShortGPT) first, then the method's channel / head order meets "
                                          "the rest of the budget over the kept layers (metric methods and PG's "
-                                         "start; PG keeps that layer choice); auto: N = 0, 1, 2, ... while the "
-                                         "refit mask gets lower on the --track text", group=ADVANCED,
+                                         "start; PG keeps that layer choice); auto: the N whose refit mask is "
+                                         "lowest on the --track text, of 0, 1, 2, ... (docs/method.md)",
+                                      group=ADVANCED,
                                       type=remove_layers_arg, metavar="N|auto")
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
     reconstruct: str = option("lsq", "refit of the layers reading pruned features (o_proj, down_proj) in the "
