@@ -179,9 +179,8 @@ def run_metric(
         "unit_kinds": list(kinds) + (["layer"] if layer_first else []),
         "remove_layers": _layers_first_info(alloc) if layer_first else None,
         "target_sparsity": target,
-        "sparsity": float(masks.sparsity(costs)),
         "width_multiple": multiple,
-        "width_rounding": rounding,
+        **_mask_info(alloc, masks, rounding, costs),
         "propagate": propagate if need_stats else None,
         "bias_compensation": compensate,
         "bias_params_added": bias_params_added(adapter, masks, costs, bias),
@@ -190,8 +189,6 @@ def run_metric(
             "seqlen": None if calib_ids is None else int(calib_ids.shape[1]),
             "tokens": stats[0].tokens, "batch_size": batch_size, "reused_stats": reused},
         "seed": seed,
-        "removed_units": _removed_counts(masks, costs) if rounding else alloc.removed,
-        "masks": masks.summary(costs),
         "seconds": time.perf_counter() - t0,
     }
     return MetricResult(masks=masks, output_bias=bias, allocation=alloc, scores=scores, info=info,
@@ -205,6 +202,13 @@ def _round(alloc: Allocation, costs: UnitCosts, multiple: int, target: float) ->
         return alloc.masks, None
     masks, rounding = round_widths(alloc.masks, alloc.keys, costs, multiple, target)
     return masks, rounding.to_dict()
+
+
+def _mask_info(alloc: Allocation, masks: Masks, rounding: dict | None, costs: UnitCosts) -> dict:
+    """What `info` says of the final (possibly rounded) masks."""
+    return {"sparsity": float(masks.sparsity(costs)), "width_rounding": rounding,
+            "removed_units": _removed_counts(masks, costs) if rounding else alloc.removed,
+            "masks": masks.summary(costs)}
 
 
 def _layers_first_info(alloc: Allocation) -> dict:
@@ -227,9 +231,7 @@ def remove_layers_first(result: MetricResult, n_layers: int, costs: UnitCosts, *
     alloc = layers_first(result.scores, result.layer_influence, costs, info["target_sparsity"], info["allocation"],
                          n_layers, tolerance=tolerance)
     masks, rounding = _round(alloc, costs, info["width_multiple"], info["target_sparsity"])
-    info = {**info, "remove_layers": _layers_first_info(alloc), "sparsity": float(masks.sparsity(costs)),
-            "width_rounding": rounding, "removed_units": _removed_counts(masks, costs) if rounding else alloc.removed,
-            "masks": masks.summary(costs)}
+    info = {**info, "remove_layers": _layers_first_info(alloc), **_mask_info(alloc, masks, rounding, costs)}
     return MetricResult(masks=masks, output_bias=None, allocation=alloc, scores=result.scores, info=info,
                         dense_stats=result.dense_stats, layer_influence=result.layer_influence)
 
