@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shlex
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -19,7 +20,8 @@ def machine() -> dict:
 def command_line(script: str, argv: list[str]) -> str:
     """How to rerun a benchmark, with the thread setting it ran under (it changes CPU timings)."""
     threads = os.environ.get("OMP_NUM_THREADS")
-    return (f"OMP_NUM_THREADS={threads} " if threads else "") + f"python bench/{script} " + " ".join(argv)
+    # quoted as a shell needs it: an empty argument (--metrics '') must survive a copy and paste
+    return (f"OMP_NUM_THREADS={threads} " if threads else "") + f"python bench/{script} " + shlex.join(argv)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
