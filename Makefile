@@ -46,12 +46,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip download -q --no-deps --only-binary=:all: gensim==4.4.0 -d $(PGPRUNE_CACHE)/downloads
 	touch $@
 
-# Prune SmolLM2-135M by 30 % (MLP channels + KV-head groups) with the default recipe (`features`, our best
-# measured: the search policy over the feature policy's parameters from the best of the Wanda-sp, FLAP and obs
-# masks, bias-compensated, 300 steps of K=2 masks on 8 x 128 tokens of the Wikipedia sample, the tracked mask
-# whose refit model is lowest on held-out calibration text, refit by least squares; on 2026-12-05 it took
-# 99 min (PG 71 min) in bf16 on a 2-core CPU shared with six or seven other jobs, plus the llama.cpp build on
-# a fresh machine, bench/RESULTS.md "`make demo`"),
+# Prune SmolLM2-135M by 30 % (MLP channels, KV-head groups and whole layers) with the default recipe (`features`,
+# our best measured: the layers of lowest block influence removed first, as many as held-out text prefers, then
+# the search policy over the feature policy's parameters from the best of the Wanda-sp, FLAP and obs masks,
+# bias-compensated, 300 steps of K=2 masks on 8 x 128 tokens of the Wikipedia sample, the tracked mask
+# whose refit model is lowest on held-out calibration text, refit by least squares; on 2026-12-05, before the
+# layers came first, it took 99 min (PG 71 min) in bf16 on a 2-core CPU shared with six or seven other jobs, plus
+# the llama.cpp build on a fresh machine, bench/RESULTS.md "`make demo`"; choosing the layer count adds a few
+# refits),
 # print dense / start / final perplexity
 # and write runs/demo/report.md with plots. Perplexity on WikiText-2 test (first 32k tokens) where
 # DATA_DIR has it, else on the Wikipedia sample's test split.

@@ -5,8 +5,10 @@ sample, 0-1 of C4), every --sparsities and every run kind:
 - each `--variants` entry: a PG run of a recipe, `features` (the default) or `paper`, optionally with
   settings overridden after `+` (`features+pg.reconstruct=lsq`: PG scored by least squares);
 - each `--metrics` method at each `--metric-reconstruct` mode (wanda-sp uniform, flap global),
-the run is `pgprune.prune()` itself (the `pgprune prune` pipeline: calibration windows of the source,
-held-out calibration text for PG's tracking, nothing from the evaluation sets) into
+each with its recipe's units (`features`: channel,head,layer, the layers first; `paper`: channel,head) unless
+--units names them for every run, the run is `pgprune.prune()` itself (the `pgprune prune` pipeline:
+calibration windows of the source, held-out calibration text for PG's tracking, nothing from the evaluation
+sets) into
 --work/CALIB_sSEED_SPARSITY_LABEL, and its exported model is then scored once under DESIGN.md's protocol
 (seqlen 128): WikiText-2 test (first --wikitext-tokens; 0 = all) and the natural-text measure, the
 geometric mean of the perplexities of the shared C4 sample's validation documents and the Wikipedia
@@ -137,6 +139,7 @@ def same_run(stored: dict, wanted) -> bool:
         if d["reconstruct_inputs"] == "auto":
             d["reconstruct_inputs"] = "sequential" if may_use_sequential_inputs("auto", settings.kinds) else "dense"
         d["allocation"] = start_allocation(settings)
+        d["remove_layers"] = settings.layers_first or 0  # auto where it cannot apply removes none, as 0
         if d["method"] != "pg":
             d.pop("pg")
         dicts.append(d)
@@ -221,7 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibs", default="wiki-sample:3,c4:2",
                    help="SOURCE:SEEDS (seeds 0 .. SEEDS-1) or SOURCE@SEED, comma-separated")
     p.add_argument("--sparsities", default="0.3,0.5")
-    p.add_argument("--units", default="channel,head", help="unit kinds of every run (layer: block influence)")
+    p.add_argument("--units", default=None,
+                   help="unit kinds of every run (layer: block influence); default: the recipe's")
     p.add_argument("--variants", default="features", help="PG runs: RECIPE[+setting=value...], comma-separated")
     p.add_argument("--metrics", default="wanda-sp,flap", help="metric methods ('' for none)")
     p.add_argument("--metric-reconstruct", default="lsq", help="their reconstruction(s): none, bias, lsq")
@@ -243,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--score", default="", help="NAME=MODEL_DIR,...: only score these saved models (no runs)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+
+    from pgprune.config import RunSettings
 
     if args.threads:
         import torch
@@ -279,10 +285,12 @@ def main(argv=None) -> int:
     for calib, seed in parse_calibs(args.calibs):
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             for label, recipe, overrides in kinds:
-                units = "" if args.units == "channel,head" else "_" + args.units.replace(",", "-")
+                given = {"data.calib": calib, "seed": seed, "sparsity": sparsity,
+                         **({"units": args.units} if args.units else {}), **overrides}
+                units = RunSettings.from_recipe(recipe, given).units
+                units = "" if units == "channel,head" else "_" + units.replace(",", "-")
                 folder = work / f"{calib}_s{seed}_{sparsity:g}{units}_{label.replace('=', '-')}"
-                cell = run_cell(label, {"data.calib": calib, "seed": seed, "sparsity": sparsity, "units": args.units,
-                                        **overrides}, recipe, folder, args)
+                cell = run_cell(label, given, recipe, folder, args)
                 cell.update(calib=calib, seed=seed, sparsity_target=sparsity, folder=str(folder))
                 record["cells"].append(cell)
                 key = (calib, seed, sparsity, label)

@@ -54,6 +54,24 @@ def test_remove_layers_takes_a_count_or_auto():
         _parse("--remove-layers", "two")
 
 
+@pytest.mark.parametrize("overrides, layers_first", [
+    ({}, "auto"),  # the default: channels, heads and layers, the layers first
+    ({"remove_layers": 2}, 2),
+    ({"remove_layers": 0}, None),
+    # auto turns itself off where layers cannot go first, so the default suits any --units / start
+    ({"units": "channel,head"}, None),
+    ({"units": "layer"}, None),
+    ({"units": "channel,mlp,layer"}, None),
+    ({"pg.init": "constant", "pg.policy": "units"}, None),
+    ({"method": "block-influence", "units": "layer"}, None),
+    ({"method": "flap"}, "auto"),
+])
+def test_remove_layers_auto_applies_where_layers_can_go_first(overrides, layers_first):
+    s = RunSettings.from_recipe("features", overrides)
+    s.validate()
+    assert s.layers_first == layers_first
+
+
 def test_every_setting_has_a_cli_option():
     parser = build_parser()
     prune = parser._subparsers._group_actions[0].choices["prune"]
@@ -121,15 +139,13 @@ def test_resume_fingerprint_leaves_out_only_what_may_change():
     ({"data.nsamples": 4}, "smaller than one batch"),
     ({"pg.baseline": "others", "pg.k": 1}, "needs --k >= 2"),
     ({"pg.baseline": "others", "pg.estimator": "loo"}, "the paper estimator"),
-    ({"remove_layers": 2}, "needs --units layer beside channel"),
+    ({"remove_layers": 2, "units": "channel,head"}, "needs --units layer beside channel"),
     ({"remove_layers": 2, "units": "layer"}, "needs --units layer beside channel"),
     ({"remove_layers": 2, "units": "channel,mlp,layer"}, "nothing else"),
     ({"remove_layers": -1, "units": "channel,head,layer"}, ">= 0"),
     ({"remove_layers": 2, "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),
     ({"remove_layers": 2, "units": "channel,head,layer", "method": "block-influence"}, "block-influence has none"),
     ({"remove_layers": "some", "units": "channel,head,layer"}, "a count >= 0 or auto"),
-    ({"remove_layers": "auto", "units": "channel,head"}, "needs --units layer beside channel"),
-    ({"remove_layers": "auto", "units": "channel,head,layer", "pg.init": "constant"}, "--init constant has none"),
 ])
 def test_validation_names_what_to_fix(overrides, match):
     with pytest.raises(Exception, match=match):

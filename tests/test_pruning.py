@@ -226,7 +226,7 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     # --policy features: starts at the init metric's mask (step 0 == init), moves, and exports the
     # model it evaluated; a data-free init metric gets its features from a dense calibration pass,
     # the same one the mean fill uses. One budget over channels, heads and layers starts, under the
-    # uniform allocation, from the channel / head mask with every layer kept.
+    # uniform allocation, from the channel / head mask with every layer kept (no layers removed first).
     root, text = workdir
     name = f"text:{text}"
     out = root / f"feat-{init}-{units}"
@@ -239,7 +239,7 @@ def test_feature_policy_pipeline(workdir, init, units, monkeypatch):
     record = prune(_options(root, text, policy="features", init=init, units=units, estimator="loo", lr=0.2,
                             init_scale=4.0, allocation="global" if units == "layer" else "uniform",
                             sparsity=0.25 if units != "layer" else 0.3, track_max_tokens=10**6, pg_reconstruct="bias", reconstruct="bias",
-                            control_variate=True), out, progress=False)
+                            control_variate=True, remove_layers=0), out, progress=False)
     ppl = record["perplexity"]
     assert ppl["pruned"][name] == pytest.approx(ppl["gated"][name], rel=1e-4)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

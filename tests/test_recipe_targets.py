@@ -94,6 +94,10 @@ def test_a_cell_is_the_same_run_whatever_it_did_not_depend_on():
     flap = RunSettings.from_recipe("features", {"method": "flap"})
     assert recipe_targets.same_run({**flap.to_dict(), "allocation": "global"}, flap)
     assert not recipe_targets.same_run({**flap.to_dict(), "allocation": "uniform"}, flap)
+    # `auto` layers where layers cannot go first remove none: the run of a 0 stored before auto was the default
+    fine = RunSettings.from_recipe("features", {"units": "channel,head"})
+    assert recipe_targets.same_run({**fine.to_dict(), "remove_layers": 0}, fine)
+    assert not recipe_targets.same_run({**flap.to_dict(), "remove_layers": 0}, flap)
     auto_start = RunSettings.from_recipe("features", {"pg.init": "auto"})
     assert recipe_targets.same_run({**auto_start.to_dict(), "allocation": "uniform"}, auto_start)
     for changed in ({"seed": 3}, {"execution": {**stored["execution"], "dtype": "bf16"}}):

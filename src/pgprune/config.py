@@ -163,17 +163,18 @@ class RunSettings:
                                "layer is refit by least squares)")
     sparsity: float = option(0.3, "fraction of the prunable (decoder-layer attention and MLP) parameters to remove",
                              type=float)
-    units: str = option("channel,head", "unit kinds: channel, head, attn, mlp, layer (comma-separated)")
+    units: str = option("channel,head,layer", "unit kinds: channel, head, attn, mlp, layer (comma-separated)")
     allocation: str = option("auto", "metric methods and PG's start: uniform (the same fraction per layer; "
                                      "beside channels / heads, whole blocks kept), global (one threshold), or "
                                      "auto (the method's own: global for flap and block-influence, else uniform; "
                                      "uniform when channels / heads mix with blocks, global for blocks alone)",
                              group=ADVANCED, choices=("auto", "uniform", "global"))
-    remove_layers: int | str = option(0, "with --units channel,head,layer: remove the N layers of lowest block "
-                                         "influence (ShortGPT) first, then the method's channel / head order meets "
-                                         "the rest of the budget over the kept layers (metric methods and PG's "
-                                         "start; PG keeps that layer choice); auto: the N whose refit mask is "
-                                         "lowest on the --track text, of 0, 1, 2, ... (docs/method.md)",
+    remove_layers: int | str = option("auto", "with --units channel,head,layer: remove the N layers of lowest "
+                                              "block influence (ShortGPT) first, then the method's channel / head "
+                                              "order meets the rest of the budget over the kept layers (metric "
+                                              "methods and PG's start; PG keeps that layer choice); auto: the N "
+                                              "whose refit mask is lowest on the --track text, of 0, 1, 2, ... "
+                                              "(docs/method.md), off where layers cannot go first (other --units)",
                                       group=ADVANCED,
                                       type=remove_layers_arg, metavar="N|auto")
     seed: int = option(0, "seed of the calibration windows, PG's batches and masks", type=int)
@@ -256,6 +257,29 @@ class RunSettings:
 
         return parse_unit_kinds(self.units)
 
+    @property
+    def layers_first(self) -> int | str | None:
+        """What --remove-layers does in this run: a count N > 0, "auto", or None (off: 0, or `auto` where whole
+        layers cannot go first: no `layer` beside channel / head among the units, or a start without a
+        channel / head order; so the default `auto` suits every --units)."""
+        if self.remove_layers == "auto" and self._layers_first_refusal() is not None:
+            return None
+        return self.remove_layers or None
+
+    def _layers_first_refusal(self) -> str | None:
+        """Why whole layers cannot go first in this run; None where they can."""
+        from pgprune.metrics.pipeline import check_layers_first
+
+        try:
+            check_layers_first(self.kinds, None)
+        except ConfigError as e:
+            return str(e)
+        metric = self.pg.init if self.method == "pg" else self.method
+        if metric in ("constant", "block-influence"):
+            return (f"--remove-layers starts from a metric's channel / head order; "
+                    f"{'--init' if self.method == 'pg' else '--method'} {metric} has none")
+        return None
+
     def pool_size(self, world_size: int = 1) -> int:
         """Calibration windows drawn: the PG pool (streamed: one window per step, sample and rank), or
         the metric's windows."""
@@ -287,8 +311,8 @@ class RunSettings:
         check_width_multiple(self.width_multiple)
         if self.gguf is not None:
             self._validate_gguf(kinds)
-        if self.remove_layers:
-            self._validate_remove_layers(kinds)
+        if self.remove_layers != "auto":  # an explicit count; auto turns itself off where it cannot apply
+            self._validate_remove_layers()
         if self.reconstruct_damp < 0:
             raise ConfigError(f"--reconstruct-damp must be >= 0, got {self.reconstruct_damp}")
         if self.method == "pg" and self.pg.reconstruct == "lsq" and not {"channel", "head", "layer"} & set(kinds):
@@ -304,17 +328,13 @@ class RunSettings:
         if self.method == "pg":
             self._validate_pg(kinds)
 
-    def _validate_remove_layers(self, kinds) -> None:
+    def _validate_remove_layers(self) -> None:
         """--remove-layers refused now where the run could not use it (the count against the model: at run time)."""
-        if self.remove_layers != "auto" and (not isinstance(self.remove_layers, int) or self.remove_layers < 0):
+        if not isinstance(self.remove_layers, int) or self.remove_layers < 0:
             raise ConfigError(f"--remove-layers must be a count >= 0 or auto, got {self.remove_layers!r}")
-        from pgprune.metrics.pipeline import check_layers_first
-
-        check_layers_first(kinds, None)
-        metric = self.pg.init if self.method == "pg" else self.method
-        if metric in ("constant", "block-influence"):
-            raise ConfigError(f"--remove-layers starts from a metric's channel / head order; "
-                              f"{'--init' if self.method == 'pg' else '--method'} {metric} has none")
+        refusal = self._layers_first_refusal() if self.remove_layers else None
+        if refusal is not None:
+            raise ConfigError(refusal)
 
     def _validate_gguf(self, kinds) -> None:
         """--gguf refused now, not after the run, where its widths could never be stored (more: prune's
@@ -465,11 +485,16 @@ def flag_of(path: str, f) -> str:
 # --- recipes ------------------------------------------------------------------------------------------------
 RECIPES: dict[str, dict] = {
     "features": {
-        "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): a Gaussian search over the feature "
-               "policy's parameters started at the best of the Wanda-sp, FLAP and obs masks, every sampled mask "
-               "scored bias-compensated, 300 steps, the tracked mask whose refit model is lowest on held-out "
-               "calibration text, refit by least squares",
+        "doc": "our best measured recipe on SmolLM2-135M (bench/RESULTS.md): the whole layers of lowest block "
+               "influence removed first, as many as held-out calibration text prefers, then a Gaussian search over "
+               "the feature policy's parameters started at the best of the Wanda-sp, FLAP and obs masks, every "
+               "sampled mask scored bias-compensated, 300 steps, the tracked mask whose refit model is lowest on "
+               "held-out calibration text, refit by least squares",
         "values": {
+            "units": "channel,head,layer",  # MLP channels, KV-head groups and whole layers under one budget ...
+            "remove_layers": "auto",   # ... the layers first, as many as held-out calibration text prefers
+                                       # (30 %, three runs: 0.91x / 0.92x the channel / head recipe, 0.91x /
+                                       # 0.94x FLAP with the same layers; bench/RESULTS.md "Whole layers first")
             "pg.policy": "search",     # the feature policy's ~70 shared parameters (re-ranks 46k channels in
                                        # 300 steps), drawn as exact-budget masks: learns the per-layer widths
                                        # the Bernoulli draws blur (9 runs paired with --policy
@@ -506,6 +531,8 @@ RECIPES: dict[str, dict] = {
                "SGD at lr 2e-3 with cosine decay, 15k steps of K=2 masks on 8 x 128 C4 tokens each seen once, "
                "per-kind budgets, no compensation",
         "values": {
+            "units": "channel,head",
+            "remove_layers": 0,
             "pg.policy": "units",
             "pg.init": "wanda-sp",
             "pg.init_mapping": "per-layer",  # per-layer standardised scores, shifted to the keep ratio

@@ -239,7 +239,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
                                     settings.data.seqlen, seed=settings.seed, data_dir=settings.data.data_dir)
     track_tokens = None
     metric_name = settings.pg.init if pg_run else settings.method
-    choose = metric_name == "auto" or settings.remove_layers == "auto"
+    choose = metric_name == "auto" or settings.layers_first == "auto"
     if pg_run or choose:  # the periodic evaluation (and --select best, and the auto choices) read held-out
         # calibration text by default: never the test split, and not the evaluation set's domain unless --track asks
         track_tokens = get_eval_tokens(session.tokenizer, settings.track_dataset, settings.track_split,
@@ -253,7 +253,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         metric = run_metric(model, metric_calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
                             seed=settings.seed, bias_compensation=False, progress=progress,
-                            width_multiple=settings.width_multiple, remove_layers=settings.remove_layers or None)
+                            width_multiple=settings.width_multiple, remove_layers=settings.layers_first)
     if metric is not None:
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
@@ -374,8 +374,8 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
 
     settings = session.settings
     mode, ex = settings.final_reconstruct, settings.execution
-    auto_layers = settings.remove_layers == "auto"
-    count = 0 if auto_layers else settings.remove_layers or None
+    auto_layers = settings.layers_first == "auto"
+    count = 0 if auto_layers else settings.layers_first
     init = settings.pg.init if settings.method == "pg" else settings.method
     fine = [k for k in session.layout.kinds if k != "layer"] if count is not None else session.layout.kinds
 
@@ -492,7 +492,7 @@ def start_allocation(settings: RunSettings) -> str | None:
 
     method = settings.pg.init if settings.method == "pg" else settings.method
     # with whole layers removed first, the allocation is the channel / head one's over the kept layers
-    kinds = [k for k in settings.kinds if k != "layer"] if settings.remove_layers else settings.kinds
+    kinds = [k for k in settings.kinds if k != "layer"] if settings.layers_first else settings.kinds
     return resolve_allocation(method, settings.allocation, kinds) if method in METHODS else None
 
 
