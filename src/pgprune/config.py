@@ -258,6 +258,17 @@ class RunSettings:
         return parse_unit_kinds(self.units)
 
     @property
+    def metric(self) -> str:
+        """The metric method the run prunes with, or PG's start (--init; `auto` and `constant` included)."""
+        return self.pg.init if self.method == "pg" else self.method
+
+    @property
+    def metric_kinds(self) -> tuple[str, ...]:
+        """The unit kinds the metric's own allocation covers: with whole layers removed first, the channel /
+        head kinds over the kept layers."""
+        return tuple(k for k in self.kinds if k != "layer") if self.layers_first else self.kinds
+
+    @property
     def layers_first(self) -> int | str | None:
         """What --remove-layers does in this run: a count N > 0, "auto", or None (off: 0, or `auto` where whole
         layers cannot go first: no `layer` beside channel / head among the units, or a start without a
@@ -274,10 +285,9 @@ class RunSettings:
             check_layers_first(self.kinds, None)
         except ConfigError as e:
             return str(e)
-        metric = self.pg.init if self.method == "pg" else self.method
-        if metric in ("constant", "block-influence"):
+        if self.metric in ("constant", "block-influence"):
             return (f"--remove-layers starts from a metric's channel / head order; "
-                    f"{'--init' if self.method == 'pg' else '--method'} {metric} has none")
+                    f"{'--init' if self.method == 'pg' else '--method'} {self.metric} has none")
         return None
 
     def pool_size(self, world_size: int = 1) -> int:

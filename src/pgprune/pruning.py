@@ -238,7 +238,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     calib = get_calibration_windows(session.tokenizer, settings.data.calib, settings.pool_size(world.size),
                                     settings.data.seqlen, seed=settings.seed, data_dir=settings.data.data_dir)
     track_tokens = None
-    metric_name = settings.pg.init if pg_run else settings.method
+    metric_name = settings.metric
     choose = metric_name == "auto" or settings.layers_first == "auto"
     if pg_run or choose:  # the periodic evaluation (and --select best, and the auto choices) read held-out
         # calibration text by default: never the test split, and not the evaluation set's domain unless --track asks
@@ -376,8 +376,7 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
     mode, ex = settings.final_reconstruct, settings.execution
     auto_layers = settings.layers_first == "auto"
     count = 0 if auto_layers else settings.layers_first
-    init = settings.pg.init if settings.method == "pg" else settings.method
-    fine = [k for k in session.layout.kinds if k != "layer"] if count is not None else session.layout.kinds
+    init, fine = settings.metric, settings.metric_kinds
 
     def score(label: str, masks) -> float:
         value = _exported_ppl(session, calib, masks, track_tokens, progress)
@@ -490,10 +489,8 @@ def start_allocation(settings: RunSettings) -> str | None:
     from pgprune.metrics.pipeline import resolve_allocation
     from pgprune.metrics.scores import METHODS
 
-    method = settings.pg.init if settings.method == "pg" else settings.method
-    # with whole layers removed first, the allocation is the channel / head one's over the kept layers
-    kinds = [k for k in settings.kinds if k != "layer"] if settings.layers_first else settings.kinds
-    return resolve_allocation(method, settings.allocation, kinds) if method in METHODS else None
+    method = settings.metric
+    return resolve_allocation(method, settings.allocation, settings.metric_kinds) if method in METHODS else None
 
 
 def _check_width_multiple(settings: RunSettings, costs: UnitCosts) -> None:
