@@ -503,8 +503,8 @@ RECIPES: dict[str, dict] = {
         "values": {
             "units": "channel,head,layer",  # MLP channels, KV-head groups and whole layers under one budget ...
             "remove_layers": "auto",   # ... the layers first, as many as held-out calibration text prefers
-                                       # (30 %, three runs: 0.91x / 0.92x the channel / head recipe, 0.91x /
-                                       # 0.94x FLAP with the same layers; bench/RESULTS.md "Whole layers first")
+                                       # (30 %, five runs: 0.94x / 0.92x the channel / head recipe, 0.93x /
+                                       # 0.93x FLAP with the same layers; bench/RESULTS.md "Whole layers first")
             "pg.policy": "search",     # the feature policy's ~70 shared parameters (re-ranks 46k channels in
                                        # 300 steps), drawn as exact-budget masks: learns the per-layer widths
                                        # the Bernoulli draws blur (9 runs paired with --policy
