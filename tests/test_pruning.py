@@ -322,6 +322,33 @@ def test_remove_layers_auto_scores_each_count_as_the_export_ships_it(workdir):
     assert record["perplexity"]["pruned"][name] == pytest.approx(counts[best], rel=1e-4)
 
 
+def test_auto_start_and_layer_count_choose_the_method_again_at_the_chosen_count(workdir):
+    # --init auto with --remove-layers auto: the count is swept for the method lowest without layers, then every
+    # candidate is scored at that count (each the number its own fixed-count run gives for its pruned model) and
+    # the lowest of those starts PG
+    root, text = workdir
+    name = f"text:{text}"
+    opts = dict(units="channel,head,layer", sparsity=0.5, reconstruct="lsq", track_max_tokens=10**6)
+    record = prune(_options(root, text, policy="features", init="auto", init_scale=4.0, steps=1, remove_layers="auto",
+                            pg_reconstruct="bias", **opts), root / "auto-both", progress=False)
+    choice = record["start_choice"]
+    layers = choice["remove_layers"]
+    best = layers["chosen"]
+    assert layers["swept"] == min(choice["candidates"], key=choice["candidates"].get)
+    assert layers["starts"][layers["swept"]] == layers["candidates"][best]
+    assert set(layers["starts"]) == set(choice["candidates"])
+    assert choice["chosen"] == min(layers["starts"], key=layers["starts"].get)
+    assert record["metric"]["method"] == choice["chosen"].split(" ")[0]
+    assert len(layers["layers"]) == best == record["metric"]["remove_layers"]["count"]
+    for label, value in layers["starts"].items():
+        method, allocation = label.rstrip(")").split(" (")
+        alone = prune(_options(root, text, method=method, allocation=allocation, remove_layers=best, **opts),
+                      root / f"auto-both-{method}", progress=False)
+        assert value == pytest.approx(alone["perplexity"]["pruned"][name], rel=1e-4)
+    log = [json.loads(line) for line in (root / "auto-both" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["hard_ppl"] == pytest.approx(layers["starts"][choice["chosen"]], rel=1e-6)
+
+
 def test_lowest_count_goes_on_past_a_bump_and_stops_after_two_counts_without_a_new_best():
     from pgprune.pruning import lowest_count
 

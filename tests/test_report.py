@@ -273,6 +273,23 @@ def test_report_shows_which_start_init_auto_chose(workdir):
     assert choice["chosen"] in line and all(f"{label} " in line for label in choice["candidates"])
 
 
+def test_report_shows_the_layer_count_and_the_start_at_that_count(workdir):
+    root, text = workdir
+    out = root / "run_pg_auto_layers"
+    prune(run_settings(forward="gated", model=str(root / "model"), method="pg", init="auto", steps=2, eval_every=2,
+                       units="channel,head,layer", remove_layers="auto", sparsity=0.5, calib=f"text:{text}",
+                       eval=f"text:{text}", nsamples=16, seqlen=32, eval_seqlen=32, eval_max_tokens=256,
+                       track_max_tokens=256, batch_size=4, dtype="fp32", device="cpu"), out, progress=False)
+    write_report(out)
+    layers = json.loads((out / "run.json").read_text())["start_choice"]["remove_layers"]
+    lines = (out / "report.md").read_text().splitlines()
+    line = next(x for x in lines if x.startswith("- **Layers first**"))
+    assert f"by count of {layers['swept']}: " in line and all(f"{n} " in line for n in layers["candidates"])
+    starts = [x for x in lines if x.startswith("  - every start with")]
+    assert len(starts) == (1 if layers["chosen"] else 0)
+    assert all(f"{label} " in starts[0] for label in layers["starts"]) if starts else True
+
+
 @pytest.mark.parametrize("reconstruct", ["bias", "lsq"])
 def test_export_check_counts_the_compensation_biases(workdir, reconstruct):
     # a compensated (or refit) run exports a bias vector per refit block: the check must expect them

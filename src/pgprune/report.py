@@ -386,14 +386,20 @@ def _markdown(s: dict) -> str:
     if choice:
         where = choice.get("track") or {}
         on = f"once refit ({choice['reconstruct']}) on {where.get('dataset')} {where.get('split')}"
-        if len(choice["candidates"]) > 1:
-            lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lowest {on}: "
-                         + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
         layers = choice.get("remove_layers")
+        if len(choice["candidates"]) > 1:
+            at = " with the layers below removed" if layers and layers["chosen"] else ""
+            lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lowest {on}{at}; "
+                         f"with no layer removed: "
+                         + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
         if layers:
+            swept = f" of {layers['swept']}" if "swept" in layers else ""  # runs before 2026-12-06 lack it
             lines.append(f"- **Layers first** (`--remove-layers auto`): {layers['chosen']} removed "
-                         f"({', '.join(map(str, layers['layers'])) or 'none'}), the lowest {on}, by count: "
+                         f"({', '.join(map(str, layers['layers'])) or 'none'}), the lowest {on}, by count{swept}: "
                          + ", ".join(f"{n} {_num(v)}" for n, v in layers["candidates"].items()))
+            if layers["chosen"] and len(layers.get("starts", {})) > 1:
+                lines.append(f"  - every start with {layers['chosen']} removed: "
+                             + ", ".join(f"{label} {_num(v)}" for label, v in layers["starts"].items()))
     ex = s.get("export_check")
     if ex is not None:
         if ex.get("ok") is None:
