@@ -14,7 +14,7 @@ sets) into
 geometric mean of the perplexities of the shared C4 sample's validation documents and the Wikipedia
 sample's test split (first --natural-tokens each). A finished cell (run.json + scores.json) is reused
 (re-scored, not re-run, when it was scored under another protocol) and a PG cell that was stopped resumes
-from its checkpoint (`prune(..., resume=True)`; one started with other settings starts again), so an
+from its checkpoint or its auto start (`prune(..., resume=True)`; one started with other settings starts again), so an
 interrupted sweep continues where it stopped; add seeds, sparsities or a protocol to the same --work.
 
 Summary per (calibration source, sparsity): for every run kind the median over seeds (and min / max),
@@ -168,7 +168,7 @@ def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> di
             return cell
         print(f"{label}: {folder} was run with other settings; running it again", flush=True)
     t0 = time.perf_counter()
-    resumed = (folder / run_folder.CHECKPOINT_FILE).is_file()  # an interrupted PG run continues from its checkpoint
+    resumed = run_folder.resumable(folder)  # an interrupted PG run goes on from its checkpoint (or its chosen start)
     try:
         record = prune(settings, folder, resume=resumed, overwrite=True, progress=not args.quiet)
     except CheckpointError as e:  # started with other settings (or unreadable): start it afresh

@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from pgprune.errors import ConfigError
 from pgprune.evaluate.perplexity import evaluate_perplexity
@@ -456,6 +457,41 @@ def test_a_run_that_fails_early_leaves_no_folder(workdir, case):
     with pytest.raises(PgpruneError):
         prune(_options(root, text, **kw), out, progress=False)
     assert not out.exists()
+
+
+def test_a_run_stopped_after_its_auto_start_search_resumes_without_searching_again(workdir, monkeypatch):
+    # start.json keeps what --init / --remove-layers auto chose: a run stopped before its first checkpoint keeps its
+    # folder, and --resume runs that start alone, ending where an uninterrupted run ends
+    import pgprune.policy.loop as loop
+    import pgprune.pruning as pruning
+    from pgprune import run_folder
+    from pgprune.errors import CheckpointError
+    from pgprune.masks import Masks
+
+    root, text = workdir
+    opts = dict(policy="features", init="auto", init_scale=4.0, steps=2, units="channel,head,layer", sparsity=0.5,
+                remove_layers="auto", pg_reconstruct="bias", reconstruct="lsq")
+    whole = prune(_options(root, text, **opts), root / "auto-whole", progress=False)
+    out = root / "auto-stopped"
+    with monkeypatch.context() as m:
+        def stop(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        m.setattr(loop, "run_policy_gradient", stop)
+        with pytest.raises(KeyboardInterrupt):
+            prune(_options(root, text, **opts), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [run_folder.START_FILE]
+    with pytest.raises(CheckpointError, match="pg.steps"):
+        prune(_options(root, text, **{**opts, "steps": 3}), out, resume=True, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(pruning, "_choose_metric", lambda *a, **k: pytest.fail("searched again on --resume"))
+        resumed = prune(_options(root, text, **opts), out, resume=True, progress=False)
+    stored = [json.loads((folder / "run.json").read_text())["start_choice"] for folder in (out, root / "auto-whole")]
+    assert stored[0] == {**stored[1], "resumed": True}
+    timeless = [{k: v for k, v in r["metric"].items() if k != "seconds"} for r in (resumed, whole)]
+    assert timeless[0] == timeless[1] and resumed["perplexity"] == whole["perplexity"]
+    a, b = (Masks.load(folder / "masks.safetensors") for folder in (out, root / "auto-whole"))
+    assert a.kinds == b.kinds and all(torch.equal(a[k], b[k]) for k in a.kinds)
 
 
 def test_resume_with_other_settings_is_refused_before_loading(workdir, monkeypatch):

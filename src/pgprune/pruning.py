@@ -176,7 +176,9 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
         raise ConfigError(f"{out} exists and is not empty; pass --resume to continue a run there, "
                           "--overwrite to replace it, or choose another --out")
     if resume:  # compare the stored settings now, not after minutes of loading and calibrating
-        stored = run_folder.load_checkpoint(out)["fingerprint"].get("settings")
+        start = None if (out / run_folder.CHECKPOINT_FILE).is_file() else run_folder.load_start(out)
+        # a run stopped before its first checkpoint goes on from the start its auto choice made
+        stored = start["fingerprint"] if start else run_folder.load_checkpoint(out)["fingerprint"].get("settings")
         diffs = differences(stored, settings.resume_fingerprint())
         if diffs:
             raise CheckpointError(f"refusing to resume {out}: the run was started with different settings: "
@@ -248,7 +250,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
     metric = None
     metric_calib = calib[:METRIC_NSAMPLES] if pg_run else calib
     if choose:
-        metric, record["start_choice"] = _choose_metric(session, metric_calib, track_tokens, progress)
+        metric, record["start_choice"] = _auto_start(session, metric_calib, track_tokens, out_folder, resume, progress,
+                                                     world)
     elif metric_name != "constant":
         metric = run_metric(model, metric_calib, metric_name, settings.sparsity,
                             kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
@@ -282,7 +285,8 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
             refit_fn = per_mask_refit(model, cov_stats, calib[:METRIC_NSAMPLES], damp=settings.reconstruct_damp,
                                       costs=costs, regress_layers="layer" in settings.kinds,
                                       batch_size=settings.execution.metric_batch_size, progress=progress)
-        masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume, progress,
+        resume_pg = resume and (out / run_folder.CHECKPOINT_FILE).is_file()  # not when stopped before step one's
+        masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume_pg, progress,
                                              dense_stats, world, fill, refit_fn, refit_stats,
                                              before_lsq=feature_means(cov_stats) if settings.pg.lsq_from else None)
         if not world.is_main:
@@ -360,6 +364,32 @@ AUTO_STARTS = ("wanda-sp", "flap", "obs")
 # --remove-layers auto goes on past a count that is not lower: obs at 50 % on SmolLM2 (Wikipedia s0) scored
 # 222.0, 192.9, 198.6, 179.4 for 0 to 3 layers, so stopping at the first rise would have kept one
 LAYER_COUNT_PATIENCE = 2
+
+
+def _auto_start(session: Session, calib, track_tokens, out_folder: _OutFolder, resume: bool, progress: bool, world):
+    """--init auto / --remove-layers auto: `_choose_metric`'s search. A PG run keeps what it chose in start.json
+    (the search costs minutes to hours), and --resume runs that start alone instead of searching again.
+    Returns (the start's run_metric result, run.json's start_choice)."""
+    from pgprune.metrics.pipeline import run_metric
+
+    settings = session.settings
+    saved = run_folder.load_start(out_folder.path) if resume else None
+    if saved is None:
+        metric, choice = _choose_metric(session, calib, track_tokens, progress)
+        if settings.method == "pg" and world.is_main:
+            layers = metric.info["remove_layers"]
+            run_folder.save_start(out_folder(), {
+                "fingerprint": settings.resume_fingerprint(), "method": metric.info["method"],
+                "allocation": metric.info["allocation"], "remove_layers": None if layers is None else layers["count"],
+                "choice": choice})
+        return metric, choice
+    print(f"[pgprune] start: {saved['choice']['chosen']}, {saved['remove_layers'] or 0} layer(s) first, as chosen "
+          f"before (--resume; {run_folder.START_FILE})", flush=True)
+    metric = run_metric(session.model, calib, saved["method"], settings.sparsity, session.layout.kinds,
+                        saved["allocation"], batch_size=settings.execution.metric_batch_size, seed=settings.seed,
+                        bias_compensation=False, progress=progress, width_multiple=settings.width_multiple,
+                        remove_layers=saved["remove_layers"])
+    return metric, {**saved["choice"], "resumed": True}
 
 
 def _choose_metric(session: Session, calib, track_tokens, progress: bool):

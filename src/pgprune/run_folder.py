@@ -5,6 +5,7 @@ What `pgprune prune ... --out DIR` (Python: `pgprune.prune(settings, DIR)`) writ
     run.json            settings (whole), execution (ranks, devices, dtype, forward), model, machine,
                         masks summary, perplexity per stage, metric / pg info
     metrics.jsonl       one record per PG step (pg only)
+    start.json          the start --init / --remove-layers auto chose, so --resume skips their search (pg only)
     checkpoint.pt       the PG state to resume from (pg only; settings, step, policy state, log)
     probabilities.pt    final keep-probabilities {kind: [L, units]} (pg only)
     masks.safetensors   the final hard mask
@@ -29,6 +30,7 @@ from pgprune.errors import CheckpointError
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+START_FILE = "start.json"
 PROBS_FILE = "probabilities.pt"
 MASKS_FILE = "masks.safetensors"
 MODEL_DIR = "model"
@@ -43,7 +45,7 @@ def gguf_file(outtype: str) -> str:
 
 
 # What makes a folder worth keeping after a failure: a run that can be resumed or was finished.
-KEEPSAKES = (CHECKPOINT_FILE, RUN_FILE)
+KEEPSAKES = (CHECKPOINT_FILE, START_FILE, RUN_FILE)
 
 _HOW = "a run folder is written by `pgprune prune MODEL --out DIR` (Python: pgprune.prune(RunSettings(), DIR))"
 
@@ -124,6 +126,29 @@ def load_checkpoint(run_dir: Path | None) -> dict:
     except Exception as e:  # truncated or foreign file
         raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e)[:200]}); start a new run "
                               "without --resume") from e
+
+
+# --- start.json -----------------------------------------------------------------------------------------------
+def save_start(run_dir: Path, start: dict) -> None:
+    """`start`: fingerprint (the run's resume fingerprint), method, allocation, remove_layers, choice (run.json's
+    start_choice)."""
+    atomic.write_json(Path(run_dir) / START_FILE, start)
+
+
+def load_start(run_dir: Path) -> dict | None:
+    """start.json, or None where the folder has none."""
+    path = Path(run_dir) / START_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); start a new run without --resume") from e
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether --resume has something to go on from: a PG checkpoint, or the start an auto choice made."""
+    return any((Path(run_dir) / name).is_file() for name in (CHECKPOINT_FILE, START_FILE))
 
 
 # --- probabilities.pt, masks.safetensors ----------------------------------------------------------------------
