@@ -285,7 +285,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
             refit_fn = per_mask_refit(model, cov_stats, calib[:METRIC_NSAMPLES], damp=settings.reconstruct_damp,
                                       costs=costs, regress_layers="layer" in settings.kinds,
                                       batch_size=settings.execution.metric_batch_size, progress=progress)
-        resume_pg = resume and (out / run_folder.CHECKPOINT_FILE).is_file()  # not when stopped before step one's
+        resume_pg = resume and (out / run_folder.CHECKPOINT_FILE).is_file()  # not with start.json alone
         masks, pg_info, init_masks = _run_pg(session, calib, track_tokens, metric, out_folder, resume_pg, progress,
                                              dense_stats, world, fill, refit_fn, refit_stats,
                                              before_lsq=feature_means(cov_stats) if settings.pg.lsq_from else None)

@@ -62,8 +62,8 @@ def read_record(run_dir: str | Path) -> dict:
         raise CheckpointError(f"run folder {run_dir} does not exist; {_HOW}")
     path = run_dir / RUN_FILE
     if not path.is_file():
-        unfinished = (run_dir / CHECKPOINT_FILE).is_file() or (run_dir / METRICS_FILE).is_file()
-        hint = (" It holds a PG checkpoint / metrics log, so the run did not finish: continue it with "
+        unfinished = resumable(run_dir) or (run_dir / METRICS_FILE).is_file()
+        hint = (" It holds a PG checkpoint / start / metrics log, so the run did not finish: continue it with "
                 "`pgprune prune ... --resume --out DIR` using the original options." if unfinished else "")
         raise CheckpointError(f"{run_dir} has no {RUN_FILE}, so it is not a finished run folder; {_HOW}.{hint}")
     try:
