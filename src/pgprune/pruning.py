@@ -409,7 +409,7 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
     init, fine = settings.metric, settings.metric_kinds
 
     def score(label: str, masks) -> float:
-        value = _exported_ppl(session, calib, masks, track_tokens, progress)
+        value = exported_ppl(session, calib, masks, track_tokens, progress)
         print(f"[pgprune] candidate {label}: {settings.track_dataset} {settings.track_split} perplexity "
               f"{value:.3f} (reconstruction {mode})", flush=True)
         return value
@@ -470,7 +470,7 @@ def lowest_count(score_count, most: int, patience: int = LAYER_COUNT_PATIENCE) -
     return best, scores
 
 
-def _exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False, stats=None) -> float:
+def exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False, stats=None) -> float:
     """Perplexity on PG's tracking text (first --track-max-tokens) of `masks` refit as the export will
     refit them (--reconstruct, its inputs and damping, on the metric's calibration windows `calib`);
     `stats`: dense statistics of `calib`, reused where the refit can (see `reconstruct`) instead of a pass."""
@@ -498,7 +498,7 @@ def _run_pg(session: Session, calib, track_tokens, metric, out_folder: _OutFolde
     def eval_fn(masks: Masks) -> float:
         if settings.eval.track_reconstruct == "export":
             # refit from the statistics the final refit reuses: no calibration pass per evaluation where they serve
-            return _exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens, stats=refit_stats())
+            return exported_ppl(session, calib[:METRIC_NSAMPLES], masks, track_tokens, stats=refit_stats())
         return session.ppl(track_tokens, masks, fill, settings.eval.track_max_tokens, refit=refit)
 
     fingerprint = {"settings": settings.resume_fingerprint(), "nsamples": int(calib.shape[0]),

@@ -1,0 +1,106 @@
+"""Score a finished run's auto start again, for other methods: what `--init auto --remove-layers auto` would have
+read for them at the run's chosen layer count, without redoing its search or its PG loop.
+
+For each run folder (a `pgprune prune` PG run with `--remove-layers auto`, e.g. a bench/recipe_targets.py cell):
+its settings from run.json, the same calibration windows and held-out tracking text, and for every --methods
+entry that method's metric mask with the run's chosen count of layers removed first (or --count), refit as the
+export refits (the run's --reconstruct) and scored on the tracking text: the number the run's own search scores
+its candidates by (`pruning.exported_ppl`). A method the run itself scored at that count reproduces its stored
+value (printed beside it), which checks the setup.
+
+    python bench/start_scores.py runs/recipe_targets_obs/wiki-sample_s0_0.3_channel-head-layer_features+remove_layers-auto --methods obs,flap --data-dir ../shared/data --tag start_scores_30
+
+Writes bench/results/TAG.json (after every run) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS_DIR, command_line, machine, table  # noqa: E402
+from pgprune import atomic  # noqa: E402
+
+
+def stored_score(choice: dict, label: str, count: int) -> float | None:
+    """The score the run's own search gave `label` at `count` layers first, where it scored one."""
+    layers = choice.get("remove_layers") or {}
+    if count == 0:
+        return choice["candidates"].get(label)
+    if layers.get("swept") == label or (not layers.get("swept") and choice.get("chosen") == label):
+        value = (layers.get("candidates") or {}).get(str(count))
+        if value is not None:
+            return value
+    return (layers.get("starts") or {}).get(label) if layers.get("chosen") == count else None
+
+
+def score_run(folder: Path, methods: list[str], count: int | None, args) -> list[dict]:
+    from pgprune.config import RunSettings
+    from pgprune.data import get_calibration_windows, get_eval_tokens
+    from pgprune.metrics.pipeline import resolve_allocation, run_metric
+    from pgprune.pruning import METRIC_NSAMPLES, exported_ppl, load_session
+
+    record = json.loads((folder / "run.json").read_text())
+    choice = record.get("start_choice") or {}
+    if "remove_layers" not in choice:
+        raise SystemExit(f"{folder}: run.json has no start_choice.remove_layers (not a --remove-layers auto run)")
+    stored = record["settings"]
+    if args.data_dir is not None:  # the run's own folder otherwise
+        stored = dict(stored, data={**stored["data"], "data_dir": args.data_dir})
+    settings = RunSettings.from_dict(stored)
+    n = choice["remove_layers"]["chosen"] if count is None else count
+    session = load_session(settings)
+    data = settings.data
+    calib = get_calibration_windows(session.tokenizer, data.calib, settings.pool_size(1), data.seqlen,
+                                    seed=settings.seed, data_dir=data.data_dir)[:METRIC_NSAMPLES]
+    track = get_eval_tokens(session.tokenizer, settings.track_dataset, settings.track_split, data.data_dir)
+    rows = []
+    for method in methods:
+        allocation = resolve_allocation(method, "auto", settings.metric_kinds)
+        label = f"{method} ({allocation})"
+        metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
+                            batch_size=settings.execution.metric_batch_size, seed=settings.seed,
+                            bias_compensation=False, progress=not args.quiet,
+                            width_multiple=settings.width_multiple, remove_layers=n)
+        value = exported_ppl(session, calib, metric.masks, track, progress=not args.quiet)
+        rows.append({"run": folder.name, "calib": data.calib, "seed": settings.seed, "sparsity": settings.sparsity,
+                     "start": label, "layers_first": n, "layers": metric.info["remove_layers"]["layers"],
+                     "heldout": value, "stored": stored_score(choice, label, n),
+                     "run_chose": f"{choice['chosen']}, {choice['remove_layers']['chosen']} layer(s)"})
+        print(f"{folder.name}: {label}, {n} layer(s) first: {value:.3f} (the run's search: {rows[-1]['stored']})",
+              flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="finished PG run folders with --remove-layers auto")
+    p.add_argument("--methods", default="wanda-sp,flap,obs", help="metric methods to score (--init auto's starts)")
+    p.add_argument("--count", type=int, default=None, help="layers removed first (default: the run's chosen count)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tag", default="start_scores")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = RESULTS_DIR / f"{args.tag}.json"
+    record = {"command": command_line("start_scores.py", sys.argv[1:] if argv is None else argv),
+              "machine": machine(), "rows": []}
+    for folder in args.runs:
+        record["rows"] += score_run(Path(folder), methods, args.count, args)
+        atomic.write_json(out, record)
+    print(table(record["rows"], ["run", "start", "layers_first", "heldout", "stored", "run_chose"]))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

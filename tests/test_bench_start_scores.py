@@ -1,0 +1,35 @@
+"""bench/start_scores.py: a finished run's auto start scored again reproduces what the run's search scored."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import start_scores  # noqa: E402
+from pgprune.pruning import prune  # noqa: E402
+
+from conftest import tiny_run_settings, tiny_workdir  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_every_start_scored_again_matches_the_runs_own_search(tmp_path_factory, monkeypatch):
+    root, text = tiny_workdir(tmp_path_factory, "start-scores")
+    out = root / "run"
+    prune(tiny_run_settings(root, text, policy="features", init="auto", init_scale=4.0, steps=1, sparsity=0.5,
+                            units="channel,head,layer", remove_layers="auto", pg_reconstruct="bias", reconstruct="lsq",
+                            track_max_tokens=10**6), out, progress=False)
+    choice = json.loads((out / "run.json").read_text())["start_choice"]
+    assert choice["remove_layers"]["chosen"] == 1  # one layer goes: the starts scored again at a count > 0
+    monkeypatch.setattr(start_scores, "RESULTS_DIR", root)
+    for count in (choice["remove_layers"]["chosen"], 0):
+        tag = f"scores{count}"
+        start_scores.main([str(out), "--count", str(count), "--tag", tag, "--quiet"])
+        rows = json.loads((root / f"{tag}.json").read_text())["rows"]
+        assert [r["start"] for r in rows] == list(choice["candidates"])
+        for row in rows:
+            assert row["layers_first"] == count == len(row["layers"])
+            assert row["stored"] is not None and row["heldout"] == pytest.approx(row["stored"], rel=1e-4)
+    assert {r["start"]: r["stored"] for r in rows} == choice["candidates"]
