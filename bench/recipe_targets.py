@@ -14,8 +14,8 @@ sets) into
 geometric mean of the perplexities of the shared C4 sample's validation documents and the Wikipedia
 sample's test split (first --natural-tokens each). A finished cell (run.json + scores.json) is reused
 (re-scored, not re-run, when it was scored under another protocol) and a PG cell that was stopped resumes
-from its checkpoint or its auto start (`prune(..., resume=True)`; one started with other settings starts again), so an
-interrupted sweep continues where it stopped; add seeds, sparsities or a protocol to the same --work.
+from its checkpoint or its auto start (`prune(..., resume=True)`; one started with other settings starts
+again), so an interrupted sweep continues where it stopped; add seeds, sparsities or a protocol to the same --work.
 
 Summary per (calibration source, sparsity): for every run kind the median over seeds (and min / max),
 the best metric method at its best reconstruction (lowest median), and each PG variant's ratio to it
