@@ -470,8 +470,9 @@ def test_a_run_stopped_after_its_auto_start_search_resumes_without_searching_aga
 
     root, text = workdir
     opts = dict(policy="features", init="auto", init_scale=4.0, steps=2, units="channel,head,layer", sparsity=0.5,
-                remove_layers="auto", pg_reconstruct="bias", reconstruct="lsq")
+                remove_layers="auto", pg_reconstruct="bias", reconstruct="lsq", track_max_tokens=10**6)
     whole = prune(_options(root, text, **opts), root / "auto-whole", progress=False)
+    assert whole["start_choice"]["remove_layers"]["chosen"] == 1  # the resumed start removes a layer first
     out = root / "auto-stopped"
     with monkeypatch.context() as m:
         def stop(*args, **kwargs):
