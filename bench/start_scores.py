@@ -41,8 +41,8 @@ def stored_score(choice: dict, label: str, count: int) -> float | None:
 def score_run(folder: Path, methods: list[str], count: int | None, args) -> list[dict]:
     from pgprune.config import RunSettings
     from pgprune.data import get_calibration_windows, get_eval_tokens
-    from pgprune.metrics.pipeline import resolve_allocation, run_metric
-    from pgprune.pruning import METRIC_NSAMPLES, exported_ppl, load_session
+    from pgprune.metrics.pipeline import resolve_allocation
+    from pgprune.pruning import METRIC_NSAMPLES, exported_ppl, load_session, start_metric
 
     record = json.loads((folder / "run.json").read_text())
     choice = record.get("start_choice") or {}
@@ -62,10 +62,7 @@ def score_run(folder: Path, methods: list[str], count: int | None, args) -> list
     for method in methods:
         allocation = resolve_allocation(method, "auto", settings.metric_kinds)
         label = f"{method} ({allocation})"
-        metric = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
-                            batch_size=settings.execution.metric_batch_size, seed=settings.seed,
-                            bias_compensation=False, progress=not args.quiet,
-                            width_multiple=settings.width_multiple, remove_layers=n)
+        metric = start_metric(session, calib, method, allocation, n, progress=not args.quiet)
         value = exported_ppl(session, calib, metric.masks, track, progress=not args.quiet)
         rows.append({"run": folder.name, "calib": data.calib, "seed": settings.seed, "sparsity": settings.sparsity,
                      "start": label, "layers_first": n, "layers": metric.info["remove_layers"]["layers"],

@@ -194,7 +194,6 @@ def _check_before_loading(settings: RunSettings, out: Path, resume: bool, overwr
 def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, progress: bool, world,
            done_reading=lambda: None) -> dict:
     from pgprune.export import save_pruned
-    from pgprune.metrics.pipeline import run_metric
     from pgprune.reconstruction import bias_params_added, reconstruct
 
     t_start = time.perf_counter()
@@ -253,10 +252,7 @@ def _prune(settings: RunSettings, out: Path, resume: bool, overwrite: bool, prog
         metric, record["start_choice"] = _auto_start(session, metric_calib, track_tokens, out_folder, resume, progress,
                                                      world)
     elif metric_name != "constant":
-        metric = run_metric(model, metric_calib, metric_name, settings.sparsity,
-                            kinds, settings.allocation, batch_size=settings.execution.metric_batch_size,
-                            seed=settings.seed, bias_compensation=False, progress=progress,
-                            width_multiple=settings.width_multiple, remove_layers=settings.layers_first)
+        metric = start_metric(session, metric_calib, metric_name, settings.allocation, settings.layers_first, progress)
     if metric is not None:
         record["metric"] = metric.info
     masks = metric.masks if metric is not None else None
@@ -366,12 +362,21 @@ AUTO_STARTS = ("wanda-sp", "flap", "obs")
 LAYER_COUNT_PATIENCE = 2
 
 
+def start_metric(session: Session, calib, method: str, allocation: str | None, remove_layers, progress: bool):
+    """The run's metric mask (or a start candidate's): `method` at `allocation` with `remove_layers` layers first
+    (None: off), uncompensated (the reconstruction comes after), on the metric's calibration windows `calib`."""
+    from pgprune.metrics.pipeline import run_metric
+
+    settings = session.settings
+    return run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds, allocation,
+                      batch_size=settings.execution.metric_batch_size, seed=settings.seed, bias_compensation=False,
+                      progress=progress, width_multiple=settings.width_multiple, remove_layers=remove_layers)
+
+
 def _auto_start(session: Session, calib, track_tokens, out_folder: _OutFolder, resume: bool, progress: bool, world):
     """--init auto / --remove-layers auto: `_choose_metric`'s search. A PG run keeps what it chose in start.json
     (the search costs minutes to hours), and --resume runs that start alone instead of searching again.
     Returns (the start's run_metric result, run.json's start_choice)."""
-    from pgprune.metrics.pipeline import run_metric
-
     settings = session.settings
     saved = run_folder.load_start(out_folder.path) if resume else None
     if saved is None:
@@ -385,10 +390,7 @@ def _auto_start(session: Session, calib, track_tokens, out_folder: _OutFolder, r
         return metric, choice
     print(f"[pgprune] start: {saved['choice']['chosen']}, {saved['remove_layers'] or 0} layer(s) first, as chosen "
           f"before (--resume; {run_folder.START_FILE})", flush=True)
-    metric = run_metric(session.model, calib, saved["method"], settings.sparsity, session.layout.kinds,
-                        saved["allocation"], batch_size=settings.execution.metric_batch_size, seed=settings.seed,
-                        bias_compensation=False, progress=progress, width_multiple=settings.width_multiple,
-                        remove_layers=saved["remove_layers"])
+    metric = start_metric(session, calib, saved["method"], saved["allocation"], saved["remove_layers"], progress)
     return metric, {**saved["choice"], "resumed": True}
 
 
@@ -400,10 +402,10 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
     re-allocated for each count, no calibration pass), and at that count the method chosen again among
     every AUTO_STARTS one. Returns (the chosen run_metric result, what run.json records)."""
     from pgprune.metrics.allocation import removable_layers
-    from pgprune.metrics.pipeline import remove_layers_first, resolve_allocation, run_metric
+    from pgprune.metrics.pipeline import remove_layers_first, resolve_allocation
 
     settings = session.settings
-    mode, ex = settings.final_reconstruct, settings.execution
+    mode = settings.final_reconstruct
     auto_layers = settings.layers_first == "auto"
     count = 0 if auto_layers else settings.layers_first
     init, fine = settings.metric, settings.metric_kinds
@@ -418,10 +420,7 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
     for method in AUTO_STARTS if init == "auto" else (init,):
         allocation = resolve_allocation(method, "auto" if init == "auto" else settings.allocation, fine)
         label = f"{method} ({allocation})"
-        results[label] = run_metric(session.model, calib, method, settings.sparsity, session.layout.kinds,
-                                    allocation, batch_size=ex.metric_batch_size, seed=settings.seed,
-                                    bias_compensation=False, progress=progress,
-                                    width_multiple=settings.width_multiple, remove_layers=count)
+        results[label] = start_metric(session, calib, method, allocation, count, progress)
         candidates[label] = score(label, results[label].masks)
     label = min(candidates, key=candidates.get)
     record = {"candidates": candidates, "chosen": label, "reconstruct": mode,
