@@ -146,18 +146,23 @@ def same_run(stored: dict, wanted) -> bool:
     return dicts[0] == dicts[1]
 
 
-def run_cell(label: str, overrides: dict, recipe: str, folder: Path, args) -> dict:
-    """prune() into `folder` (unless finished) and its scores (cached in scores.json)."""
-    from pgprune import run_folder
+def cell_settings(recipe: str, overrides: dict, args):
+    """One cell's RunSettings: `recipe` with the bench's model, data, tracking and execution, then `overrides`."""
     from pgprune.config import RunSettings
+
+    return RunSettings.from_recipe(recipe, {
+        "model": args.model, "data.data_dir": args.data_dir, "eval.datasets": "wikitext2",
+        "eval.max_tokens": args.progress_tokens, "execution.dtype": args.dtype, "execution.device": args.device,
+        **overrides})
+
+
+def run_cell(label: str, settings, folder: Path, args) -> dict:
+    """prune() with `settings` into `folder` (unless finished) and its scores (cached in scores.json)."""
+    from pgprune import run_folder
     from pgprune.errors import CheckpointError
     from pgprune.pruning import prune
 
     scores_file = folder / "scores.json"
-    settings = RunSettings.from_recipe(recipe, {
-        "model": args.model, "data.data_dir": args.data_dir, "eval.datasets": "wikitext2",
-        "eval.max_tokens": args.progress_tokens, "execution.dtype": args.dtype, "execution.device": args.device,
-        **overrides})
     if scores_file.is_file() and (folder / run_folder.RUN_FILE).is_file():
         cell = json.loads(scores_file.read_text())
         if same_run(cell.get("settings") or {}, settings):
@@ -248,8 +253,6 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    from pgprune.config import RunSettings
-
     if args.threads:
         import torch
 
@@ -287,10 +290,10 @@ def main(argv=None) -> int:
             for label, recipe, overrides in kinds:
                 given = {"data.calib": calib, "seed": seed, "sparsity": sparsity,
                          **({"units": args.units} if args.units else {}), **overrides}
-                units = RunSettings.from_recipe(recipe, given).units
-                units = "" if units == "channel,head" else "_" + units.replace(",", "-")
+                settings = cell_settings(recipe, given, args)
+                units = "" if settings.units == "channel,head" else "_" + settings.units.replace(",", "-")
                 folder = work / f"{calib}_s{seed}_{sparsity:g}{units}_{label.replace('=', '-')}"
-                cell = run_cell(label, given, recipe, folder, args)
+                cell = run_cell(label, settings, folder, args)
                 cell.update(calib=calib, seed=seed, sparsity_target=sparsity, folder=str(folder))
                 record["cells"].append(cell)
                 key = (calib, seed, sparsity, label)

@@ -38,38 +38,43 @@ ARGS = argparse.Namespace(model="smollm2-135m", data_dir=None, progress_tokens=4
                           quiet=True, wikitext_tokens=1, natural_tokens=1)
 
 
+def run_cell(label, folder, args=ARGS):
+    """One cell of the default recipe, as bench/recipe_targets.py's main runs it."""
+    return recipe_targets.run_cell(label, recipe_targets.cell_settings("features", {}, args), folder, args)
+
+
 def test_a_stopped_pg_cell_resumes_and_a_new_one_starts(tmp_path, fake_runs):
     calls, _ = fake_runs
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     (stopped / run_folder.CHECKPOINT_FILE).write_bytes(b"checkpoint")
-    assert recipe_targets.run_cell("stopped", {}, "features", stopped, ARGS)["resumed"] is True
+    assert run_cell("stopped", stopped)["resumed"] is True
     assert calls[-1]["resume"] is True
     fresh = tmp_path / "fresh"
-    assert recipe_targets.run_cell("fresh", {}, "features", fresh, ARGS)["resumed"] is False
+    assert run_cell("fresh", fresh)["resumed"] is False
     assert not calls[-1].get("resume") and calls[-1]["overwrite"] is True
     # a finished cell is read back, not run again
-    assert recipe_targets.run_cell("fresh", {}, "features", fresh, ARGS)["scores"] == {"wikitext2": 1.0}
+    assert run_cell("fresh", fresh)["scores"] == {"wikitext2": 1.0}
     assert len(calls) == 2
     # scored under another protocol (more WikiText-2 tokens): scored again, not pruned again, and kept so
     longer = argparse.Namespace(**{**vars(ARGS), "wikitext_tokens": 2})
-    assert recipe_targets.run_cell("fresh", {}, "features", fresh, longer)["scores"] == {"wikitext2": 2.0}
-    cell = recipe_targets.run_cell("fresh", {}, "features", fresh, longer)
+    assert run_cell("fresh", fresh, longer)["scores"] == {"wikitext2": 2.0}
+    cell = run_cell("fresh", fresh, longer)
     assert cell["protocol"] == recipe_targets.protocol(longer)
     assert json.loads((fresh / "scores.json").read_text())["scores"] == {"wikitext2": 2.0}
     assert len(calls) == 2
     # unless it was run with other settings (here another dtype): then it runs again
     other = argparse.Namespace(**{**vars(ARGS), "dtype": "fp32"})
-    assert recipe_targets.run_cell("fresh", {}, "features", fresh, other)["settings"]["execution"]["dtype"] == "fp32"
+    assert run_cell("fresh", fresh, other)["settings"]["execution"]["dtype"] == "fp32"
     assert len(calls) == 3
 
 
 def test_a_pg_cell_keeps_its_tracking_curve_selected_step_and_start_choice(tmp_path, fake_runs):
-    cell = recipe_targets.run_cell("pg", {}, "features", tmp_path / "pg", ARGS)
+    cell = run_cell("pg", tmp_path / "pg")
     assert cell["tracking"] == [[0, 9.0], [2, 7.5]]
     assert cell["selected_step"] == 2 and cell["start_choice"] == {"chosen": "flap (global)"}
     # and so does the cell read back from scores.json
-    assert recipe_targets.run_cell("pg", {}, "features", tmp_path / "pg", ARGS)["tracking"] == [[0, 9.0], [2, 7.5]]
+    assert run_cell("pg", tmp_path / "pg")["tracking"] == [[0, 9.0], [2, 7.5]]
 
 
 def test_a_cell_is_the_same_run_whatever_it_did_not_depend_on():
@@ -110,7 +115,7 @@ def test_a_checkpoint_of_other_settings_starts_the_cell_again(tmp_path, fake_run
     folder = tmp_path / "changed"
     folder.mkdir()
     (folder / run_folder.CHECKPOINT_FILE).write_bytes(b"checkpoint")
-    cell = recipe_targets.run_cell("changed", {}, "features", folder, ARGS)
+    cell = run_cell("changed", folder)
     assert [bool(c.get("resume")) for c in calls] == [True, False] and cell["resumed"] is False
 
 
