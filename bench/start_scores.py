@@ -6,7 +6,9 @@ its settings from run.json, the same calibration windows and held-out tracking t
 entry that method's metric mask with the run's chosen count of layers removed first (or --count), refit as the
 export refits (the run's --reconstruct) and scored on the tracking text: the number the run's own search scores
 its candidates by (`pruning.exported_ppl`). A method the run itself scored at that count reproduces its stored
-value (printed beside it), which checks the setup.
+value (printed beside it), which checks the setup. `--swaps K` also scores the layer sets one swap away from
+block influence's choice (a removed layer kept instead of one of the K kept layers of lowest influence, the
+channels / heads allocated again): whether the start's layers are the ones held-out text prefers.
 
     python bench/start_scores.py runs/recipe_targets_obs/wiki-sample_s0_0.3_channel-head-layer_features+remove_layers-auto --methods obs,flap --data-dir ../shared/data --tag start_scores_30
 
@@ -41,7 +43,7 @@ def stored_score(choice: dict, label: str, count: int) -> float | None:
 def score_run(folder: Path, methods: list[str], count: int | None, args) -> list[dict]:
     from pgprune.config import RunSettings
     from pgprune.data import get_calibration_windows, get_eval_tokens
-    from pgprune.metrics.pipeline import resolve_allocation
+    from pgprune.metrics.pipeline import remove_layers_first, resolve_allocation
     from pgprune.pruning import METRIC_NSAMPLES, exported_ppl, load_session, start_metric
 
     record = json.loads((folder / "run.json").read_text())
@@ -70,7 +72,32 @@ def score_run(folder: Path, methods: list[str], count: int | None, args) -> list
                      "run_chose": f"{choice['chosen']}, {choice['remove_layers']['chosen']} layer(s)"})
         print(f"{folder.name}: {label}, {n} layer(s) first: {value:.3f} (the run's search: {rows[-1]['stored']})",
               flush=True)
+        for restored, dropped in layer_swaps(metric.layer_influence, metric.info["remove_layers"]["layers"],
+                                             args.swaps):
+            swapped = remove_layers_first(swap_influence(metric, restored, dropped), n, session.costs)
+            layers = swapped.info["remove_layers"]["layers"]
+            value = exported_ppl(session, calib, swapped.masks, track, progress=not args.quiet)
+            rows.append({**rows[-1], "start": f"{label}, {restored} kept, {dropped} removed", "layers": layers,
+                         "heldout": value, "stored": None})
+            print(f"{folder.name}: {label}, layers {layers} removed: {value:.3f}", flush=True)
     return rows
+
+
+def layer_swaps(influence, removed: list[int], n_kept: int) -> list[tuple[int, int]]:
+    """(removed layer to restore, kept layer to remove) for every removed layer and each of the `n_kept` kept
+    layers of lowest block influence: the layer sets one swap from the block-influence choice."""
+    kept = [i for i in influence.argsort().tolist() if i not in removed][:n_kept]
+    return [(r, k) for r in removed for k in kept]
+
+
+def swap_influence(metric, restored: int, dropped: int):
+    """`metric` with the block influence of two layers exchanged, so that `remove_layers_first` removes `dropped`
+    in place of `restored` and allocates the channels / heads again."""
+    import dataclasses
+
+    influence = metric.layer_influence.clone()
+    influence[[restored, dropped]] = influence[[dropped, restored]]
+    return dataclasses.replace(metric, layer_influence=influence)
 
 
 def main(argv=None) -> int:
@@ -78,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="finished PG run folders with --remove-layers auto")
     p.add_argument("--methods", default="wanda-sp,flap,obs", help="metric methods to score (--init auto's starts)")
     p.add_argument("--count", type=int, default=None, help="layers removed first (default: the run's chosen count)")
+    p.add_argument("--swaps", type=int, default=0, metavar="K",
+                   help="also score every layer set one swap away: a removed layer kept instead of one of the K "
+                        "kept layers of lowest block influence (channels / heads allocated again)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="start_scores")

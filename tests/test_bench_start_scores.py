@@ -33,3 +33,25 @@ def test_every_start_scored_again_matches_the_runs_own_search(tmp_path_factory, 
             assert row["layers_first"] == count == len(row["layers"])
             assert row["stored"] is not None and row["heldout"] == pytest.approx(row["stored"], rel=1e-4)
     assert {r["start"]: r["stored"] for r in rows} == choice["candidates"]
+
+
+def test_layer_swaps_score_the_sets_one_swap_from_block_influence(tmp_path_factory, monkeypatch):
+    """--swaps K: each removed layer kept in turn instead of one of the K kept layers of lowest influence."""
+    import torch
+
+    assert start_scores.layer_swaps(torch.tensor([0.5, 0.1, 0.4, 0.2, 0.3]), [1, 3], 2) == [
+        (1, 4), (1, 2), (3, 4), (3, 2)]
+    root, text = tiny_workdir(tmp_path_factory, "start-swaps")
+    out = root / "run"
+    prune(tiny_run_settings(root, text, policy="features", init="auto", init_scale=4.0, steps=1, sparsity=0.5,
+                            units="channel,head,layer", remove_layers="auto", pg_reconstruct="bias", reconstruct="lsq",
+                            track_max_tokens=10**6), out, progress=False)
+    monkeypatch.setattr(start_scores, "RESULTS_DIR", root)
+    start_scores.main([str(out), "--methods", "obs", "--swaps", "2", "--tag", "swaps", "--quiet"])
+    start, *swaps = json.loads((root / "swaps.json").read_text())["rows"]
+    removed = start["layers"]
+    assert len(removed) == 1 and len(swaps) == 2
+    for row in swaps:
+        restored, dropped = (int(w.split()[0]) for w in row["start"].split(", ")[1:])
+        assert restored == removed[0] and row["layers"] == [dropped] != removed
+        assert row["heldout"] > 0 and row["heldout"] != start["heldout"]  # another mask, another score
