@@ -86,7 +86,9 @@ def score_run(folder: Path, methods: list[str], count: int | None, args) -> list
 def layer_swaps(influence, removed: list[int], n_kept: int) -> list[tuple[int, int]]:
     """(removed layer to restore, kept layer to remove) for every removed layer and each of the `n_kept` kept
     layers of lowest block influence: the layer sets one swap from the block-influence choice."""
-    kept = [i for i in influence.argsort().tolist() if i not in removed][:n_kept]
+    from pgprune.metrics.allocation import layer_order
+
+    kept = [i for i in layer_order(influence).tolist() if i not in removed][:n_kept]
     return [(r, k) for r in removed for k in kept]
 
 

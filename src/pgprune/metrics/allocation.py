@@ -221,7 +221,7 @@ def _layer_params(costs: UnitCosts) -> torch.Tensor:
             + costs.intermediate * costs.channel_cost).double()
 
 
-def _layer_order(layer_scores: torch.Tensor) -> torch.Tensor:
+def layer_order(layer_scores: torch.Tensor) -> torch.Tensor:
     """Layer indices, the first to remove (lowest score) first; ties by index."""
     return torch.sort(layer_scores.double(), stable=True).indices
 
@@ -234,7 +234,7 @@ def removable_layers(layer_scores: torch.Tensor, costs: UnitCosts, sparsity: flo
     """The most layers `layers_first` can remove first at this budget: those of lowest `layer_scores`, while
     their parameters fit in it, and never every layer."""
     target = check_sparsity(sparsity)
-    params = _layer_params(costs)[_layer_order(layer_scores)]
+    params = _layer_params(costs)[layer_order(layer_scores)]
     total, n = float(params.sum()), 0
     while n < costs.num_layers - 1 and _within_budget(float(params[: n + 1].sum()), target, total):
         n += 1
@@ -264,7 +264,7 @@ def layers_first(scores, layer_scores: torch.Tensor, costs: UnitCosts, sparsity:
         raise ConfigError(f"cannot remove {n_layers} of the model's {L} layers first: choose 0 to {L - 1}")
     finite_or_never(layer_scores.double(), torch.ones(L, dtype=torch.bool))
     removed = torch.zeros(L, dtype=torch.bool)
-    removed[_layer_order(layer_scores)[:n_layers]] = True
+    removed[layer_order(layer_scores)[:n_layers]] = True
     params = _layer_params(costs)
     total, gone = float(params.sum()), float(params[removed].sum())
     if not _within_budget(gone, target, total):
