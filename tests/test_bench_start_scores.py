@@ -31,16 +31,14 @@ def test_every_start_scored_again_matches_the_runs_own_search(auto_run, monkeypa
     choice = json.loads((out / "run.json").read_text())["start_choice"]
     assert choice["remove_layers"]["chosen"] == 1  # one layer goes: the starts scored again at a count > 0
     monkeypatch.setattr(start_scores, "RESULTS_DIR", root)
-    for count in (choice["remove_layers"]["chosen"], 0):
-        tag = f"scores{count}"
-        start_scores.main([str(out), "--count", str(count), "--tag", tag, "--quiet"])
-        rows = json.loads((root / f"{tag}.json").read_text())["rows"]
-        assert [r["start"] for r in rows] == list(choice["candidates"])
-        for row in rows:
-            assert row["layers_first"] == count == len(row["layers"])
-            assert row["stored"] is not None and row["heldout"] == pytest.approx(row["stored"], rel=1e-4)
-    assert {r["start"]: r["stored"] for r in rows} == choice["candidates"]
-
+    counts = (choice["remove_layers"]["chosen"], 0)
+    start_scores.main([str(out), "--counts", ",".join(map(str, counts)), "--tag", "scores", "--quiet"])
+    rows = json.loads((root / "scores.json").read_text())["rows"]
+    assert [(r["start"], r["layers_first"]) for r in rows] == [(s, n) for s in choice["candidates"] for n in counts]
+    for row in rows:
+        assert row["layers_first"] == len(row["layers"])
+        assert row["stored"] is not None and row["heldout"] == pytest.approx(row["stored"], rel=1e-4)
+    assert {r["start"]: r["stored"] for r in rows if r["layers_first"] == 0} == choice["candidates"]
 
 def test_layer_swaps_score_the_sets_one_swap_from_block_influence(auto_run, monkeypatch):
     """--swaps K: each removed layer kept in turn instead of one of the K kept layers of lowest influence."""
