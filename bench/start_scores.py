@@ -31,9 +31,6 @@ from pgprune import atomic  # noqa: E402
 def stored_score(choice: dict, label: str, count: int) -> float | None:
     """The score the run's own search gave `label` at `count` layers first, where it scored one."""
     layers = choice.get("remove_layers") or {}
-    every = (layers.get("scores") or {}).get(label) or {}  # every pair the search scored (runs since 2026-12-06)
-    if str(count) in every:
-        return every[str(count)]
     if count == 0:
         return choice["candidates"].get(label)
     if layers.get("swept") == label or (not layers.get("swept") and choice.get("chosen") == label):

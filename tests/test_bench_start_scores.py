@@ -40,19 +40,6 @@ def test_every_start_scored_again_matches_the_runs_own_search(auto_run, monkeypa
         assert row["stored"] is not None and row["heldout"] == pytest.approx(row["stored"], rel=1e-4)
     assert {r["start"]: r["stored"] for r in rows if r["layers_first"] == 0} == choice["candidates"]
 
-
-def test_stored_score_reads_runs_recorded_before_every_pair_was():
-    old = {"candidates": {"wanda-sp (uniform)": 259.9, "obs (uniform)": 264.0}, "chosen": "obs (uniform)",
-           "remove_layers": {"candidates": {"0": 259.9, "6": 226.4}, "chosen": 6, "swept": "wanda-sp (uniform)",
-                             "starts": {"wanda-sp (uniform)": 226.4, "obs (uniform)": 204.3}}}
-    assert start_scores.stored_score(old, "obs (uniform)", 0) == 264.0
-    assert start_scores.stored_score(old, "wanda-sp (uniform)", 6) == 226.4
-    assert start_scores.stored_score(old, "obs (uniform)", 6) == 204.3
-    assert start_scores.stored_score(old, "obs (uniform)", 5) is None
-    new = {**old, "remove_layers": {**old["remove_layers"], "scores": {"obs (uniform)": {"5": 199.4}}}}
-    assert start_scores.stored_score(new, "obs (uniform)", 5) == 199.4
-
-
 def test_layer_swaps_score_the_sets_one_swap_from_block_influence(auto_run, monkeypatch):
     """--swaps K: each removed layer kept in turn instead of one of the K kept layers of lowest influence."""
     import torch
