@@ -290,25 +290,6 @@ def test_report_shows_the_layer_count_and_the_start_at_that_count(workdir):
     assert all(f"{label} " in starts[0] for label in layers["starts"]) if starts else True
 
 
-def test_report_lists_a_start_swept_again_at_other_counts():
-    from pgprune.report import _start_lines
-
-    # as run.json stores a search where obs, lowest at Wanda-sp's count (6), was swept again and took five layers
-    choice = {"candidates": {"wanda-sp (uniform)": 259.9, "obs (uniform)": 264.0}, "chosen": "obs (uniform)",
-              "reconstruct": "lsq", "track": {"dataset": "c4", "split": "heldout"},
-              "remove_layers": {"candidates": {"0": 259.9, "5": 235.8, "6": 226.4, "7": 260.7, "8": 255.8},
-                                "chosen": 5, "swept": "wanda-sp (uniform)", "layers": [13, 14, 15, 17, 25],
-                                "starts": {"wanda-sp (uniform)": 235.8, "obs (uniform)": 199.4},
-                                "scores": {"wanda-sp (uniform)": {"0": 259.9, "5": 235.8, "6": 226.4},
-                                           "obs (uniform)": {"0": 264.0, "4": 226.3, "5": 199.4, "6": 204.3}}}}
-    lines = _start_lines(choice)
-    assert lines[1].startswith("- **Layers first** (`--remove-layers auto`): 5 removed (13, 14, 15, 17, 25)")
-    assert lines[2] == "  - every start with 5 removed: wanda-sp (uniform) 235.800, obs (uniform) 199.400"
-    assert lines[3:] == ["  - obs (uniform) swept again, by count: 0 264.000, 4 226.300, 5 199.400, 6 204.300"]
-    choice["remove_layers"]["scores"]["obs (uniform)"] = {"0": 264.0, "5": 199.4}
-    assert len(_start_lines(choice)) == 3  # scored at 0 and the chosen count only: nothing swept again
-
-
 @pytest.mark.parametrize("reconstruct", ["bias", "lsq"])
 def test_export_check_counts_the_compensation_biases(workdir, reconstruct):
     # a compensated (or refit) run exports a bias vector per refit block: the check must expect them

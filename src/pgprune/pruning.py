@@ -398,9 +398,9 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
     """The metric mask a run starts from (PG) or prunes with, chosen on PG's tracking text (held-out calibration
     text by default), each candidate refit as the export refits (--reconstruct, its inputs and damping):
     --init auto, every AUTO_STARTS method at the run's --remove-layers count (0 for auto); then, for
-    --remove-layers auto, the method and its layers-first count chosen again together by `lowest_start` (the
-    same scores re-allocated for each count, no calibration pass). Returns (the chosen run_metric result, what
-    run.json records)."""
+    --remove-layers auto, the lowest one's layers-first count chosen by `lowest_count` (the same scores
+    re-allocated for each count, no calibration pass), and at that count the method chosen again among
+    every AUTO_STARTS one. Returns (the chosen run_metric result, what run.json records)."""
     from pgprune.metrics.allocation import removable_layers
     from pgprune.metrics.pipeline import remove_layers_first, resolve_allocation
 
@@ -429,60 +429,45 @@ def _choose_metric(session: Session, calib, track_tokens, progress: bool):
     if not auto_layers:
         return results[label], record
 
-    scored = {(m, 0): (results[m], candidates[m]) for m in results}  # (method label, count): (result, score)
+    def with_layers(method: str, n: int):  # that candidate's scores re-allocated with n layers first, and its score
+        trial = remove_layers_first(results[method], n, session.costs)
+        return trial, score(f"{method}, {n} layer(s) first {trial.info['remove_layers']['layers']}", trial.masks)
 
-    def trial(method: str, n: int):  # that candidate's scores re-allocated with n layers first, and its score
-        if (method, n) not in scored:
-            masks = remove_layers_first(results[method], n, session.costs)
-            scored[method, n] = masks, score(f"{method}, {n} layer(s) first {masks.info['remove_layers']['layers']}",
-                                             masks.masks)
-        return scored[method, n]
+    trials = {0: (results[label], candidates[label])}
 
-    most = removable_layers(results[label].layer_influence, session.costs, settings.sparsity)
-    chosen, count, first, starts = lowest_start(lambda m, n: trial(m, n)[1], list(results), most, label)
-    record["chosen"] = chosen
-    metric = scored[chosen, count][0]
-    record["remove_layers"] = {
-        "candidates": first, "chosen": count, "swept": label, "starts": starts,
-        "scores": {m: {n: scored[m, n][1] for n in sorted(n for m2, n in scored if m2 == m)} for m in results},
-        "layers": metric.info["remove_layers"]["layers"]}
+    def score_count(n: int) -> float:
+        if n not in trials:
+            trials[n] = with_layers(label, n)
+        return trials[n][1]
+
+    best, by_count = lowest_count(score_count, removable_layers(results[label].layer_influence, session.costs,
+                                                                settings.sparsity))
+    # the count is swept for the method lowest without layers, but with layers gone another may be lower (50 % on
+    # SmolLM2, Wikipedia s2: Wanda-sp 226.6, obs 235.3 without layers; with four, 211.6 and 181.1): the others are
+    # scored again at that count
+    at_best = {m: (results[m], candidates[m]) for m in results}
+    if best:
+        at_best = {m: trials[best] if m == label else with_layers(m, best) for m in results}
+    starts = {m: value for m, (_, value) in at_best.items()}
+    record["chosen"] = min(starts, key=starts.get)
+    metric = at_best[record["chosen"]][0]
+    record["remove_layers"] = {"candidates": by_count, "chosen": best, "swept": label, "starts": starts,
+                               "layers": metric.info["remove_layers"]["layers"]}
     return metric, record
 
 
-def lowest_start(score, methods: list[str], most: int, method: str) -> tuple[str, int, dict[int, float], dict]:
-    """The (method, layers-first count) of lowest `score(method, n)` that --remove-layers auto finds: the count
-    swept for `method` (the one lowest without layers, by `lowest_count`), every method scored again at that
-    count, and, where another is lower there, its count swept again from there, until neither changes. With layers
-    gone another method can be lower (50 % on SmolLM2, Wikipedia s2: Wanda-sp 226.6, obs 235.3 without layers;
-    with four, 211.6 and 181.1) and prefer another count (C4 s1: Wanda-sp's sweep chose six layers, obs was lowest
-    with six, 204.3, and lower with five, 199.4). Each round moves to a strictly lower score, so it ends. `score`
-    is called again for pairs already scored (cache it). Returns (method, count, the first sweep's scores by
-    count, every method's score at the count)."""
-    count, first = 0, None
-    while True:
-        count, by_count = lowest_count(lambda n: score(method, n), most, start=count)
-        first = first or by_count
-        starts = {m: score(m, count) for m in methods}
-        lowest = min(starts, key=starts.get)
-        if lowest == method:
-            return method, count, first, starts
-        method = lowest
-
-
-def lowest_count(score_count, most: int, patience: int = LAYER_COUNT_PATIENCE, start: int = 0
-                 ) -> tuple[int, dict[int, float]]:
-    """The count in 0..`most` of lowest `score_count(n)`, trying `start`, then downwards and upwards from it, each
-    way stopping once `patience` counts in a row were not lower than the best so far. Returns (that count, every
-    tried count's score)."""
-    scores = {start: score_count(start)}
-    best = start
-    for step in (-1, 1):
-        misses, n = 0, start + step
-        while 0 <= n <= most and misses < patience:
-            scores[n] = score_count(n)
-            best, misses = (n, 0) if scores[n] < scores[best] else (best, misses + 1)
-            n += step
-    return best, dict(sorted(scores.items()))
+def lowest_count(score_count, most: int, patience: int = LAYER_COUNT_PATIENCE) -> tuple[int, dict[int, float]]:
+    """The count in 0..`most` of lowest `score_count(n)`, trying 0, 1, 2, ... and stopping once `patience`
+    counts in a row were not lower than the best so far. Returns (that count, every tried count's score)."""
+    scores = {0: score_count(0)}
+    best = 0
+    for n in range(1, most + 1):
+        if n - best > patience:
+            break
+        scores[n] = score_count(n)
+        if scores[n] < scores[best]:
+            best = n
+    return best, scores
 
 
 def exported_ppl(session: Session, calib, masks: Masks, tokens, progress: bool = False, stats=None) -> float:

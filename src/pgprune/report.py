@@ -356,35 +356,6 @@ def _num(x, fmt: str = ".3f") -> str:
     return format(x, fmt)
 
 
-def _start_lines(choice: dict | None) -> list[str]:
-    """--init auto's and --remove-layers auto's choice (run.json's start_choice) as markdown lines."""
-    if not choice:
-        return []
-    lines = []
-    where = choice.get("track") or {}
-    on = f"once refit ({choice['reconstruct']}) on {where.get('dataset')} {where.get('split')}"
-    layers = choice.get("remove_layers")
-    if len(choice["candidates"]) > 1:
-        at = " with the layers below removed" if layers and layers["chosen"] else ""
-        lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lowest {on}{at}; "
-                     f"with no layer removed: "
-                     + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
-    if layers:
-        swept = f" of {layers['swept']}" if "swept" in layers else ""  # runs before 2026-12-06 lack it
-        lines.append(f"- **Layers first** (`--remove-layers auto`): {layers['chosen']} removed "
-                     f"({', '.join(map(str, layers['layers'])) or 'none'}), the lowest {on}, by count{swept}: "
-                     + ", ".join(f"{n} {_num(v)}" for n, v in layers["candidates"].items()))
-        if layers["chosen"] and len(layers.get("starts", {})) > 1:
-            lines.append(f"  - every start with {layers['chosen']} removed: "
-                         + ", ".join(f"{label} {_num(v)}" for label, v in layers["starts"].items()))
-        again = {label: by_count for label, by_count in (layers.get("scores") or {}).items()  # since 2026-12-06
-                 if label != layers.get("swept") and {str(n) for n in by_count} - {"0", str(layers["chosen"])}}
-        for label, by_count in again.items():
-            lines.append(f"  - {label} swept again, by count: "
-                         + ", ".join(f"{n} {_num(v)}" for n, v in by_count.items()))
-    return lines
-
-
 def _markdown(s: dict) -> str:
     m, sp, proto = s["model"], s["sparsity"], s["perplexity_protocol"]
     lines = [f"# pgprune run: {m['name']} pruned with {s['method']}", ""]
@@ -411,7 +382,24 @@ def _markdown(s: dict) -> str:
         mt = s["metric"]
         lines.append(f"- **Metric{' init' if s['pg'] else ''}**: {mt['method']}, {mt['allocation']} allocation, "
                      f"sparsity {_num(mt['sparsity'], '.2%')}, removed units {mt['removed_units']}")
-    lines += _start_lines(s.get("start_choice"))
+    choice = s.get("start_choice")
+    if choice:
+        where = choice.get("track") or {}
+        on = f"once refit ({choice['reconstruct']}) on {where.get('dataset')} {where.get('split')}"
+        layers = choice.get("remove_layers")
+        if len(choice["candidates"]) > 1:
+            at = " with the layers below removed" if layers and layers["chosen"] else ""
+            lines.append(f"- **Start** (`--init auto`): {choice['chosen']}, the lowest {on}{at}; "
+                         f"with no layer removed: "
+                         + ", ".join(f"{label} {_num(v)}" for label, v in choice["candidates"].items()))
+        if layers:
+            swept = f" of {layers['swept']}" if "swept" in layers else ""  # runs before 2026-12-06 lack it
+            lines.append(f"- **Layers first** (`--remove-layers auto`): {layers['chosen']} removed "
+                         f"({', '.join(map(str, layers['layers'])) or 'none'}), the lowest {on}, by count{swept}: "
+                         + ", ".join(f"{n} {_num(v)}" for n, v in layers["candidates"].items()))
+            if layers["chosen"] and len(layers.get("starts", {})) > 1:
+                lines.append(f"  - every start with {layers['chosen']} removed: "
+                             + ", ".join(f"{label} {_num(v)}" for label, v in layers["starts"].items()))
     ex = s.get("export_check")
     if ex is not None:
         if ex.get("ok") is None:
