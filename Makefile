@@ -50,10 +50,9 @@ $(VENV)/.installed: pyproject.toml
 # our best measured: the layers of lowest block influence removed first, as many as held-out text prefers, then
 # the search policy over the feature policy's parameters from the best of the Wanda-sp, FLAP and obs masks,
 # bias-compensated, 300 steps of K=2 masks on 8 x 128 tokens of the Wikipedia sample, the tracked mask
-# whose refit model is lowest on held-out calibration text, refit by least squares; on 2026-12-05, before the
-# layers came first, it took 99 min (PG 71 min) in bf16 on a 2-core CPU shared with six or seven other jobs, plus
-# the llama.cpp build on a fresh machine, bench/RESULTS.md "`make demo`"; choosing the layer count adds a few
-# refits),
+# whose refit model is lowest on held-out calibration text, refit by least squares; on 2026-12-06 it took 115 min
+# (PG 74 min) in bf16 on a 2-core CPU shared with three or four other jobs, plus the llama.cpp build on a fresh
+# machine, bench/RESULTS.md "`make demo`"),
 # print dense / start / final perplexity
 # and write runs/demo/report.md with plots. Perplexity on WikiText-2 test (first 32k tokens) where
 # DATA_DIR has it, else on the Wikipedia sample's test split.
