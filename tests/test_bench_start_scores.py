@@ -40,6 +40,7 @@ def test_every_start_scored_again_matches_the_runs_own_search(auto_run, monkeypa
         assert row["stored"] is not None and row["heldout"] == pytest.approx(row["stored"], rel=1e-4)
     assert {r["start"]: r["stored"] for r in rows if r["layers_first"] == 0} == choice["candidates"]
 
+
 def test_layer_swaps_score_the_sets_one_swap_from_block_influence(auto_run, monkeypatch):
     """--swaps K: each removed layer kept in turn instead of one of the K kept layers of lowest influence."""
     import torch
